@@ -1,0 +1,400 @@
+"""The paper's networks as one timm registry: layer tables, one builder, one function per name.
+
+Every network is built from a row of ``LAYERS``: a list of tokens read left to right.
+
+- ``(kernel, width, stride)`` or ``(kernel, width, stride, padding)``: a conv + ReLU. Padding
+  defaults to "same" (``kernel // 2``); the head's 3x3 conv is unpadded ("valid", 8x8 -> 6x6).
+  ``width=None`` is the class conv (``num_classes`` outputs).
+- ``"M"``: 3x3 max-pool, stride 2, padding 1 (32 -> 16 -> 8), followed by 50 % dropout.
+- ``"D"``: 50 % dropout after a conv that replaces a pool (strided and All-CNN models).
+
+Convolutions are named conv1..convN in order, as in the paper, and are addressable by those
+names (``model.get_layer("conv6")``). Where this file and the paper's PDF disagree, the PDF wins.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections import OrderedDict
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+
+__all__ = [
+    "AllConvNet",
+    "LAYERS",
+    "PAPER",
+    "create_model",
+    "list_models",
+    "resolve_name",
+]
+
+# CIFAR-10 per-channel statistics of the training split, on [0, 1] pixels.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+_HEAD = [(3, 192, 1, 0), (1, 192, 1), (1, None, 1)]  # 8x8 -> 6x6, 1x1, 1x1 to classes
+
+LAYERS: dict[str, list] = {
+    # Table 1: base models. Table 2: Strided- (stride on the conv before each pool),
+    # ConvPool- (extra 3x3 conv before each pool), All-CNN- (pool replaced by 3x3 stride-2 conv).
+    "model_a": [(5, 96, 1), "M", (5, 192, 1), "M", *_HEAD],
+    "strided_cnn_a": [(5, 96, 2), "D", (5, 192, 2), "D", *_HEAD],
+    "convpool_cnn_a": [(5, 96, 1), (3, 96, 1), "M", (5, 192, 1), (3, 192, 1), "M", *_HEAD],
+    "all_cnn_a": [(5, 96, 1), (3, 96, 2), "D", (5, 192, 1), (3, 192, 2), "D", *_HEAD],
+    "model_b": [(5, 96, 1), (1, 96, 1), "M", (5, 192, 1), (1, 192, 1), "M", *_HEAD],
+    "strided_cnn_b": [(5, 96, 1), (1, 96, 2), "D", (5, 192, 1), (1, 192, 2), "D", *_HEAD],
+    "convpool_cnn_b": [
+        (5, 96, 1), (1, 96, 1), (3, 96, 1), "M",
+        (5, 192, 1), (1, 192, 1), (3, 192, 1), "M", *_HEAD,
+    ],
+    "all_cnn_b": [
+        (5, 96, 1), (1, 96, 1), (3, 96, 2), "D",
+        (5, 192, 1), (1, 192, 1), (3, 192, 2), "D", *_HEAD,
+    ],
+    "model_c": [(3, 96, 1), (3, 96, 1), "M", (3, 192, 1), (3, 192, 1), "M", *_HEAD],
+    "strided_cnn_c": [(3, 96, 1), (3, 96, 2), "D", (3, 192, 1), (3, 192, 2), "D", *_HEAD],
+    "convpool_cnn_c": [
+        (3, 96, 1), (3, 96, 1), (3, 96, 1), "M",
+        (3, 192, 1), (3, 192, 1), (3, 192, 1), "M", *_HEAD,
+    ],
+    "all_cnn_c": [
+        (3, 96, 1), (3, 96, 1), (3, 96, 2), "D",
+        (3, 192, 1), (3, 192, 1), (3, 192, 2), "D", *_HEAD,
+    ],
+    # Appendix: an upscaled All-CNN-B for 224x224 input. The paper gives no padding; we pad
+    # every conv "same", so the maps are 56 -> 28 -> 14 -> 7 and the global average is 7x7.
+    "all_cnn_imagenet": [
+        (11, 96, 4), (1, 96, 1), (3, 96, 2),
+        (5, 256, 1), (1, 256, 1), (3, 256, 2),
+        (3, 384, 1), (1, 384, 1), (3, 384, 2), "D",
+        (3, 1024, 1), (1, 1024, 1), (1, None, 1),
+    ],
+}
+
+# What the paper reports: rounded parameter counts and test error in % (Tables 3-5, appendix).
+# "cifar10" is without augmentation, "cifar10-aug" with flips and translations.
+PAPER: dict[str, dict] = {
+    "model_a": {"params": "~0.9 M", "error": {"cifar10": 12.47}},
+    "strided_cnn_a": {"params": "~0.9 M", "error": {"cifar10": 13.46}},
+    "convpool_cnn_a": {"params": "~1.28 M", "error": {"cifar10": 10.21}},
+    "all_cnn_a": {"params": "~1.28 M", "error": {"cifar10": 10.30}},
+    "model_b": {"params": "~1 M", "error": {"cifar10": 10.20}},
+    "strided_cnn_b": {"params": "~1 M", "error": {"cifar10": 10.98}},
+    "convpool_cnn_b": {"params": "~1.35 M", "error": {"cifar10": 9.33}},
+    "all_cnn_b": {"params": "~1.35 M", "error": {"cifar10": 9.10}},
+    "model_c": {"params": "~1.3 M", "error": {"cifar10": 9.74}},
+    "strided_cnn_c": {"params": "~1.3 M", "error": {"cifar10": 10.19}},
+    "convpool_cnn_c": {"params": "~1.4 M", "error": {"cifar10": 9.31}},
+    "all_cnn_c": {
+        "params": "~1.4 M",
+        "error": {"cifar10": 9.08, "cifar10-aug": 7.25, "cifar100": 33.71},
+    },
+    "all_cnn_imagenet": {"params": "< 10 M", "error": {"imagenet": 41.2}},
+}
+
+
+class ConvBlock(nn.Module):
+    """conv -> (BatchNorm, off by default) -> ReLU (Identity for a class conv without ReLU)."""
+
+    def __init__(self, in_chs, out_chs, kernel, stride=1, padding=0, relu=True, batch_norm=False):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel, stride, padding, bias=not batch_norm)
+        self.bn = nn.BatchNorm2d(out_chs) if batch_norm else nn.Identity()
+        self.act = nn.ReLU() if relu else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class AllConvNet(nn.Module):
+    """A network of the paper, built from a row of ``LAYERS``.
+
+    ``features`` holds every layer up to and including the class conv, so its output is the
+    (B, num_classes, h, w) map of class scores (6x6 for the CIFAR models on 32x32 input);
+    the head is a global average over it. Deviations from the paper are explicit options:
+    ``class_relu=False`` drops the ReLU after the class conv, ``batch_norm=True`` puts
+    BatchNorm after every conv (and removes the conv biases it makes redundant).
+    """
+
+    def __init__(
+        self,
+        layers: list,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        class_relu: bool = True,
+        batch_norm: bool = False,
+        drop_input: float = 0.2,
+        drop_rate: float = 0.5,
+    ):
+        super().__init__()
+        if num_classes < 1 or in_chans < 1:
+            raise ValueError(f"num_classes and in_chans must be at least 1, got {num_classes} and {in_chans}")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.class_relu = class_relu
+        self.batch_norm = batch_norm
+        self.drop_rate = drop_rate
+        modules: OrderedDict[str, nn.Module] = OrderedDict()
+        if drop_input > 0:
+            modules["input_drop"] = nn.Dropout(drop_input)
+        width, n_conv, n_pool, n_drop = in_chans, 0, 0, 0
+        for token in layers:
+            if token == "M":
+                n_pool += 1
+                modules[f"pool{n_pool}"] = nn.MaxPool2d(3, stride=2, padding=1)
+            if token in ("M", "D"):
+                n_drop += 1
+                modules[f"drop{n_drop}"] = nn.Dropout(drop_rate)
+                continue
+            kernel, out_chs, stride, *padding = token
+            is_class_conv = out_chs is None
+            out_chs = num_classes if is_class_conv else out_chs
+            n_conv += 1
+            modules[f"conv{n_conv}"] = ConvBlock(
+                width,
+                out_chs,
+                kernel,
+                stride,
+                padding[0] if padding else kernel // 2,
+                relu=class_relu or not is_class_conv,
+                batch_norm=batch_norm,
+            )
+            width = out_chs
+        self.features = nn.Sequential(modules)
+        self.layer_names = [name for name in modules if name.startswith("conv")]
+        self.num_features = num_classes  # the class maps are what is pooled
+        self._init_weights()
+
+    def _init_weights(self):
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                _init_conv(module)
+
+    def get_layer(self, name: str) -> ConvBlock:
+        """The conv block called ``name`` (conv1..convN); its output is post-ReLU."""
+        if name not in self.layer_names:
+            raise ValueError(f"unknown layer {name!r}{_hint(name, self.layer_names)}; "
+                             f"this model has {', '.join(self.layer_names)}")
+        return self.features.get_submodule(name)
+
+    def get_classifier(self) -> nn.Module:
+        return self.features.get_submodule(self.layer_names[-1]).conv
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None):
+        """Replace the class conv with a fresh one of ``num_classes`` outputs (timm API)."""
+        last = self.layer_names[-1]
+        old = self.features.get_submodule(last).conv
+        block = ConvBlock(old.in_channels, num_classes, old.kernel_size, old.stride, old.padding,
+                          relu=self.class_relu, batch_norm=self.batch_norm)
+        setattr(self.features, last, block)
+        self.num_classes = self.num_features = num_classes
+        _init_conv(block.conv)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)  # (B, num_classes, h, w) class maps
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x.mean((2, 3))  # global average -> (B, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _init_conv(conv: nn.Conv2d):
+    # Without BatchNorm, torch's default (Kaiming-uniform, a=sqrt(5)) init leaves the
+    # 9-layer ReLU stack at chance for epochs; Xavier weights keep activations in range
+    # and a small positive bias keeps ReLUs alive at the start.
+    nn.init.xavier_uniform_(conv.weight)
+    if conv.bias is not None:
+        nn.init.constant_(conv.bias, 0.1)
+
+
+def _hint(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _cfg(**kwargs):
+    return {
+        "num_classes": 10,
+        "input_size": (3, 32, 32),
+        "pool_size": (6, 6),
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "mean": CIFAR10_MEAN,
+        "std": CIFAR10_STD,
+        "first_conv": "features.conv1.conv",
+        "classifier": "features.conv9.conv",
+        "license": "mit",
+        "paper_ids": "arXiv:1412.6806",
+        "paper_name": "Striving for Simplicity: The All Convolutional Net",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "model_a": _cfg(classifier="features.conv5.conv"),
+    "strided_cnn_a": _cfg(classifier="features.conv5.conv"),
+    "convpool_cnn_a": _cfg(classifier="features.conv7.conv"),
+    "all_cnn_a": _cfg(classifier="features.conv7.conv"),
+    "model_b": _cfg(classifier="features.conv7.conv"),
+    "strided_cnn_b": _cfg(classifier="features.conv7.conv"),
+    "convpool_cnn_b": _cfg(classifier="features.conv9.conv"),
+    "all_cnn_b": _cfg(classifier="features.conv9.conv"),
+    "model_c": _cfg(classifier="features.conv7.conv"),
+    "strided_cnn_c": _cfg(classifier="features.conv7.conv"),
+    "convpool_cnn_c": _cfg(),
+    "all_cnn_c": _cfg(),
+    "all_cnn_imagenet": _cfg(
+        num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
+        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, classifier="features.conv12.conv",
+    ),
+})
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> AllConvNet:
+    if variant == "all_cnn_imagenet":
+        kwargs.setdefault("drop_input", 0.0)  # the appendix net has one dropout, after conv9
+    return build_model_with_cfg(AllConvNet, variant, pretrained, layers=LAYERS[variant], **kwargs)
+
+
+@register_model
+def model_a(pretrained=False, **kwargs) -> AllConvNet:
+    return _create("model_a", pretrained, **kwargs)
+
+
+@register_model
+def strided_cnn_a(pretrained=False, **kwargs) -> AllConvNet:
+    return _create("strided_cnn_a", pretrained, **kwargs)
+
+
+@register_model
+def convpool_cnn_a(pretrained=False, **kwargs) -> AllConvNet:
+    return _create("convpool_cnn_a", pretrained, **kwargs)
+
+
+@register_model
+def all_cnn_a(pretrained=False, **kwargs) -> AllConvNet:
+    return _create("all_cnn_a", pretrained, **kwargs)
+
+
+@register_model
+def model_b(pretrained=False, **kwargs) -> AllConvNet:
+    return _create("model_b", pretrained, **kwargs)
+
+
+@register_model
+def strided_cnn_b(pretrained=False, **kwargs) -> AllConvNet:
+    return _create("strided_cnn_b", pretrained, **kwargs)
+
+
+@register_model
+def convpool_cnn_b(pretrained=False, **kwargs) -> AllConvNet:
+    return _create("convpool_cnn_b", pretrained, **kwargs)
+
+
+@register_model
+def all_cnn_b(pretrained=False, **kwargs) -> AllConvNet:
+    return _create("all_cnn_b", pretrained, **kwargs)
+
+
+@register_model
+def model_c(pretrained=False, **kwargs) -> AllConvNet:
+    return _create("model_c", pretrained, **kwargs)
+
+
+@register_model
+def strided_cnn_c(pretrained=False, **kwargs) -> AllConvNet:
+    return _create("strided_cnn_c", pretrained, **kwargs)
+
+
+@register_model
+def convpool_cnn_c(pretrained=False, **kwargs) -> AllConvNet:
+    return _create("convpool_cnn_c", pretrained, **kwargs)
+
+
+@register_model
+def all_cnn_c(pretrained=False, **kwargs) -> AllConvNet:
+    return _create("all_cnn_c", pretrained, **kwargs)
+
+
+@register_model
+def all_cnn_imagenet(pretrained=False, **kwargs) -> AllConvNet:
+    return _create("all_cnn_imagenet", pretrained, **kwargs)
+
+
+def list_models() -> list[str]:
+    """The registered names as users type them on the command line (``all-cnn-c``)."""
+    return [name.replace("_", "-") for name in LAYERS]
+
+
+def resolve_name(name: str) -> str:
+    """``all-cnn-c`` or ``all_cnn_c`` -> ``all_cnn_c``; an unknown name raises with a hint."""
+    key = name.strip().lower().replace("-", "_")
+    if key not in LAYERS:
+        raise ValueError(f"unknown model {name!r}{_hint(name.replace('_', '-'), list_models())}; "
+                         "run 'allconv models' for the list")
+    return key
+
+
+def create_model(name: str, **kwargs) -> AllConvNet:
+    """Build a registered network by its CLI or Python name, through timm's registry."""
+    import timm
+
+    return timm.create_model(resolve_name(name), **kwargs)
+
+
+def describe(name: str | None = None, num_classes: int | None = None) -> list[dict]:
+    """The registry as rows (name, exact params, paper params and error, input size, layers).
+
+    With ``name``, one row that also lists every layer with its output (C, H, W) on the
+    model's native input and its parameter count.
+    """
+    names = [resolve_name(name)] if name is not None else list(LAYERS)
+    rows = []
+    for key in names:
+        kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        model = create_model(key, **kwargs).eval()
+        input_size = tuple(model.pretrained_cfg["input_size"])
+        row = {
+            "name": key.replace("_", "-"),
+            "python_name": key,
+            "num_classes": model.num_classes,
+            "params": sum(p.numel() for p in model.parameters()),
+            "paper_params": PAPER[key]["params"],
+            "paper_error": PAPER[key]["error"],
+            "input_size": list(input_size),
+            "layer_names": model.layer_names,
+        }
+        if name is not None:
+            row["layers"] = _layer_table(model, input_size)
+        rows.append(row)
+    return rows
+
+
+def _layer_table(model: AllConvNet, input_size: tuple) -> list[dict]:
+    layers = []
+    x = torch.zeros(1, *input_size)
+    with torch.no_grad():
+        for layer_name, module in model.features.named_children():
+            x = module(x)
+            kind = type(module).__name__
+            if isinstance(module, ConvBlock):
+                conv = module.conv
+                kind = f"{conv.kernel_size[0]}x{conv.kernel_size[1]} conv"
+                kind += f" /{conv.stride[0]}" if conv.stride[0] > 1 else ""
+                kind += " valid" if conv.padding[0] == 0 and conv.kernel_size[0] > 1 else ""
+                kind += " + BN" if model.batch_norm else ""
+                kind += " + ReLU" if isinstance(module.act, nn.ReLU) else ""
+            elif isinstance(module, nn.Dropout):
+                kind = f"dropout {module.p:.0%}"
+            elif isinstance(module, nn.MaxPool2d):
+                kind = f"{module.kernel_size}x{module.kernel_size} max-pool /{module.stride}"
+            layers.append({"name": layer_name, "type": kind, "output": list(x.shape[1:]),
+                           "params": sum(p.numel() for p in module.parameters())})
+    layers.append({"name": "global_pool", "type": f"global average {x.shape[2]}x{x.shape[3]}",
+                   "output": [x.shape[1]], "params": 0})
+    return layers

@@ -1,0 +1,75 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from allconv_cli.checkpoint import atomic_write_text, load_model, save_weights
+from allconv_cli.models import create_model
+
+
+def test_round_trip_with_meta_and_preprocess(tmp_path):
+    model = create_model("all-cnn-c", num_classes=4, batch_norm=True).eval()
+    meta = {"model": "all_cnn_c", "model_kwargs": {"num_classes": 4, "batch_norm": True},
+            "classes": ["a", "b", "c", "d"]}
+    path = save_weights(tmp_path / "model.safetensors", model, meta,
+                        preprocess={"zca_matrix": torch.eye(3)})
+    loaded, meta2, pre = load_model(tmp_path)  # a run folder resolves to model.safetensors
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(x), model(x))
+    assert meta2["classes"] == meta["classes"] and meta2["versions"]["torch"] == torch.__version__
+    assert torch.equal(pre["zca_matrix"], torch.eye(3))
+    assert not list(tmp_path.glob("*.tmp"))
+    assert path.name == "model.safetensors"
+
+
+def test_fp16_file_loads_into_fp32_model(tmp_path):
+    model = create_model("model-a").eval()
+    save_weights(tmp_path / "w.safetensors", model, {"model": "model_a"}, dtype=torch.float16)
+    loaded, _, _ = load_model(tmp_path / "w.safetensors")
+    assert loaded.get_layer("conv1").conv.weight.dtype == torch.float32
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.allclose(loaded(x), model(x), atol=1e-2)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"\x08\x00\x00\x00\x00\x00\x00\x00{}"])
+def test_garbage_and_truncated_files_are_value_errors(tmp_path, content):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        load_model(path)
+
+
+def test_truncated_real_checkpoint(tmp_path):
+    path = save_weights(tmp_path / "m.safetensors", create_model("model-a"), {"model": "model_a"})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        load_model(path)
+
+
+def test_foreign_safetensors_and_other_model(tmp_path):
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(ValueError, match="without allconv metadata"):
+        load_model(tmp_path / "foreign.safetensors")
+    path = save_weights(tmp_path / "c.safetensors", create_model("model-c"), {"model": "all_cnn_c"})
+    with pytest.raises(ValueError, match="does not fit all_cnn_c"):
+        load_model(path)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    target = atomic_write_text(tmp_path / "config.json", "old")
+
+    def fail(tmp):
+        tmp.write_text("half")
+        raise OSError(28, "No space left on device")
+
+    from allconv_cli.checkpoint import atomic_write
+
+    with pytest.raises(OSError):
+        atomic_write(target, fail)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
