@@ -1,0 +1,221 @@
+"""The paper's ablation (Table 3) as a resumable set of training runs.
+
+Each model is trained under one protocol. With a learning-rate grid, every rate is trained with
+the first seed on a validation split held out of the training set (never the test set); the
+rate with the lowest validation error is then trained with the remaining seeds. The table
+reports, per model, the chosen rate and the test error's mean and spread over seeds.
+
+Layout of an ablation folder: ``ablation.json`` (the plan), one run folder per
+(model, rate, seed) as ``MODEL/lr{rate}-seed{seed}/``, each with ``result.json`` once finished,
+and ``table.md``, ``table.csv``, ``table.json``, ``chart.png``. Running the same command again
+skips finished runs and resumes interrupted ones from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import fnmatch
+import io
+import json
+import math
+import os
+import statistics
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+from allconv_cli import checkpoint
+from allconv_cli.config import TrainConfig, from_json
+from allconv_cli.models import PAPER, list_models, resolve_name
+
+PAPER_GRID = (0.25, 0.1, 0.05, 0.01)  # Section 3.2
+RESULT_NAME, PLAN_NAME = "result.json", "ablation.json"
+FAMILIES = {f: [n for n in list_models() if n.endswith(f"-{f}")] for f in "abc"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    model: str  # registry name, as typed (all-cnn-c)
+    lr: float
+    seed: int
+
+    def folder(self, root: Path) -> Path:
+        return root / self.model / f"lr{self.lr:g}-seed{self.seed}"
+
+
+def select_models(family: str | None = None, patterns: list[str] | None = None) -> list[str]:
+    """``family`` a, b or c (the four models of Table 3's block), or names / glob patterns."""
+    if family is not None:
+        if family.lower() not in FAMILIES:
+            raise ValueError(f"unknown family {family!r}: use a, b or c")
+        return FAMILIES[family.lower()]
+    if not patterns:
+        raise ValueError("name the models: --family a|b|c or --models all-cnn-c,model-c (globs allowed)")
+    chosen = []
+    for pattern in patterns:
+        matches = fnmatch.filter(list_models(), pattern.replace("_", "-"))
+        if not matches:
+            matches = [resolve_name(pattern).replace("_", "-")]  # raises with a did-you-mean hint
+        chosen += [m for m in matches if m not in chosen]
+    return chosen
+
+
+def planned_runs(models: list[str], grid: list[float], seeds: list[int]) -> list[dict]:
+    """What the ablation trains, in order: the grid with the first seed, then the other seeds
+    at each model's chosen rate ("chosen" until the grid is done)."""
+    runs = [{"model": m, "lr": lr, "seed": seeds[0]} for m in models for lr in grid]
+    later = grid[0] if len(grid) == 1 else "chosen"
+    return runs + [{"model": m, "lr": later, "seed": s} for m in models for s in seeds[1:]]
+
+
+def cost(config: TrainConfig, models: list[str], grid: list[float], seeds: list[int],
+         train_images: int) -> dict:
+    """Runs, epochs and training images the ablation will process (grid, then seeds)."""
+    runs = len(models) * (len(grid) + len(seeds) - 1)
+    return {"runs": runs, "epochs": runs * config.epochs,
+            "training_images": runs * config.epochs * train_images}
+
+
+def run_config(base: TrainConfig, run: Run) -> TrainConfig:
+    return dataclasses.replace(base, model=run.model, lr=run.lr, seed=run.seed)
+
+
+def _train_one(config_json: str, folder: str, device: str | None) -> dict:
+    """Train (or resume) one run to the end and record its result; a worker process's job."""
+    from allconv_cli.train import CONFIG_NAME, STATE_NAME, train
+
+    config = from_json(config_json)
+    if device is not None:
+        config.device = device
+    folder = Path(folder)
+    resume = (folder / STATE_NAME).is_file() and (folder / CONFIG_NAME).is_file()
+    summary = train(config, folder, resume=resume)
+    test = summary.get("test") or {"top1_error": summary["last"].get("test_top1_error")}
+    result = {"model": config.model, "lr": config.lr, "seed": config.seed,
+              "val_error": summary["last"].get("val_top1_error"), "test_error": test["top1_error"],
+              "seconds": summary["seconds"], "epochs": summary["epochs_done"]}
+    checkpoint.atomic_write_text(folder / RESULT_NAME, json.dumps(result, indent=2))
+    return result
+
+
+def _worker_init(threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def ablate(base: TrainConfig, models: list[str], grid: list[float], seeds: list[int], out: str | Path,
+           jobs: int = 1, progress: Callable[..., None] | None = None) -> list[dict]:
+    """Run (or continue) the ablation in ``out`` -> one row per model (see ``table_rows``)."""
+    out = Path(out)
+    progress = progress or (lambda event, **fields: None)
+    if len(grid) > 1 and base.val_fraction <= 0:
+        raise ValueError("choosing among learning rates needs a validation split: give --val-fraction, e.g. 0.1")
+    plan_record = {"config": json.loads(base.to_json()), "models": models, "grid": grid, "seeds": seeds}
+    previous = out / PLAN_NAME
+    if previous.is_file() and json.loads(previous.read_text()) != plan_record:
+        raise ValueError(f"{out} holds an ablation with other settings ({PLAN_NAME}); "
+                         "choose another --out, or repeat that ablation's command to continue it")
+    checkpoint.atomic_write_text(previous, json.dumps(plan_record, indent=2))
+
+    results: dict[Run, dict] = {}
+    phase_one = [Run(m, lr, seeds[0]) for m in models for lr in grid]
+    _execute(base, phase_one, out, jobs, results, progress)
+    chosen = {m: min(grid, key=lambda lr: _selection_error(results[Run(m, lr, seeds[0])])) for m in models}
+    phase_two = [Run(m, chosen[m], s) for m in models for s in seeds[1:]]
+    _execute(base, phase_two, out, jobs, results, progress)
+    rows = table_rows(models, chosen, seeds, results, base)
+    write_tables(rows, out)
+    return rows
+
+
+def _selection_error(result: dict) -> float:
+    error = result["val_error"] if result["val_error"] is not None else result["test_error"]
+    return math.inf if error is None or math.isnan(error) else error
+
+
+def _execute(base: TrainConfig, runs: list[Run], out: Path, jobs: int, results: dict, progress):
+    pending = []
+    for run in runs:
+        done = run.folder(out) / RESULT_NAME
+        if done.is_file():
+            results[run] = json.loads(done.read_text())
+            progress("skip", run=run, result=results[run])
+        else:
+            pending.append(run)
+    devices = _devices(base, jobs)
+    if jobs <= 1 or len(pending) <= 1:
+        for run in pending:
+            progress("run", run=run)
+            results[run] = _train_one(run_config(base, run).to_json(), str(run.folder(out)), None)
+            progress("done", run=run, result=results[run])
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init,
+                             initargs=(threads,)) as pool:
+        futures = {}
+        for i, run in enumerate(pending):
+            progress("run", run=run)
+            futures[pool.submit(_train_one, run_config(base, run).to_json(), str(run.folder(out)),
+                                devices[i % len(devices)])] = run
+        for future, run in futures.items():
+            results[run] = future.result()
+            progress("done", run=run, result=results[run])
+
+
+def _devices(base: TrainConfig, jobs: int) -> list[str | None]:
+    """One GPU per parallel job when there are several; otherwise the run's own device."""
+    import torch
+
+    if base.device in ("auto", "cuda") and torch.cuda.device_count() > 1:
+        return [f"cuda:{i}" for i in range(min(jobs, torch.cuda.device_count()))]
+    return [None]
+
+
+def table_rows(models, chosen, seeds, results, base: TrainConfig) -> list[dict]:
+    from allconv_cli.models import create_model
+
+    key = "cifar10" if base.augment == "none" else "cifar10-aug"
+    key = "cifar100" if base.dataset == "cifar100" else key
+    rows = []
+    for model in models:
+        errors = [results[Run(model, chosen[model], s)]["test_error"] for s in seeds]
+        python_name = resolve_name(model)
+        paper = PAPER[python_name]["error"].get(key) if base.dataset != "sample" else None
+        mean = statistics.fmean(errors)
+        rows.append({
+            "model": model,
+            "params": sum(p.numel() for p in create_model(python_name).parameters()),
+            "paper_params": PAPER[python_name]["params"],
+            "lr": chosen[model],
+            "test_error_mean": mean,
+            "test_error_std": statistics.stdev(errors) if len(errors) > 1 else 0.0,
+            "seeds": len(errors),
+            "paper_error": paper,
+            "difference": None if paper is None else mean - paper,
+        })
+    return rows
+
+
+def write_tables(rows: list[dict], out: Path):
+    """table.md, table.csv, table.json and chart.png in ``out``."""
+    from allconv_cli.charts import ablation_bars
+
+    lines = ["| model | params | paper's params | lr | test error % (mean ± std, n) | paper's error % | difference |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        paper = "" if r["paper_error"] is None else f"{r['paper_error']:.2f}"
+        diff = "" if r["difference"] is None else f"{r['difference']:+.2f}"
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['paper_params']} | {r['lr']:g} | "
+                     f"{r['test_error_mean']:.2f} ± {r['test_error_std']:.2f} ({r['seeds']}) | {paper} | {diff} |")
+    checkpoint.atomic_write_text(out / "table.md", "\n".join(lines) + "\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    checkpoint.atomic_write_text(out / "table.csv", buffer.getvalue())
+    checkpoint.atomic_write_text(out / "table.json", json.dumps(rows, indent=2))
+    ablation_bars(rows, out / "chart.png")
+

@@ -1,0 +1,327 @@
+"""Speed of a network's training step, inference and data path, in the spirit of timm's
+``benchmark.py``: warm-up steps, then timed steps between two device synchronizations.
+
+- ``train``: allconv's training step end to end, as ``train.train`` does it: a uint8 batch
+  from ``datasets.Batches`` (held in memory on the device), ``datasets.augment(.., "paper")``,
+  /255, standardization, memory format, autocast forward, cross-entropy, SGD step (the
+  trainer's default optimizer settings). The trainer's bookkeeping (loss check, running sums,
+  schedule) is not timed.
+- ``infer``: the network alone in eval mode under ``torch.inference_mode`` on one fixed,
+  already standardized batch (what timm's inference benchmark times).
+- ``data``: the data path alone: batch, augmentation and standardization, on the device.
+
+Data is synthetic, so a benchmark runs offline anywhere: uniform random uint8 images of the
+network's input size, as many as CIFAR's training split (50,000) but at most 256 MiB of them
+(1,783 images at 224x224), with uniform random labels.
+
+FLOPs are counted, not looked up: forward hooks read each convolution's output shape, and a
+convolution costs 2 x MACs = 2 x (output elements) x (input channels / groups) x kernel area.
+Biases, ReLUs, pooling, dropout and the global average (about 0.1 % of All-CNN-C's work) are
+not counted. A training step adds the backward pass: 2 x MACs for the weight gradient of every
+conv with trainable weights, 2 x MACs for the input gradient of every conv whose input needs
+one (not the first conv's), so it costs just under 3 x the forward. All-CNN-C on 32x32:
+0.5416 GFLOP forward, 1.6195 GFLOP per trained image.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import platform
+import re
+import resource
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from allconv_cli import datasets
+from allconv_cli.config import TrainConfig
+from allconv_cli.device import autocast, prepare_model, resolve_device
+from allconv_cli.models import create_model, resolve_name
+from allconv_cli.preprocess import Standardize
+
+MODES = ("train", "infer", "data", "all")
+SYNTHETIC_IMAGES = 50_000  # CIFAR-10's training split
+SYNTHETIC_BYTES = 2**28  # 256 MiB of uint8 pixels at most, for large inputs
+DEFAULT_STEPS = {"cpu": 20, "cuda": 200}  # timed steps: a CPU step takes ~1 s, a GPU step ~1 ms
+DEFAULT_WARMUP = {"cpu": 5, "cuda": 50}
+
+# Peak dense TFLOP/s of one GPU (no 2:4 sparsity; NVIDIA's datasheets print sparse tensor-core
+# figures, twice these). fp32 runs on the CUDA cores; tf32 and bf16 on the tensor cores. Keys
+# are matched against torch.cuda.get_device_name() in this order, most specific first.
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    r"\bH200 NVL\b": {"bf16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    r"\bH200\b": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},  # SXM
+    r"\bH100 NVL\b": {"bf16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    r"\bH100 PCIe\b": {"bf16": 756.5, "tf32": 378.0, "fp32": 51.2},
+    r"\bH100\b": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},  # SXM5, "NVIDIA H100 80GB HBM3"
+    r"\bA100\b": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},  # SXM4 and PCIe alike
+}
+
+
+def count_flops(model: nn.Module, input_size: tuple[int, int, int]) -> dict[str, int]:
+    """FLOPs per image of the convolutions: ``forward`` and ``train`` (forward + backward).
+
+    One forward pass of a single image with hooks on every ``nn.Conv2d`` reads the layer
+    shapes; whether a conv's input needs a gradient decides whether the backward computes one.
+    """
+    counts = {"forward": 0, "train": 0}
+
+    def hook(conv: nn.Conv2d, inputs, output):
+        kernel_area = conv.kernel_size[0] * conv.kernel_size[1]
+        macs = output[0].numel() * (conv.in_channels // conv.groups) * kernel_area  # of image 0
+        counts["forward"] += 2 * macs
+        counts["train"] += 2 * macs * (1 + conv.weight.requires_grad + inputs[0].requires_grad)
+
+    device = next(model.parameters()).device
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.enable_grad():
+            model(torch.zeros(1, *input_size, device=device))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return counts
+
+
+def precision(device: torch.device, amp: bool) -> str:
+    """The arithmetic the convolutions run in: bf16 under autocast on CUDA, tf32 where cuDNN
+    may use it for fp32 (torch's default), else fp32 (always on the CPU)."""
+    if device.type != "cuda":
+        return "fp32"
+    if amp:
+        return "bf16"
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "fp32"
+
+
+def peak_tflops(device: torch.device, arithmetic: str) -> float | None:
+    """The device's peak dense TFLOP/s in ``arithmetic`` where the table knows it; else None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peaks[arithmetic] for pattern, peaks in PEAK_TFLOPS.items() if re.search(pattern, name)), None)
+
+
+def device_name(device: torch.device) -> str:
+    """The CUDA device's name, or the CPU's model name from /proc/cpuinfo."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (a container's share, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak resident set size (Linux: /proc/self/clear_refs); False where the
+    peak can only be read since the process started."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process, in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def synthetic_data(input_size: tuple[int, int, int], num_classes: int, batch_size: int,
+                   device: torch.device, seed: int = 0) -> datasets.ImageData:
+    """Uniform random uint8 images (N, C, H, W) and labels on ``device``: 50,000 images, or as
+    many as fit in 256 MiB (at least one batch)."""
+    count = max(batch_size, min(SYNTHETIC_IMAGES, SYNTHETIC_BYTES // math.prod(input_size)))
+    generator = torch.Generator(device=device).manual_seed(seed)
+    images = torch.randint(0, 256, (count, *input_size), generator=generator, device=device, dtype=torch.uint8)
+    labels = torch.randint(0, num_classes, (count,), generator=generator, device=device)
+    return datasets.ImageData(images, labels, [str(i) for i in range(num_classes)])
+
+
+def resolve_steps(device: torch.device, steps: int | None, warmup: int | None) -> tuple[int, int]:
+    """(timed steps, warm-up steps): the device type's defaults where None."""
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    return (DEFAULT_STEPS[kind] if steps is None else steps,
+            DEFAULT_WARMUP[kind] if warmup is None else warmup)
+
+
+def timed(step: Callable[[], None], warmup: int, steps: int, device: torch.device) -> float:
+    """Seconds that ``steps`` calls of ``step`` take after ``warmup`` untimed ones, measured
+    between device synchronizations (CUDA runs asynchronously)."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def run(model: str = "all-cnn-c", mode: str = "all", batch_size: int = 128, steps: int | None = None,
+        warmup: int | None = None, device: str = "auto", amp: bool = True, channels_last: bool = True,
+        compile: bool = False) -> dict:
+    """Benchmark ``mode`` (train | infer | data | all) of ``model`` -> settings and one result
+    per mode: images/s, step time (ms), GFLOP per image, achieved TFLOP/s, share of the
+    device's peak (None where unknown) and peak memory."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    for name, value, least in (("--batch-size", batch_size, 1), ("--steps", steps, 1), ("--warmup", warmup, 0)):
+        if value is not None and value < least:
+            raise ValueError(f"{name} must be at least {least}, got {value}")
+    name = resolve_name(model)
+    dev = resolve_device(device)
+    steps, warmup = resolve_steps(dev, steps, warmup)
+    net = create_model(name)
+    input_size = tuple(net.pretrained_cfg["input_size"])
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    net = prepare_model(net, dev, channels_last)
+    flops = count_flops(net, input_size)
+    prep = Standardize(net.pretrained_cfg["mean"], net.pretrained_cfg["std"]).to(dev)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the trainer sets it; tuning falls in the warm-up
+    arithmetic = precision(dev, amp)
+    peak = peak_tflops(dev, arithmetic)
+    step_model = torch.compile(net) if compile else net
+    bench = _Bench(dev, batch_size, steps, warmup, peak)
+    data = None
+    results = {}
+    for each in ("data", "infer", "train") if mode == "all" else (mode,):
+        if each != "infer" and data is None:
+            data = synthetic_data(input_size, net.num_classes, batch_size, dev)
+        if each == "data":
+            results[each] = bench.data(data, prep, memory_format)
+        elif each == "infer":
+            results[each] = bench.infer(step_model, net, input_size, prep, memory_format, amp, flops["forward"])
+        else:
+            results[each] = bench.train(step_model, net, data, prep, memory_format, amp, flops["train"])
+    return {
+        "model": name.replace("_", "-"),
+        "device": str(dev),
+        "device_name": device_name(dev),
+        "cpus": cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "precision": arithmetic,
+        "channels_last": channels_last,
+        "compile": compile,
+        "batch_size": batch_size,
+        "steps": steps,
+        "warmup": warmup,
+        "input_size": list(input_size),
+        "data": "synthetic uint8",
+        "gflop_per_image": {key: value / 1e9 for key, value in flops.items()},
+        "peak_tflops": peak,
+        "results": results,
+    }
+
+
+class _Bench:
+    """The three timed loops, sharing the device, batch size, step counts and peak."""
+
+    def __init__(self, device: torch.device, batch_size: int, steps: int, warmup: int, peak: float | None):
+        self.device, self.batch_size, self.steps, self.warmup, self.peak = device, batch_size, steps, warmup, peak
+
+    def data(self, data: datasets.ImageData, prep: nn.Module, memory_format) -> dict:
+        batches = _stream(data, self.batch_size, self.device)
+        generator = torch.Generator(device=self.device)
+        counter = itertools.count()
+
+        def step():
+            images, _ = next(batches)
+            _inputs(images, next(counter), generator, prep, memory_format)
+
+        return self._measure(step, None)
+
+    def infer(self, step_model: nn.Module, net: nn.Module, input_size, prep: nn.Module, memory_format,
+              amp: bool, flops: int) -> dict:
+        net.eval()
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        images = torch.randint(0, 256, (self.batch_size, *input_size), generator=generator,
+                               device=self.device, dtype=torch.uint8)
+        x = prep(images.float() / 255).contiguous(memory_format=memory_format)
+
+        def step():
+            with torch.inference_mode(), autocast(self.device, amp):
+                step_model(x)
+
+        return self._measure(step, flops)
+
+    def train(self, step_model: nn.Module, net: nn.Module, data: datasets.ImageData, prep: nn.Module,
+              memory_format, amp: bool, flops: int) -> dict:
+        net.train()
+        defaults = TrainConfig()
+        optimizer = torch.optim.SGD(net.parameters(), lr=defaults.lr, momentum=defaults.momentum,
+                                    nesterov=defaults.nesterov, weight_decay=defaults.weight_decay)
+        batches = _stream(data, self.batch_size, self.device)
+        generator = torch.Generator(device=self.device)
+        counter = itertools.count()
+
+        def step():
+            images, labels = next(batches)
+            x = _inputs(images, next(counter), generator, prep, memory_format)
+            with autocast(self.device, amp):
+                loss = F.cross_entropy(step_model(x).float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        return self._measure(step, flops)
+
+    def _measure(self, step: Callable[[], None], flops: int | None) -> dict:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        rss_reset = reset_peak_rss()
+        seconds = timed(step, self.warmup, self.steps, self.device)
+        images_per_s = self.steps * self.batch_size / seconds
+        tflop_per_s = None if flops is None else images_per_s * flops / 1e12
+        return {
+            "images_per_s": images_per_s,
+            "step_ms": 1000 * seconds / self.steps,
+            "gflop_per_image": None if flops is None else flops / 1e9,
+            "tflop_per_s": tflop_per_s,
+            "peak_share": None if tflop_per_s is None or self.peak is None else tflop_per_s / self.peak,
+            "peak_rss_mb": peak_rss_mb(),
+            "peak_rss_since": "mode start" if rss_reset else "process start",
+            "peak_cuda_mb": (torch.cuda.max_memory_allocated(self.device) / 2**20
+                             if self.device.type == "cuda" else None),
+        }
+
+
+def _inputs(images: torch.Tensor, step: int, generator: torch.Generator, prep: nn.Module,
+            memory_format) -> torch.Tensor:
+    """The trainer's data path: uint8 (B, C, H, W) -> augmented, standardized float input."""
+    generator.manual_seed(step)  # the trainer reseeds per step, so that any step replays
+    x = datasets.augment(images, "paper", generator)
+    return prep(x.float() / 255).contiguous(memory_format=memory_format)
+
+
+def _stream(data: datasets.ImageData, batch_size: int, device: torch.device):
+    """Shuffled full batches of ``data``, epoch after epoch, as the trainer draws them."""
+    batches = datasets.Batches(data, batch_size, shuffle=True, drop_last=True, device=device)
+    for epoch in itertools.count():
+        yield from batches.epoch(epoch)
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,80 @@
+"""PNG charts (matplotlib, Agg): learning curves, confusion matrices, ablation bars.
+
+Each chart is written through ``checkpoint.atomic_write``, so a kill never leaves half a PNG.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+
+from allconv_cli.checkpoint import atomic_write  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
+
+
+def learning_curves(history: list[dict], path: str | Path) -> Path:
+    """Loss (left) and error % (right) per epoch: training, and whichever eval split was used."""
+    epochs = [m["epoch"] for m in history]
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(9, 3.4))
+    ax_loss.plot(epochs, [m["train_loss"] for m in history], label="train")
+    ax_err.plot(epochs, [100 - m["train_accuracy"] for m in history], label="train")
+    for split in ("val", "test"):
+        points = [(m["epoch"], m) for m in history if f"{split}_loss" in m]
+        if points:
+            ax_loss.plot([e for e, _ in points], [m[f"{split}_loss"] for _, m in points], "o-", label=split)
+            ax_err.plot([e for e, _ in points], [m[f"{split}_top1_error"] for _, m in points], "o-", label=split)
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_err.set(xlabel="epoch", ylabel="top-1 error %", title="error")
+    for ax in (ax_loss, ax_err):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, Path(path))
+
+
+def confusion_matrix(confusion: list[list[int]], classes: list[str], path: str | Path, title: str = "") -> Path:
+    """Row-normalized confusion matrix (rows: true class, columns: predicted), in %."""
+    import numpy as np
+
+    counts = np.asarray(confusion, dtype=float)
+    share = 100 * counts / counts.sum(1, keepdims=True).clip(min=1)
+    k = len(classes)
+    size = min(24, max(4.5, 0.45 * k))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=100)
+    if k <= 30:
+        ax.set_xticks(range(k), classes, rotation=60, ha="right")
+        ax.set_yticks(range(k), classes)
+        for i in range(k):
+            for j in range(k):
+                if share[i, j] >= 0.5:
+                    ax.text(j, i, f"{share[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                            color="white" if share[i, j] > 50 else "black")
+    ax.set(xlabel="predicted", ylabel="true class", title=title or "confusion matrix (% of each true class)")
+    return _save(fig, Path(path))
+
+
+def ablation_bars(rows: list[dict], path: str | Path) -> Path:
+    """Test error per model: ours (mean, with the spread over seeds) beside the paper's."""
+    import numpy as np
+
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows)), 3.6))
+    ax.bar(x - 0.2, [r["test_error_mean"] for r in rows], 0.4, yerr=[r["test_error_std"] for r in rows],
+           capsize=3, label="allconv (mean ± std over seeds)")
+    paper = [r["paper_error"] if r["paper_error"] is not None else np.nan for r in rows]
+    ax.bar(x + 0.2, paper, 0.4, label="paper")
+    ax.set_xticks(x, [r["model"] for r in rows], rotation=20, ha="right")
+    ax.set(ylabel="test error %", title="ablation: test error by model")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    return _save(fig, Path(path))

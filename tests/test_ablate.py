@@ -1,0 +1,90 @@
+"""allconv ablate: the table files, resumption after a kill, the learning-rate choice."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from allconv_cli import ablate
+from allconv_cli.cli import app
+
+ALLCONV = str(Path(sys.executable).parent / "allconv")
+TINY = ["--preset", "smoke", "--train-limit", "32", "--test-limit", "16", "--batch-size", "16"]
+
+
+@pytest.mark.slow
+def test_two_models_two_seeds_survive_a_kill(tmp_path):
+    out = tmp_path / "ablation"
+    args = [ALLCONV, "ablate", "--models", "all-cnn-c,model-c", "--seeds", "2", *TINY, "--out", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "all-cnn-c" / "lr0.05-seed0" / "result.json"
+    deadline = time.time() + 180
+    while not first.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.exists() and not (out / "table.md").exists()
+    kept = first.read_text(), first.stat().st_mtime_ns
+    # Continue with two parallel jobs (spawned worker processes).
+    done = subprocess.run([*args, "--jobs", "2", "--json"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert (first.read_text(), first.stat().st_mtime_ns) == kept  # the finished run was not redone
+    rows = json.loads(done.stdout[done.stdout.index("["):])
+    assert [r["model"] for r in rows] == ["all-cnn-c", "model-c"]
+    assert all(r["seeds"] == 2 and 0 <= r["test_error_mean"] <= 100 for r in rows)
+    assert rows[0]["params"] == 1_369_738 and rows[0]["paper_params"] == "~1.4 M"
+    for name in ("table.md", "table.csv", "table.json", "chart.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| all-cnn-c | 1,369,738 |" in (out / "table.md").read_text()
+    assert (out / "table.csv").read_text().splitlines()[0].startswith("model,params,paper_params,lr")
+
+
+def test_rate_is_picked_on_validation_not_test(tmp_path, monkeypatch):
+    """With a grid, each model's rate is the one with the lowest validation error."""
+    def fake_train_one(config_json, folder, device):
+        config = json.loads(config_json)
+        # validation favours 0.01, test would favour 0.1
+        result = {"model": config["model"], "lr": config["lr"], "seed": config["seed"], "seconds": 0,
+                  "epochs": 1, "val_error": 10 if config["lr"] == 0.01 else 20,
+                  "test_error": 30 if config["lr"] == 0.01 else 5}
+        Path(folder).mkdir(parents=True)
+        (Path(folder) / ablate.RESULT_NAME).write_text(json.dumps(result))
+        return result
+
+    monkeypatch.setattr(ablate, "_train_one", fake_train_one)
+    from allconv_cli.config import resolve
+
+    base = resolve("smoke", val_fraction=0.1)
+    rows = ablate.ablate(base, ["all-cnn-c"], [0.1, 0.01], [0, 1, 2], tmp_path)
+    assert rows[0]["lr"] == 0.01 and rows[0]["seeds"] == 3 and rows[0]["test_error_mean"] == 30
+    # grid with the first seed, then seeds 1 and 2 at the chosen rate only
+    assert sorted(p.name for p in (tmp_path / "all-cnn-c").iterdir()) == [
+        "lr0.01-seed0", "lr0.01-seed1", "lr0.01-seed2", "lr0.1-seed0"]
+
+
+def test_selection_and_dry_run():
+    assert ablate.select_models("c") == ["model-c", "strided-cnn-c", "convpool-cnn-c", "all-cnn-c"]
+    assert ablate.select_models(patterns=["all-cnn-*"])[-1] == "all-cnn-imagenet"
+    with pytest.raises(ValueError, match="did you mean"):
+        ablate.select_models(patterns=["all-cnn-x"])
+    result = CliRunner().invoke(app, ["ablate", "--family", "c", "--lr-grid", "paper", "--seeds", "3",
+                                      "--preset", "smoke", "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    # 4 models x 4 rates with seed 0, then 2 more seeds each at the chosen rate
+    assert plan["runs"] == len(plan["plan"]) == 24
+    assert plan["plan"][15] == {"model": "all-cnn-c", "lr": 0.01, "seed": 0}
+    assert plan["plan"][16] == {"model": "model-c", "lr": "chosen", "seed": 1}
+
+
+def test_other_settings_in_the_same_folder_are_refused(tmp_path):
+    from allconv_cli.config import resolve
+
+    (tmp_path / ablate.PLAN_NAME).write_text(json.dumps({"config": {}, "models": [], "grid": [], "seeds": []}))
+    with pytest.raises(ValueError, match="other settings"):
+        ablate.ablate(resolve("smoke"), ["all-cnn-c"], [0.05], [0], tmp_path)

@@ -1,0 +1,288 @@
+"""End-to-end training and evaluation on the CPU: tiny real and synthetic data, a few steps each."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from allconv_cli import checkpoint, config as configuration, datasets
+from allconv_cli.cli import app
+from allconv_cli.train import TrainingDiverged, train
+
+runner = CliRunner()
+ALLCONV = str(Path(sys.executable).parent / "allconv")
+TINY = ["--train-limit", "64", "--test-limit", "32", "--batch-size", "32", "--epochs", "1"]
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+def one_line_error(result, code=2, *needles):
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.output  # after any progress lines
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def make_imagefolder(root: Path, classes=("cat", "dog", "ship"), per_class=6, size=(20, 24), mode="RGB"):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label, cls in enumerate(classes):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
+                pixels[..., label % 3] = 255  # each class has its own colour cast
+                img = Image.fromarray(pixels)
+                img = img.convert(mode) if mode != "RGB" else img
+                img.save(root / split / cls / f"{i}.png")
+    return root
+
+
+def make_fake_cifar(root: Path, hundred=False, n_train=40, n_test=20):
+    """torchvision's on-disk CIFAR layout, written as the original pickles of numpy arrays."""
+    rng = np.random.default_rng(1)
+    folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
+    folder.mkdir(parents=True)
+    key = "fine_labels" if hundred else "labels"
+    k = 100 if hundred else 10
+
+    def batch(n):
+        return {"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), key: list(rng.integers(0, k, n).tolist())}
+
+    files = (["train"], ["test"]) if hundred else ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"])
+    for name in files[0]:
+        (folder / name).write_bytes(pickle.dumps(batch(n_train // len(files[0]))))
+    (folder / files[1][0]).write_bytes(pickle.dumps(batch(n_test)))
+    meta = {"fine_label_names": [f"c{i}" for i in range(100)]} if hundred else {"label_names": [f"c{i}" for i in range(10)]}
+    (folder / ("meta" if hundred else "batches.meta")).write_bytes(pickle.dumps(meta))
+    return root
+
+
+@pytest.mark.slow
+def test_smoke_preset_on_the_sample_then_eval(tmp_path):
+    run = tmp_path / "run"
+    result = invoke("train", "--preset", "smoke", "--out", run, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["finished"] and summary["epochs_done"] == 1
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "curves.png", "metrics.jsonl",
+                                                     "model.safetensors", "state.pt"]
+    model, meta, _ = checkpoint.load_model(run)
+    assert meta["classes"][0] == "airplane" and meta["preprocess"]["kind"] == "standardize"
+    assert meta["model_kwargs"]["batch_norm"] is True and meta["versions"]["torch"] == torch.__version__
+    assert json.loads((run / "config.json").read_text())["preset"] == "smoke"
+    state = torch.load(run / "state.pt", weights_only=True)
+    assert state["epoch"] == 1
+    result = invoke("eval", run, "--limit", "50", "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["count"] == 50 and 0 <= metrics["top1_error"] <= 100 and len(metrics["per_class_accuracy"]) == 10
+    assert Path(metrics["confusion_png"]).stat().st_size > 1000
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_imagefolder_of_any_mode(tmp_path, mode):
+    root = make_imagefolder(tmp_path / "data", mode=mode)
+    result = invoke("train", "--dataset", "imagefolder", "--data-dir", root, "--model", "model-a",
+                    "--batch-size", "6", "--epochs", "1", "--out", tmp_path / "run", "--batch-norm")
+    assert result.exit_code == 0, result.output
+    _, meta, _ = checkpoint.load_model(tmp_path / "run")
+    assert meta["classes"] == ["cat", "dog", "ship"] and meta["input_size"] == [3, 32, 32]
+
+
+@pytest.mark.parametrize("hundred", [False, True])
+def test_fake_cifar_in_torchvisions_layout(tmp_path, hundred):
+    root = make_fake_cifar(tmp_path / "data", hundred)
+    name = "cifar100" if hundred else "cifar10"
+    train_split = datasets.load_split(name, "train", root)
+    assert train_split.images.shape == (40, 3, 32, 32) and len(train_split.classes) == (100 if hundred else 10)
+    result = invoke("train", "--dataset", name, "--data-dir", root, "--model", "strided-cnn-c", "--batch-size", "20",
+                    "--epochs", "1", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    result = invoke("eval", tmp_path / "run", "--json")
+    assert json.loads(result.stdout)["count"] == 20
+
+
+def test_cifar_batch_with_foreign_pickle_is_refused(tmp_path):
+    root = make_fake_cifar(tmp_path / "data")
+    (root / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps({"data": Path("x")}))
+    with pytest.raises(ValueError, match="not allowed"):
+        datasets.load_split("cifar10", "test", root)
+
+
+def test_missing_cifar_without_network_names_the_layout(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tv_utils
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
+    result = invoke("train", "--dataset", "cifar10", "--data-dir", tmp_path, *TINY)
+    one_line_error(result, 2, "cifar-10-batches-py", "--data-dir")
+
+
+def _tiny_config(**kwargs):
+    settings = dict(batch_norm=True, train_limit=64, test_limit=32, batch_size=32, epochs=2, lr=0.05,
+                    warmup_epochs=0.5, seed=3)
+    settings.update(kwargs)
+    return configuration.resolve(None, **settings)
+
+
+@pytest.mark.slow
+def test_resume_is_bit_identical(tmp_path):
+    straight = train(_tiny_config(), tmp_path / "straight")
+    first = train(_tiny_config(), tmp_path / "split", stop_after=1)
+    assert not first["finished"] and first["epochs_done"] == 1
+    resumed = train(_tiny_config(), tmp_path / "split", resume=True)
+    assert resumed["finished"]
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert straight["last"] == {**resumed["last"], "seconds": straight["last"]["seconds"],
+                                "images_per_s": straight["last"]["images_per_s"]}
+
+
+@pytest.mark.slow
+def test_killed_process_resumes(tmp_path):
+    """A real `allconv train` stopped by SIGTERM mid-epoch exits 143 with a resumable state."""
+    run = tmp_path / "run"
+    args = [ALLCONV, "train", "--preset", "smoke", "--train-limit", "320", "--test-limit", "32",
+            "--batch-size", "32", "--epochs", "2", "--out", str(run)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (run / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # into the first epoch (10 steps of 32 images, about 0.6 s each here)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, output
+    assert "allconv train --resume" in output
+    state = torch.load(run / "state.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) != (0, 0) and state["epoch"] < 2
+    done = subprocess.run([ALLCONV, "train", "--resume", str(run), "--json"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["finished"]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--no-python", ALLCONV,
+            "train", "--preset", "smoke", "--train-limit", "128", "--batch-size", "32", "--device", "cpu",
+            "--out", str(run), "--json"]
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout[done.stdout.index("{"):])  # only rank 0 prints
+    assert done.stdout.count('"finished"') == 1 and summary["finished"]
+    # 128 images over 2 processes of 16: 4 steps each; rank 0 counts all 128 after the all-reduce.
+    metrics = json.loads((run / "metrics.jsonl").read_text())
+    assert metrics["images_per_s"] * metrics["seconds"] == pytest.approx(128)
+    checkpoint.load_model(run)
+
+
+def test_non_finite_loss_stops_before_the_step(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(_tiny_config(), run, stop_after=1)
+    before = (run / "model.safetensors").read_bytes()
+    original = torch.nn.CrossEntropyLoss.forward
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward",
+                        lambda self, x, y: original(self, x, y) * float("nan"))
+    with pytest.raises(TrainingDiverged, match="epoch 2, step 1"):
+        train(_tiny_config(), run, resume=True)
+    assert (run / "model.safetensors").read_bytes() == before
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(_tiny_config(), run, stop_after=1)
+    before = (run / "model.safetensors").read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    result = invoke("train", "--resume", run)
+    one_line_error(result, 2, "No space left")
+    assert (run / "model.safetensors").read_bytes() == before
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_resume_of_a_finished_run(tmp_path):
+    run = tmp_path / "run"
+    train(_tiny_config(epochs=1), run)
+    one_line_error(invoke("train", "--resume", run), 2, "already finished")
+    with pytest.raises(ValueError, match="other settings .*epochs, lr"):
+        train(_tiny_config(epochs=3, lr=0.2), run, resume=True)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model", "all-cnn-x"], "did you mean 'all-cnn-c'"),
+    (["--dataset", "cifar11"], "did you mean 'cifar10'"),
+    (["--preset", "paper-cifar"], "did you mean"),
+    (["--augment", "paperr"], "did you mean 'paper'"),
+    (["--milestones", "a,b"], "--milestones"),
+])
+def test_bad_options(args, needle):
+    one_line_error(invoke("train", *args, *TINY), 2, needle)
+
+
+def test_unknown_preset_key(tmp_path):
+    preset = tmp_path / "mine.toml"
+    preset.write_text("model = 'all-cnn-c'\nlearning_rate = 0.1\n")
+    one_line_error(invoke("train", "--preset", preset, *TINY), 2, "learning_rate")
+
+
+def test_missing_empty_and_corrupt_imagefolders(tmp_path):
+    one_line_error(invoke("train", "--dataset", "imagefolder", "--data-dir", tmp_path / "nowhere", *TINY), 2, "nowhere")
+    (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)
+    one_line_error(invoke("train", "--dataset", "imagefolder", "--data-dir", tmp_path / "empty", *TINY), 2, "no images")
+    root = make_imagefolder(tmp_path / "bad")
+    (root / "train" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    one_line_error(invoke("train", "--dataset", "imagefolder", "--data-dir", root, *TINY), 2, "broken.png")
+
+
+def test_eval_bad_checkpoints(tmp_path):
+    (tmp_path / "notes.safetensors").write_text("hello")
+    one_line_error(invoke("eval", tmp_path / "notes.safetensors"), 2, "notes.safetensors")
+    run = tmp_path / "run"
+    train(_tiny_config(epochs=1), run)
+    data = (run / "model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 3])
+    one_line_error(invoke("eval", tmp_path / "cut.safetensors"), 2, "truncated")
+    root = make_imagefolder(tmp_path / "three")
+    one_line_error(invoke("eval", run, "--dataset", "imagefolder", "--data-dir", root), 2, "10 classes")
+
+
+def test_augment_keeps_shapes_and_is_seeded():
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    first = datasets.augment(images, "paper", torch.Generator().manual_seed(0))
+    again = datasets.augment(images, "paper", torch.Generator().manual_seed(0))
+    assert first.dtype == torch.uint8 and first.shape == images.shape and torch.equal(first, again)
+    assert not torch.equal(first, images)
+    # a translation of 0 with no flip is the identity: some image must come through whole or shifted
+    assert torch.equal(datasets.augment(images, "none", torch.Generator()), images)
+
+
+def test_presets_resolve_and_flags_override():
+    for name in configuration.list_presets():
+        configuration.resolve(name)
+    config = configuration.resolve("paper-cifar10", lr=0.01)
+    assert (config.lr, config.epochs, config.preprocess, config.milestones) == (0.01, 350, "zca", [200, 250, 300])

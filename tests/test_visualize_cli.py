@@ -1,0 +1,196 @@
+"""``allconv visualize`` end to end through CliRunner, on a tiny checkpoint and 16x16 images."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from allconv_cli import saliency
+from allconv_cli.checkpoint import save_weights
+from allconv_cli.cli import app
+from allconv_cli.models import create_model
+
+runner = CliRunner()
+CLASSES = ["cat", "dog", "ship"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A 3-class All-CNN-C checkpoint for 16x16 input and two images of other sizes."""
+    folder = tmp_path_factory.mktemp("visualize")
+    torch.manual_seed(0)
+    model = create_model("all-cnn-c", num_classes=3)
+    meta = {"model": "all_cnn_c", "model_kwargs": {"num_classes": 3}, "classes": CLASSES,
+            "input_size": [3, 16, 16],
+            "preprocess": {"kind": "standardize", "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}
+    save_weights(folder / "run" / "model.safetensors", model, meta)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 256, (40, 24), dtype=np.uint8), "L").save(folder / "b.jpg")
+    return folder
+
+
+def visualize(workdir, *args):
+    return runner.invoke(app, ["visualize", *args, "--checkpoint", str(workdir / "run"), "--device", "cpu"])
+
+
+def test_writes_the_grid_and_raw_maps(workdir, tmp_path):
+    out, raw = tmp_path / "grid.png", tmp_path / "maps.safetensors"
+    result = visualize(workdir, str(workdir / "a.png"), str(workdir / "b.jpg"), "--layer", "conv6",
+                       "--out", str(out), "--raw", str(raw))
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].startswith("a.png: conv6 channel ") and lines[1].startswith("b.jpg: conv6 channel ")
+    assert lines[-1] == f"wrote {out} and {raw}"
+    assert out.stat().st_size > 0
+    with Image.open(out) as png:
+        png.load()
+        assert png.format == "PNG" and png.width > 4 * 64 and png.height > 2 * 64
+    with safe_open(str(raw), "pt") as f:
+        assert sorted(f.keys()) == ["image", "input", "maps.backprop", "maps.deconvnet", "maps.guided", "targets"]
+        assert f.get_tensor("maps.guided").shape == (2, 3, 16, 16)
+        assert f.get_tensor("input").shape == (2, 3, 16, 16)
+        meta = json.loads(f.metadata()["allconv"])
+    assert meta["layer"] == "conv6" and meta["methods"] == ["backprop", "deconvnet", "guided"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "maps.safetensors"]  # no temporaries
+
+
+def test_class_gradcam_and_every_neuron_mode(workdir, tmp_path):
+    image = str(workdir / "a.png")
+    cases = [
+        (["--class", "dog", "--methods", "guided,gradcam,guided-gradcam", "--layer", "conv8"],
+         ["a.png: dog (1), logit "]),
+        (["--class", "predicted", "--methods", "gradcam"], ["a.png: "]),
+        (["--neuron", "5", "1", "2", "--layer", "conv6"], ["a.png: conv6 channel 5 at (1, 2)"]),
+        (["--channel", "3", "--channel", "9", "--layer", "conv5"],
+         ["a.png: conv5 channel 3 at", "a.png: conv5 channel 9 at"]),
+        (["--top-channels", "2", "--norm", "abs", "--upscale", "bicubic"], ["a.png: conv9", "a.png: conv9"]),
+        (["--norm", "percentile", "--percentile", "90"], ["a.png: conv9"]),
+    ]
+    for n, (args, starts) in enumerate(cases):
+        out = tmp_path / f"{n}.png"
+        result = visualize(workdir, image, *args, "--out", str(out))
+        assert result.exit_code == 0, (args, result.output)
+        lines = result.output.strip().splitlines()
+        assert len(lines) == len(starts) + 1, (args, lines)
+        assert all(line.startswith(start) for line, start in zip(lines, starts)), (args, lines)
+        with Image.open(out) as png:
+            assert png.format == "PNG"
+
+
+def test_the_dataset_scan(workdir, tmp_path, monkeypatch):
+    from allconv_cli import datasets
+
+    calls = []
+
+    def fake_iter_batches(name, data_dir, split, input_size, batch_size):
+        calls.append((name, data_dir, split, tuple(input_size)))
+        generator = torch.Generator().manual_seed(0)
+        for n in (5, 5, 2):  # 12 images
+            images = torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=generator)
+            yield images, torch.zeros(n, dtype=torch.long)
+
+    monkeypatch.setattr(datasets, "iter_batches", fake_iter_batches)
+    out, raw = tmp_path / "fig3.png", tmp_path / "fig3.safetensors"
+    result = visualize(workdir, "--dataset", "cifar10", "--data-dir", "data", "--layer", "conv6",
+                       "--channel", "2", "--channel", "7", "--top", "4", "--out", str(out), "--raw", str(raw))
+    assert result.exit_code == 0, result.output
+    assert calls == [("cifar10", "data", "test", (3, 16, 16))]
+    assert result.output.splitlines()[0].startswith("conv6 filter 2: top activation ")
+    with Image.open(out) as png:
+        assert png.format == "PNG"
+    with safe_open(str(raw), "pt") as f:
+        assert f.get_tensor("patches").shape == (2, 4, 3, 19, 19)
+        assert f.get_tensor("maps.guided").shape == (2, 4, 3, 19, 19)
+
+
+def test_a_timm_net_from_a_plain_state_dict(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    save_file(timm.create_model("resnet18").state_dict(), str(tmp_path / "resnet18.safetensors"))
+    Image.fromarray(np.full((50, 60, 3), 128, np.uint8)).save(tmp_path / "grey.png")
+    out = tmp_path / "r.png"
+    result = runner.invoke(app, ["visualize", str(tmp_path / "grey.png"), "--model", "resnet18", "--checkpoint",
+                                 str(tmp_path / "resnet18.safetensors"), "--methods", "guided", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("grey.png: layer4 channel ")  # timm's last stage by default
+    assert out.is_file()
+
+
+@pytest.mark.skipif(not saliency.BUNDLED_CHECKPOINT.is_file(), reason="the bundled All-CNN-C is not in this checkout")
+def test_the_bundled_model_out_of_the_box(workdir, tmp_path):
+    loaded = saliency.load_for_saliency()
+    assert loaded.name == "all-cnn-c" and loaded.input_size == (3, 32, 32) and len(loaded.classes) == 10
+    out = tmp_path / "grid.png"
+    result = runner.invoke(app, ["visualize", str(workdir / "a.png"), "--layer", "conv6", "--out", str(out),
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
+
+
+def test_normalizations():
+    from allconv_cli.grid import normalize
+
+    m = torch.tensor([[[-2.0, 0.0, 1.0, 4.0]]])  # (1, 1, 4)
+    signed = normalize(m, "signed")
+    assert signed.shape == (1, 4, 3)
+    np.testing.assert_allclose(signed[0, :, 0], [0.25, 0.5, 0.625, 1.0])  # 0 is grey, /max|m|
+    np.testing.assert_allclose(normalize(m, "abs")[0, :, 0], [0.5, 0.0, 0.25, 1.0])
+    clipped = normalize(m, "percentile", 50)[0, :, 0]  # the median of |m| is 1.5
+    np.testing.assert_allclose(clipped, [0.0, 0.5, 0.5 + 0.5 / 1.5, 1.0])
+    rgb = torch.stack([m[0], -m[0], 0 * m[0]])  # (3, 1, 4): one scale for all colour channels
+    np.testing.assert_allclose(normalize(rgb, "signed")[0, 3], [1.0, 0.0, 0.5])
+
+
+def _bad_files(folder):
+    folder.mkdir()
+    (folder / "text.png").write_text("not an image")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(folder / "full.png")
+    data = (folder / "full.png").read_bytes()
+    (folder / "cut.png").write_bytes(data[: len(data) // 2])
+    return folder
+
+
+@pytest.mark.parametrize("case", [
+    "missing image", "not an image", "truncated image", "decompression bomb", "unknown layer",
+    "unknown method", "gradcam without a class", "unknown class", "two neuron choices", "bad norm",
+    "out not png", "no images", "missing bundled weights", "bad channel",
+])
+def test_bad_input_is_one_line_and_no_png(workdir, tmp_path, monkeypatch, case):
+    image = str(workdir / "a.png")
+    bad = _bad_files(tmp_path / "inputs")
+    args, expected = {
+        "missing image": ([image, str(bad / "nowhere.jpg")], "nowhere.jpg does not exist"),
+        "not an image": ([image, str(bad / "text.png")], "text.png cannot be read"),
+        "truncated image": ([str(bad / "cut.png")], "cut.png"),
+        "decompression bomb": ([image], "decompression bomb"),
+        "unknown layer": ([image, "--layer", "conv66"], "this model has conv1, conv2"),
+        "unknown method": ([image, "--methods", "guided,guidded"], "did you mean 'guided'"),
+        "gradcam without a class": ([image, "--methods", "gradcam"], "add --class"),
+        "unknown class": ([image, "--class", "cta"], "did you mean 'cat'"),
+        "two neuron choices": ([image, "--neuron", "1", "1", "1", "--class", "cat"], "--neuron and --class"),
+        "bad norm": ([image, "--norm", "log"], "unknown --norm 'log'"),
+        "out not png": ([image, "--out", str(tmp_path / "grid.jpg")], "must end in .png"),
+        "no images": ([], "give IMAGE files or --dataset"),
+        "missing bundled weights": ([image], "give --checkpoint"),
+        "bad channel": ([image, "--channel", "500", "--layer", "conv6"], "channel 500 is out of range"),
+    }[case]
+    if case == "decompression bomb":
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    out = tmp_path / "grid.png"
+    if case == "missing bundled weights":
+        monkeypatch.setattr(saliency, "BUNDLED_CHECKPOINT", tmp_path / "absent.safetensors")
+        result = runner.invoke(app, ["visualize", *args, "--out", str(out)])
+    else:
+        result = visualize(workdir, *args, *([] if case == "out not png" else ["--out", str(out)]))
+    assert result.exit_code == 2, result.output
+    assert expected in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+    assert [p.name for p in tmp_path.iterdir()] == ["inputs"]  # no PNG, no temporary
