@@ -41,7 +41,7 @@ from torch import nn
 
 from allconv_cli import datasets
 from allconv_cli.config import TrainConfig
-from allconv_cli.device import autocast, prepare_model, resolve_device
+from allconv_cli.device import autocast, prepare_model, resolve_device, tune_cpu_allocator
 from allconv_cli.models import create_model, resolve_name
 from allconv_cli.preprocess import Standardize
 
@@ -199,6 +199,8 @@ def run(model: str = "all-cnn-c", mode: str = "all", batch_size: int = 128, step
     prep = Standardize(net.pretrained_cfg["mean"], net.pretrained_cfg["std"]).to(dev)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the trainer sets it; tuning falls in the warm-up
+    else:
+        tune_cpu_allocator()  # as the trainer does
     arithmetic = precision(dev, amp)
     peak = peak_tflops(dev, arithmetic)
     step_model = torch.compile(net) if compile else net

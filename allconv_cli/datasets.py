@@ -366,19 +366,26 @@ def augment(images: torch.Tensor, kind: str, generator: torch.Generator, shift: 
     ``paper``: a random horizontal flip and a random translation of up to ``shift`` pixels in
     each direction (the paper's "horizontal flipping and translations of up to 5 pixels"); the
     border is filled by reflection. ``strong`` adds CutMix/Mixup in the trainer (timm's Mixup).
+    Flip, shift and reflection only choose source pixels, so they are one uint8 gather.
     """
     if kind == "none":
         return images
     if kind not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {kind!r}: use one of {', '.join(AUGMENTATIONS)}")
-    batch, _, height, width = images.shape
+    batch, channels, height, width = images.shape
     device = images.device
     flip = torch.rand(batch, generator=generator, device=device) < 0.5
-    images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
-    padded = F.pad(images.float(), (shift,) * 4, mode="reflect")  # (B, C, H + 2s, W + 2s)
     dy = torch.randint(0, 2 * shift + 1, (batch, 1), generator=generator, device=device)
     dx = torch.randint(0, 2 * shift + 1, (batch, 1), generator=generator, device=device)
-    rows = (dy + torch.arange(height, device=device))[:, :, None]  # (B, H, 1)
-    cols = (dx + torch.arange(width, device=device))[:, None, :]  # (B, 1, W)
-    crops = padded[torch.arange(batch, device=device)[:, None, None], :, rows, cols]  # (B, H, W, C)
-    return crops.permute(0, 3, 1, 2).to(torch.uint8)
+    rows = _reflect(dy - shift + torch.arange(height, device=device), height)  # (B, H) source rows
+    cols = dx - shift + torch.arange(width, device=device)  # (B, W), before flipping
+    cols = _reflect(torch.where(flip[:, None], width - 1 - cols, cols), width)  # (B, W) source columns
+    index = (rows[:, :, None] * width + cols[:, None, :]).view(batch, 1, height * width)
+    crops = images.flatten(2).gather(2, index.expand(-1, channels, -1))  # (B, C, H * W)
+    return crops.view(batch, channels, height, width)
+
+
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Coordinates in [1 - size, 2 size - 2] mirrored into [0, size - 1] without repeating the
+    edge, as F.pad's "reflect" does."""
+    return (size - 1) - ((size - 1) - index.abs()).abs()

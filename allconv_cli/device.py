@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 
 import torch
 
@@ -33,3 +34,18 @@ def prepare_model(model: torch.nn.Module, device: torch.device, channels_last: b
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def tune_cpu_allocator():
+    """Let glibc keep freed memory for reuse instead of handing it back to the kernel.
+
+    A CIFAR batch's activations are tens of MB each (128 x 96 x 32 x 32 fp32 = 48 MiB), above
+    glibc's largest mmap threshold (32 MiB), so by default every step maps them afresh and the
+    kernel zeroes each new page: ~120,000 page faults and ~0.4 CPU-s per All-CNN-C training
+    step at batch 128. A no-op where the C library has no mallopt (not glibc).
+    """
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return
+    mallopt(-4, 0)  # M_MMAP_MAX: serve large blocks from the heap, never from fresh mappings
+    mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: return heap memory only when 1 GiB is free at its top

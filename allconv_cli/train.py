@@ -25,7 +25,7 @@ from torch import nn
 
 from allconv_cli import checkpoint, datasets, preprocess as preprocessing
 from allconv_cli.config import TrainConfig, from_json
-from allconv_cli.device import autocast, resolve_device
+from allconv_cli.device import autocast, resolve_device, tune_cpu_allocator
 from allconv_cli.models import PAPER, create_model, resolve_name
 
 CONFIG_NAME, STATE_NAME, METRICS_NAME, CURVES_NAME = "config.json", "state.pt", "metrics.jsonl", "curves.png"
@@ -211,6 +211,8 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
         backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
         torch.distributed.init_process_group(backend)
     device = resolve_device(config.device)
+    if device.type == "cpu":
+        tune_cpu_allocator()
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -308,7 +310,7 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
                 with torch.no_grad():
                     sums += torch.stack([loss.detach().double() * len(labels),
                                          (logits.argmax(1) == labels).sum().double(),
-                                         torch.tensor(float(len(labels)), dtype=torch.float64, device=device)])
+                                         torch.full((), float(len(labels)), dtype=torch.float64, device=device)])
                 if (step % 10 == 0 or step + 1 == len(setup.train)):
                     seen = sums[2].item()
                     progress("step", epoch=epoch, step=step + 1, steps=len(setup.train),
