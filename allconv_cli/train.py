@@ -303,6 +303,7 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
                         f"{len(history)}). Lower --lr, or add --batch-norm")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step uses, before the schedule moves on
                 optimizer.step()
                 scheduler.step()
                 if ema is not None:
@@ -316,12 +317,12 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
                     progress("step", epoch=epoch, step=step + 1, steps=len(setup.train),
                              loss=sums[0].item() / seen, accuracy=100 * sums[1].item() / seen,
                              images_per_s=world * (seen - seen_at_start) / (time.perf_counter() - epoch_start),
-                             lr=optimizer.param_groups[0]["lr"])
+                             lr=lr)
                 if caught:
                     save(epoch, step + 1, history[-1] if history else None)
                     raise TrainingStopped(caught[0], run_dir)
             start_step = 0
-            metrics = _epoch_metrics(epoch, sums, world, time.perf_counter() - epoch_start, optimizer)
+            metrics = _epoch_metrics(epoch, sums, world, time.perf_counter() - epoch_start, lr)
             sums.zero_()
             if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
                 result = evaluate(eval_model, setup.evaluate, setup.preprocess, len(setup.classes),
@@ -376,12 +377,12 @@ def _step_seed(seed: int, rank: int, epoch: int, step: int) -> int:
     return ((seed * 1_000_003 + rank) * 10_007 + epoch) * 1_000_003 + step
 
 
-def _epoch_metrics(epoch, sums, world, seconds, optimizer) -> dict:
+def _epoch_metrics(epoch, sums, world, seconds, lr: float) -> dict:
     if world > 1:
         torch.distributed.all_reduce(sums)
     seen = sums[2].item()
     return {"epoch": epoch + 1, "train_loss": sums[0].item() / seen, "train_accuracy": 100 * sums[1].item() / seen,
-            "lr": optimizer.param_groups[0]["lr"], "seconds": seconds, "images_per_s": seen / seconds}
+            "lr": lr, "seconds": seconds, "images_per_s": seen / seconds}
 
 
 def _write_metrics(run_dir: Path, history: list[dict]):
