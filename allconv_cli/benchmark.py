@@ -141,7 +141,15 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process, in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process, in MiB: Linux's VmHWM, which ``reset_peak_rss``
+    restarts; elsewhere ru_maxrss since the process started (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 

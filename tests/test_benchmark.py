@@ -85,7 +85,8 @@ def test_benchmark_one_mode(mode):
     assert (row["tflop_per_s"] is None) == (mode == "data")
 
 
-def test_benchmark_table():
+def test_benchmark_table(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "160")  # rich wraps cells to the terminal; CI's has 80 columns
     result = runner.invoke(app, ["benchmark", *TINY, "--mode", "infer"])
     assert result.exit_code == 0, result.output
     assert "0.5416" in result.output and "unknown" in result.output and "MiB RSS" in result.output
@@ -178,3 +179,20 @@ def test_bench_train_bad_model_is_one_line():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "did you mean" in done.stderr
+
+
+def test_peak_rss_restarts_per_measurement():
+    import mmap
+
+    from allconv_cli.benchmark import peak_rss_mb, reset_peak_rss
+
+    # 200 MiB mapped straight from the kernel (malloc may keep freed memory: see tune_cpu_allocator)
+    block = mmap.mmap(-1, 200 * 2**20)
+    chunk = b"\1" * 2**20
+    for start in range(0, len(block), len(chunk)):
+        block[start:start + len(chunk)] = chunk
+    before = peak_rss_mb()
+    block.close()
+    if not reset_peak_rss():
+        pytest.skip("this system cannot restart the peak resident set size")
+    assert peak_rss_mb() < before - 100
