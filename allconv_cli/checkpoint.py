@@ -125,11 +125,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
 
     state, meta, preprocess = load_weights(path)
     model = create_model(meta["model"], **meta.get("model_kwargs", {}))
-    model_dtype = next(model.parameters()).dtype
-    state = {k: v.to(model_dtype) if v.is_floating_point() else v for k, v in state.items()}
+    load_state(model, state, f"{path} does not fit {meta['model']} with {meta.get('model_kwargs')}")
+    return model.to(device).eval(), meta, preprocess
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], mismatch: str):
+    """Load ``state`` into ``model``, floats cast to the model's dtype (fp16 files load into fp32
+    models); a key or shape mismatch raises ValueError starting with ``mismatch``."""
+    dtype = next(model.parameters()).dtype
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[-1].strip()
-        raise ValueError(f"{path} does not fit {meta['model']} with {meta.get('model_kwargs')}: {first}") from None
-    return model.to(device).eval(), meta, preprocess
+        raise ValueError(f"{mismatch}: {first}") from None

@@ -44,7 +44,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from allconv_cli import preprocess as preprocessing
-from allconv_cli.checkpoint import atomic_write, load_model, resolve_weights
+from allconv_cli.checkpoint import atomic_write, load_model, load_state, resolve_weights
 from allconv_cli.images import open_image
 from allconv_cli.models import LAYERS, AllConvNet, ConvBlock, _hint, create_model, resolve_name
 
@@ -317,13 +317,7 @@ def _load_foreign(name: str, checkpoint: str | Path, device) -> LoadedModel:
         transform = get_model_weights(name).DEFAULT.transforms()
         mean, std = transform.mean, transform.std
         input_size = (3, transform.crop_size[0], transform.crop_size[0])
-    dtype = next(model.parameters()).dtype
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[-1].strip()
-        raise ValueError(f"{path} does not fit {name}: {first}") from None
+    load_state(model, state, f"{path} does not fit {name}")
     return LoadedModel(model=model.to(device).eval(),
                        preprocess=preprocessing.Standardize(mean, std).to(device),
                        input_size=input_size, classes=None, name=name, source=str(path))
