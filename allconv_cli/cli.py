@@ -213,10 +213,7 @@ def train(
         from allconv_cli import train as trainer
 
         if milestones is not None:
-            try:
-                options["milestones"] = [int(m) for m in milestones.split(",")]
-            except ValueError:
-                raise ValueError(f"--milestones takes comma-separated epochs, e.g. 200,250,300; got {milestones!r}") from None
+            options["milestones"] = _parse_numbers(milestones, "--milestones", int)
         if resume is not None:
             extra = [k for k, v in options.items() if v is not None and k not in trainer.RESUME_MAY_CHANGE]
             if preset or out or extra:
@@ -370,7 +367,7 @@ def ablate(
 
         names = ablation.select_models(family, models.split(",") if models else None)
         grid = _parse_numbers(lr_grid, "--lr-grid", float, ablation.PAPER_GRID) if lr_grid else None
-        seed_list = _parse_numbers(seeds, "--seeds", int, None)
+        seed_list = _parse_numbers(seeds, "--seeds", int)
         seed_list = list(range(seed_list[0])) if len(seed_list) == 1 else seed_list
         if grid is not None and len(grid) > 1 and val_fraction is None:
             val_fraction = 0.1
@@ -422,7 +419,8 @@ def ablate(
     console.print(f"tables and chart: {out}/table.md, table.csv, table.json, chart.png")
 
 
-def _parse_numbers(text: str, option: str, kind, paper):
+def _parse_numbers(text: str, option: str, kind, paper=None):
+    """'1,2,3' -> [1, 2, 3] of ``kind``; 'paper' -> ``paper`` where the option has such a list."""
     if paper is not None and text.strip().lower() == "paper":
         return list(paper)
     try:
