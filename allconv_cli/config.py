@@ -76,14 +76,14 @@ def list_presets() -> list[str]:
 
 def read_preset(name_or_path: str) -> dict:
     """A preset by name (``paper-cifar10``) or a path to a TOML file -> its settings."""
-    from allconv_cli.models import _hint
+    from allconv_cli.models import did_you_mean
 
     path = Path(name_or_path)
     if not (path.suffix == ".toml" and path.is_file()):
         path = preset_dir() / f"{name_or_path}.toml"
         if not path.is_file():
             names = list_presets()
-            raise ValueError(f"unknown preset {name_or_path!r}{_hint(name_or_path, names)}; "
+            raise ValueError(f"unknown preset {name_or_path!r}{did_you_mean(name_or_path, names)}; "
                              f"presets: {', '.join(names)} (or a path to a .toml file)")
     try:
         settings = tomllib.loads(path.read_text())
@@ -94,11 +94,11 @@ def read_preset(name_or_path: str) -> dict:
 
 
 def check_keys(settings: dict, where: str):
-    from allconv_cli.models import _hint
+    from allconv_cli.models import did_you_mean
 
     for key in settings:
         if key not in FIELDS or key == "preset":
-            raise ValueError(f"unknown key {key!r} in {where}{_hint(key, FIELDS)}; "
+            raise ValueError(f"unknown key {key!r} in {where}{did_you_mean(key, FIELDS)}; "
                              f"valid keys: {', '.join(k for k in FIELDS if k != 'preset')}")
 
 
@@ -121,7 +121,7 @@ def from_json(text: str) -> TrainConfig:
 def validate(config: TrainConfig):
     """Range and choice checks, each naming the setting and the fix."""
     from allconv_cli.datasets import AUGMENTATIONS, DATASETS
-    from allconv_cli.models import _hint, resolve_name
+    from allconv_cli.models import did_you_mean, resolve_name
     from allconv_cli.preprocess import KINDS
 
     resolve_name(config.model)
@@ -129,7 +129,7 @@ def validate(config: TrainConfig):
                          ("schedule", SCHEDULES)):
         value = getattr(config, key)
         if value not in choices:
-            raise ValueError(f"unknown {key} {value!r}{_hint(value, choices)}; use one of {', '.join(choices)}")
+            raise ValueError(f"unknown {key} {value!r}{did_you_mean(value, choices)}; use one of {', '.join(choices)}")
     for key in ("epochs", "batch_size", "eval_every"):
         if getattr(config, key) < 1:
             raise ValueError(f"{key} must be at least 1, got {getattr(config, key)}")

@@ -99,9 +99,9 @@ def load_split(name: str, split: str, data_dir: str | Path | None = None,
             raise ValueError("--dataset imagefolder needs --data-dir DIR (with train/ and val/ or "
                              "test/, one sub-folder per class)")
         return _load_folder(Path(data_dir), split, input_size, workers)
-    from allconv_cli.models import _hint
+    from allconv_cli.models import did_you_mean
 
-    raise ValueError(f"unknown data set {name!r}{_hint(name, DATASETS)}; use one of {', '.join(DATASETS)}")
+    raise ValueError(f"unknown data set {name!r}{did_you_mean(name, DATASETS)}; use one of {', '.join(DATASETS)}")
 
 
 def iter_batches(name: str, data_dir: str | Path | None, split: str,

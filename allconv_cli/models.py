@@ -27,6 +27,7 @@ __all__ = [
     "LAYERS",
     "PAPER",
     "create_model",
+    "did_you_mean",
     "list_models",
     "resolve_name",
 ]
@@ -176,7 +177,7 @@ class AllConvNet(nn.Module):
     def get_layer(self, name: str) -> ConvBlock:
         """The conv block called ``name`` (conv1..convN); its output is post-ReLU."""
         if name not in self.layer_names:
-            raise ValueError(f"unknown layer {name!r}{_hint(name, self.layer_names)}; "
+            raise ValueError(f"unknown layer {name!r}{did_you_mean(name, self.layer_names)}; "
                              f"this model has {', '.join(self.layer_names)}")
         return self.features.get_submodule(name)
 
@@ -212,7 +213,8 @@ def _init_conv(conv: nn.Conv2d):
         nn.init.constant_(conv.bias, 0.1)
 
 
-def _hint(name: str, choices) -> str:
+def did_you_mean(name: str, choices) -> str:
+    """' (did you mean 'x'?)' for the closest of ``choices``, or '' when none is close."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -335,7 +337,7 @@ def resolve_name(name: str) -> str:
     """``all-cnn-c`` or ``all_cnn_c`` -> ``all_cnn_c``; an unknown name raises with a hint."""
     key = name.strip().lower().replace("-", "_")
     if key not in LAYERS:
-        raise ValueError(f"unknown model {name!r}{_hint(name.replace('_', '-'), list_models())}; "
+        raise ValueError(f"unknown model {name!r}{did_you_mean(name.replace('_', '-'), list_models())}; "
                          "run 'allconv models' for the list")
     return key
 

@@ -46,7 +46,7 @@ from torch.overrides import TorchFunctionMode
 from allconv_cli import preprocess as preprocessing
 from allconv_cli.checkpoint import atomic_write, load_model, load_state, resolve_weights
 from allconv_cli.images import open_image
-from allconv_cli.models import LAYERS, AllConvNet, ConvBlock, _hint, create_model, resolve_name
+from allconv_cli.models import LAYERS, AllConvNet, ConvBlock, did_you_mean, create_model, resolve_name
 
 __all__ = [
     "BUNDLED_CHECKPOINT",
@@ -191,7 +191,7 @@ def _layer(model: nn.Module, name: str) -> nn.Module:
     if name and name in modules:
         return modules[name]
     top = [child for child, _ in model.named_children()]
-    raise ValueError(f"unknown layer {name!r}{_hint(name, list(modules)[1:])}; "
+    raise ValueError(f"unknown layer {name!r}{did_you_mean(name, list(modules)[1:])}; "
                      f"{type(model).__name__}'s top-level modules are {', '.join(top)} "
                      "(nested ones with dots, e.g. layer4.1.conv2)")
 
@@ -333,7 +333,7 @@ def _build_by_name(name: str) -> nn.Module:
     if name in torchvision.models.list_models():
         return torchvision.models.get_model(name, weights=None)
     known = timm.list_models() + torchvision.models.list_models()
-    raise ValueError(f"unknown model {name!r}{_hint(name, known)}: neither timm nor torchvision "
+    raise ValueError(f"unknown model {name!r}{did_you_mean(name, known)}: neither timm nor torchvision "
                      "has it (allconv's own nets need no --model: their checkpoints name them)")
 
 
@@ -383,7 +383,7 @@ def _class_index(classes: list[str] | None, spec: str | int) -> int | str:
     if classes is None:
         raise ValueError(f"class {spec!r}: this checkpoint has no class names; give an index")
     if spec not in classes:
-        raise ValueError(f"unknown class {spec!r}{_hint(spec, classes)}; this checkpoint's classes "
+        raise ValueError(f"unknown class {spec!r}{did_you_mean(spec, classes)}; this checkpoint's classes "
                          f"are {', '.join(classes)} (or give an index, or 'predicted')")
     return classes.index(spec)
 
@@ -502,7 +502,7 @@ def _check_methods(methods: Iterable[str]) -> tuple[str, ...]:
     methods = tuple(dict.fromkeys(m.strip() for m in methods if m.strip()))
     for method in methods:
         if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}{_hint(method, METHODS)}; "
+            raise ValueError(f"unknown method {method!r}{did_you_mean(method, METHODS)}; "
                              f"choose from {', '.join(METHODS)}")
     if not methods:
         raise ValueError(f"no method given; choose from {', '.join(METHODS)}")
