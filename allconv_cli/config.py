@@ -28,6 +28,8 @@ class TrainConfig:
     data_dir: str | None = None
     preprocess: str = "standardize"  # or "zca": the paper's GCN (scale 55) + ZCA (bias 0.1)
     augment: str = "paper"  # none | paper (flips, translations <= 5 px) | strong (+ CutMix/Mixup)
+    crop: int = 0  # train on random crop x crop windows (px) in the first crop_epochs epochs; 0: off
+    crop_epochs: int = 0  # the rest train at full size, so BatchNorm statistics match test images
     val_fraction: float = 0.0  # held out of train for model selection; 0: evaluate on test
     train_limit: int | None = None  # use at most this many training images (quick runs)
     test_limit: int | None = None
@@ -133,6 +135,9 @@ def validate(config: TrainConfig):
     for key in ("epochs", "batch_size", "eval_every"):
         if getattr(config, key) < 1:
             raise ValueError(f"{key} must be at least 1, got {getattr(config, key)}")
+    if config.crop < 0 or not 0 <= config.crop_epochs <= config.epochs or (config.crop > 0) != (config.crop_epochs > 0):
+        raise ValueError(f"crop {config.crop} px for crop_epochs {config.crop_epochs}: give both, a crop side "
+                         f"smaller than the input and at most epochs ({config.epochs}) epochs, or neither")
     if config.lr <= 0:
         raise ValueError(f"lr must be positive, got {config.lr}")
     if not 0 <= config.val_fraction < 1:

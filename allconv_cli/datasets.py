@@ -360,29 +360,42 @@ class Batches:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
 
-def augment(images: torch.Tensor, kind: str, generator: torch.Generator, shift: int = 5) -> torch.Tensor:
+def augment(images: torch.Tensor, kind: str, generator: torch.Generator, shift: int = 5,
+            size: int | None = None) -> torch.Tensor:
     """Batch-wise augmentation of uint8 (B, C, H, W) on their device.
 
     ``paper``: a random horizontal flip and a random translation of up to ``shift`` pixels in
     each direction (the paper's "horizontal flipping and translations of up to 5 pixels"); the
     border is filled by reflection. ``strong`` adds CutMix/Mixup in the trainer (timm's Mixup).
-    Flip, shift and reflection only choose source pixels, so they are one uint8 gather.
+    ``size``: cut a random ``size`` x ``size`` window out of each image instead of translating it
+    (the window moves the content up to (side - size) / 2 px each way), giving (B, C, size, size).
+    Flip, shift, crop and reflection only choose source pixels, so they are one uint8 gather.
     """
-    if kind == "none":
-        return images
     if kind not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {kind!r}: use one of {', '.join(AUGMENTATIONS)}")
     batch, channels, height, width = images.shape
+    out_height, out_width = (height, width) if size is None else (size, size)
+    if kind == "none" and (out_height, out_width) == (height, width):
+        return images
     device = images.device
-    flip = torch.rand(batch, generator=generator, device=device) < 0.5
-    dy = torch.randint(0, 2 * shift + 1, (batch, 1), generator=generator, device=device)
-    dx = torch.randint(0, 2 * shift + 1, (batch, 1), generator=generator, device=device)
-    rows = _reflect(dy - shift + torch.arange(height, device=device), height)  # (B, H) source rows
-    cols = dx - shift + torch.arange(width, device=device)  # (B, W), before flipping
-    cols = _reflect(torch.where(flip[:, None], width - 1 - cols, cols), width)  # (B, W) source columns
-    index = (rows[:, :, None] * width + cols[:, None, :]).view(batch, 1, height * width)
-    crops = images.flatten(2).gather(2, index.expand(-1, channels, -1))  # (B, C, H * W)
-    return crops.view(batch, channels, height, width)
+
+    def offsets(most: int) -> torch.Tensor:  # (B, 1), uniform in [0, most]
+        return torch.randint(0, most + 1, (batch, 1), generator=generator, device=device)
+
+    flip = torch.zeros(batch, dtype=torch.bool, device=device)
+    dy = dx = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    if kind != "none":
+        flip = torch.rand(batch, generator=generator, device=device) < 0.5
+        if size is None:
+            dy, dx = offsets(2 * shift) - shift, offsets(2 * shift) - shift
+    if size is not None:
+        dy, dx = offsets(height - out_height), offsets(width - out_width)
+    rows = _reflect(dy + torch.arange(out_height, device=device), height)  # (B, h) source rows
+    cols = dx + torch.arange(out_width, device=device)  # (B, w), before flipping
+    cols = _reflect(torch.where(flip[:, None], width - 1 - cols, cols), width)  # (B, w) source columns
+    index = (rows[:, :, None] * width + cols[:, None, :]).view(batch, 1, out_height * out_width)
+    crops = images.flatten(2).gather(2, index.expand(-1, channels, -1))  # (B, C, h * w)
+    return crops.view(batch, channels, out_height, out_width)
 
 
 def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:

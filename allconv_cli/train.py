@@ -73,6 +73,9 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
     """Load the data, fit (or restore) the preprocessing, and build the model on ``device``."""
     name = resolve_name(config.model)
     input_size = tuple(create_model(name).pretrained_cfg["input_size"])
+    if config.crop >= min(input_size[1:]):
+        raise ValueError(f"crop {config.crop} px is not smaller than {name}'s {input_size[1]}x{input_size[2]} "
+                         f"input: give a smaller --crop")
     train = datasets.load_split(config.dataset, "train", config.data_dir, input_size, config.workers)
     train = datasets.limit(train, config.train_limit, config.seed)
     test = datasets.limit(datasets.load_split(config.dataset, "test", config.data_dir, input_size, config.workers),
@@ -287,7 +290,8 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
             seen_at_start = sums[2].item()
             for step, (images, labels) in enumerate(setup.train.epoch(epoch, start_step), start=start_step):
                 generator.manual_seed(_step_seed(config.seed, rank, epoch, step))
-                x = datasets.augment(images, config.augment, generator)
+                x = datasets.augment(images, config.augment, generator,
+                                     size=config.crop if epoch < config.crop_epochs else None)
                 x = setup.preprocess(x.float() / 255).contiguous(memory_format=memory_format)
                 target = labels
                 if mixup is not None:

@@ -239,6 +239,8 @@ def test_resume_of_a_finished_run(tmp_path):
     (["--preset", "paper-cifar"], "did you mean"),
     (["--augment", "paperr"], "did you mean 'paper'"),
     (["--milestones", "a,b"], "--milestones"),
+    (["--crop", "24"], "crop_epochs"),
+    (["--crop", "32", "--crop-epochs", "1"], "smaller --crop"),
 ])
 def test_bad_options(args, needle):
     one_line_error(invoke("train", *args, *TINY), 2, needle)
@@ -277,8 +279,38 @@ def test_augment_keeps_shapes_and_is_seeded():
     again = datasets.augment(images, "paper", torch.Generator().manual_seed(0))
     assert first.dtype == torch.uint8 and first.shape == images.shape and torch.equal(first, again)
     assert not torch.equal(first, images)
-    # a translation of 0 with no flip is the identity: some image must come through whole or shifted
     assert torch.equal(datasets.augment(images, "none", torch.Generator()), images)
+
+
+def test_crop_epochs_train_on_windows_then_on_whole_images(tmp_path, monkeypatch):
+    sides = []
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        sides.append(out.shape[-1])
+        return out
+
+    real = datasets.augment
+    monkeypatch.setattr(datasets, "augment", recording)
+    summary = train(_tiny_config(crop=24, crop_epochs=1), tmp_path / "run")  # 2 epochs of 2 steps
+    assert sides == [24, 24, 32, 32] and summary["finished"]
+
+
+@pytest.mark.parametrize("kind", ["none", "paper"])
+def test_crops_are_windows_of_the_image_at_every_offset(kind):
+    images = torch.arange(4 * 8 * 8, dtype=torch.uint8).view(4, 1, 8, 8)  # every pixel value unique
+    batch = images.repeat(100, 1, 1, 1)
+    crops = datasets.augment(batch, kind, torch.Generator().manual_seed(1), size=5)
+    assert crops.shape == (400, 1, 5, 5)
+    corners, flips = set(), 0
+    for image, crop in zip(batch, crops):
+        if crop[0, 0, 0] > crop[0, 0, 1]:  # values fall left to right: a window of the mirrored image
+            crop, flips = crop.flip(-1), flips + 1
+        y, x = divmod(int(crop[0, 0, 0]) % 64, 8)
+        assert torch.equal(crop, image[:, y:y + 5, x:x + 5]), "a crop is one window, no translation or fill"
+        corners.add((y, x))
+    assert corners == {(y, x) for y in range(4) for x in range(4)}
+    assert (flips > 100) if kind == "paper" else (flips == 0)
 
 
 def test_presets_resolve_and_flags_override():
