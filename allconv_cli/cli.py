@@ -154,6 +154,10 @@ class _TrainProgress:
                               if f"{s}_top1_error" in m), "")
             self.bars.update(self.epochs, completed=m["epoch"], info=evaluated)
             self.bars.reset(self.batches)
+            # one lasting line per epoch: the bars vanish, and a log that is not a terminal gets no bars
+            self.console.print(f"epoch {m['epoch']}/{fields['epochs']}: train loss {m['train_loss']:.3f}, "
+                               f"accuracy {m['train_accuracy']:.1f} %, {m['images_per_s']:,.0f} img/s, "
+                               f"{m['seconds']:,.0f} s" + (f"; {evaluated}" if evaluated else ""))
 
     def stop(self):
         self.bars.stop()
@@ -164,7 +168,7 @@ def train(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Registry name, e.g. all-cnn-c (see 'allconv models')."),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="sample (bundled, default), cifar10, cifar100 or imagefolder."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder of the data set (CIFAR: torchvision's layout, downloaded there if missing; imagefolder: train/ and val/ or test/)."),
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="paper-cifar10, paper-cifar10-aug, paper-cifar100, paper-imagenet, fast-cifar10, smoke, or a .toml path; options override its keys."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="paper-cifar10, paper-cifar10-aug, paper-cifar100, paper-imagenet, fast-cifar10, cpu-cifar10, smoke, or a .toml path; options override its keys."),
     epochs: Optional[int] = typer.Option(None, help="Epochs (default 30)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Global batch size (default 128), split over DDP processes."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 0.05)."),

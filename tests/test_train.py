@@ -81,6 +81,7 @@ def test_smoke_preset_on_the_sample_then_eval(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout[result.stdout.index("{"):])
     assert summary["finished"] and summary["epochs_done"] == 1
+    assert "epoch 1/1: train loss" in result.output  # a lasting line per epoch, even in a log
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "curves.png", "metrics.jsonl",
                                                      "model.safetensors", "state.pt"]
     model, meta, _ = checkpoint.load_model(run)
