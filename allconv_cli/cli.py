@@ -180,6 +180,7 @@ def train(
     warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help="Linear warm-up, in epochs (default 1)."),
     crop: Optional[int] = typer.Option(None, "--crop", help="Train on random crops of this side (px) in the first --crop-epochs epochs: cheaper steps, e.g. 24 of 32 px costs half (default 0: off)."),
     crop_epochs: Optional[int] = typer.Option(None, "--crop-epochs", help="How many of the first epochs train on --crop windows; the rest train at full size (default 0)."),
+    init: Optional[str] = typer.Option(None, "--init", help="Start from these weights (a run folder or allconv .safetensors) and their preprocessing, with a fresh optimizer and schedule: fine-tuning, or a further cycle."),
     label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", help="Label smoothing (default 0)."),
     ema_decay: Optional[float] = typer.Option(None, "--ema-decay", help="Per-step weight EMA decay, e.g. 0.999 (default 0: off)."),
     augment: Optional[str] = typer.Option(None, help="none, paper (flips + translations <= 5 px; default) or strong (+ CutMix/Mixup)."),

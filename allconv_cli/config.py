@@ -45,6 +45,7 @@ class TrainConfig:
     gamma: float = 0.1
     warmup_epochs: float = 1.0  # linear warm-up from lr / 10 (cosine); a fraction is allowed
     label_smoothing: float = 0.0
+    init: str | None = None  # start from these weights (run folder or allconv .safetensors); fresh optimizer
     ema_decay: float = 0.0  # 0: off; else weights averaged per step (timm's ModelEmaV3)
     # machinery
     seed: int = 0

@@ -86,12 +86,20 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
     validation = None
     if config.val_fraction > 0:
         train, validation = datasets.held_out(train, config.val_fraction, config.seed)
+    model = create_model(name, num_classes=len(train.classes), batch_norm=config.batch_norm,
+                         class_relu=config.class_relu)
+    if config.init is not None and preprocess_state is None:  # a resumed run restores its own state
+        state, meta, tensors = checkpoint.load_weights(config.init)
+        checkpoint.load_state(model, state, f"--init {config.init} holds {meta['model']} with "
+                                            f"{meta.get('model_kwargs')}, which does not fit {name} with these settings")
+        if meta["preprocess"]["kind"] != config.preprocess:
+            raise ValueError(f"--init {config.init} was trained on {meta['preprocess']['kind']} inputs: "
+                             f"give --preprocess {meta['preprocess']['kind']}")
+        preprocess_state = (meta["preprocess"], tensors)  # the inputs its weights were learned for
     if preprocess_state is not None:
         prep = preprocessing.from_meta(*preprocess_state)
     else:
         prep = preprocessing.fit(config.preprocess, _fit_images(train, config.seed))
-    model = create_model(name, num_classes=len(train.classes), batch_norm=config.batch_norm,
-                         class_relu=config.class_relu)
     model = model.to(device, memory_format=_memory_format(config))
     per_rank = max(1, config.batch_size // world)
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from allconv_cli import checkpoint, config as configuration, datasets
 from allconv_cli.cli import app
-from allconv_cli.train import TrainingDiverged, train
+from allconv_cli.train import TrainingDiverged, build, train
 
 runner = CliRunner()
 ALLCONV = str(Path(sys.executable).parent / "allconv")
@@ -295,6 +295,20 @@ def test_crop_epochs_train_on_windows_then_on_whole_images(tmp_path, monkeypatch
     monkeypatch.setattr(datasets, "augment", recording)
     summary = train(_tiny_config(crop=24, crop_epochs=1), tmp_path / "run")  # 2 epochs of 2 steps
     assert sides == [24, 24, 32, 32] and summary["finished"]
+
+
+def test_init_starts_from_the_given_weights_and_their_preprocessing(tmp_path):
+    first = tmp_path / "first"
+    train(_tiny_config(epochs=1), first)
+    state, meta, tensors = checkpoint.load_weights(first)
+    setup = build(_tiny_config(init=str(first), train_limit=32), torch.device("cpu"))
+    assert all(torch.equal(setup.model.state_dict()[key], value) for key, value in state.items())
+    assert setup.preprocess.to_meta()[0] == meta["preprocess"]
+    with pytest.raises(ValueError, match="--init .* does not fit all_cnn_c"):
+        build(_tiny_config(init=str(first), batch_norm=False), torch.device("cpu"))
+    with pytest.raises(ValueError, match="give --preprocess standardize"):
+        build(_tiny_config(init=str(first), preprocess="zca"), torch.device("cpu"))
+    one_line_error(invoke("train", "--init", tmp_path / "nowhere", *TINY), 2, "nowhere")
 
 
 @pytest.mark.parametrize("kind", ["none", "paper"])
