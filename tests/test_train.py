@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import runpy
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from typer.testing import CliRunner
 
 from allconv_cli import checkpoint, config as configuration, datasets
 from allconv_cli.cli import app
-from allconv_cli.train import TrainingDiverged, build, train
+from allconv_cli.train import TrainingDiverged, build, evaluate_checkpoint, train
 
 runner = CliRunner()
 ALLCONV = str(Path(sys.executable).parent / "allconv")
@@ -309,6 +310,24 @@ def test_init_starts_from_the_given_weights_and_their_preprocessing(tmp_path):
     with pytest.raises(ValueError, match="give --preprocess standardize"):
         build(_tiny_config(init=str(first), preprocess="zca"), torch.device("cpu"))
     one_line_error(invoke("train", "--init", tmp_path / "nowhere", *TINY), 2, "nowhere")
+
+
+def test_bundle_script_writes_fp16_stating_the_errors_of_that_file(tmp_path, monkeypatch):
+    root = make_imagefolder(tmp_path / "data")
+    run = tmp_path / "run"
+    train(_tiny_config(dataset="imagefolder", data_dir=str(root), epochs=1, train_limit=None,
+                       test_limit=None, batch_size=6), run)
+    out = tmp_path / "bundled.safetensors"
+    monkeypatch.setattr(sys, "argv", ["bundle_weights.py", str(run), "--data-dir", str(root),
+                                      "--trained-on", "a test", "--out", str(out)])
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "bundle_weights.py"), run_name="__main__")
+    state, meta, _ = checkpoint.load_weights(out)
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+    measured = evaluate_checkpoint(out, "imagefolder", str(root))
+    assert meta["metrics"]["test_top1_error"] == round(measured["top1_error"], 2)
+    assert meta["metrics"]["test_images"] == 18 and meta["trained_on"] == "a test"
+    assert meta["recipe"]["data_dir"] is None and meta["recipe"]["epochs"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundled.safetensors", "data", "run"]  # nothing left over
 
 
 @pytest.mark.parametrize("kind", ["none", "paper"])
