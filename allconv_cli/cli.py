@@ -187,6 +187,8 @@ def train(
     preprocess: Optional[str] = typer.Option(None, help="standardize (per-channel mean/std; default) or zca (the paper's GCN + ZCA)."),
     batch_norm: Optional[bool] = typer.Option(None, "--batch-norm/--no-batch-norm", help="Deviation: BatchNorm after every conv (default off)."),
     class_relu: Optional[bool] = typer.Option(None, "--class-relu/--no-class-relu", help="The paper's ReLU after the class conv (default on)."),
+    drop_input: Optional[float] = typer.Option(None, "--drop-input", help="Dropout on the input (default: the model's, 0.2 as in the paper; 0 turns it off)."),
+    drop_rate: Optional[float] = typer.Option(None, "--drop-rate", help="Dropout after each pool or the conv replacing it (default: the model's, 0.5 as in the paper)."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Hold out this share of train for evaluation; test is then scored once at the end."),
     train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Use at most this many training images."),
     test_limit: Optional[int] = typer.Option(None, "--test-limit", help="Use at most this many test images."),

@@ -23,6 +23,8 @@ class TrainConfig:
     model: str = "all-cnn-c"
     batch_norm: bool = False  # deviation: BatchNorm after every conv
     class_relu: bool = True  # the paper's ReLU after the class conv
+    drop_input: float | None = None  # dropout on the input; None: the model's own (20 %, the paper's)
+    drop_rate: float | None = None  # dropout after each pool or strided conv; None: the model's own (50 %)
     # data
     dataset: str = "sample"
     data_dir: str | None = None
@@ -143,5 +145,9 @@ def validate(config: TrainConfig):
         raise ValueError(f"lr must be positive, got {config.lr}")
     if not 0 <= config.val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {config.val_fraction}")
+    for key in ("drop_input", "drop_rate"):
+        value = getattr(config, key)
+        if value is not None and not 0 <= value < 1:
+            raise ValueError(f"{key} must be in [0, 1) (0 turns that dropout off), got {value}")
     if not 0 <= config.ema_decay < 1:
         raise ValueError(f"ema_decay must be in [0, 1) (0 turns EMA off), got {config.ema_decay}")

@@ -86,8 +86,7 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
     validation = None
     if config.val_fraction > 0:
         train, validation = datasets.held_out(train, config.val_fraction, config.seed)
-    model = create_model(name, num_classes=len(train.classes), batch_norm=config.batch_norm,
-                         class_relu=config.class_relu)
+    model = create_model(name, **model_kwargs(config, len(train.classes)))
     if config.init is not None and preprocess_state is None:  # a resumed run restores its own state
         state, meta, tensors = checkpoint.load_weights(config.init)
         checkpoint.load_state(model, state, f"--init {config.init} holds {meta['model']} with "
@@ -125,7 +124,9 @@ def _memory_format(config: TrainConfig):
 
 
 def model_kwargs(config: TrainConfig, num_classes: int) -> dict:
-    return {"num_classes": num_classes, "batch_norm": config.batch_norm, "class_relu": config.class_relu}
+    """The model's options; a dropout left at None keeps the model's own (the paper's) rate."""
+    dropout = {k: getattr(config, k) for k in ("drop_input", "drop_rate") if getattr(config, k) is not None}
+    return {"num_classes": num_classes, "batch_norm": config.batch_norm, "class_relu": config.class_relu, **dropout}
 
 
 # --- schedule -------------------------------------------------------------------------------

@@ -4,7 +4,9 @@
 
 Casts the run's weights to fp16 (half the file), evaluates that fp16 file itself on the whole
 test split (one view, then with the mirror averaged in), and writes it with metadata stating the
-measured errors, the recipe and the words of ``--trained-on``. Prints the metrics it wrote.
+measured errors, the recipe and the words of ``--trained-on``; a run started with ``--init``
+also keeps, as ``init_from``, the recipe, words and errors of the weights it started from.
+Prints the metrics it wrote.
 """
 
 import argparse
@@ -30,6 +32,10 @@ def main():
     config = load_run_config(args.run)
     meta.update(data_dir=None, trained_on=args.trained_on, recipe=json.loads(config.to_json()))
     meta["recipe"]["data_dir"] = None  # a path on the machine that trained it, meaningless elsewhere
+    if config.init is not None:  # a further cycle: keep the recipe and figures of the weights it began from
+        earlier = checkpoint.load_weights(config.init)[1]
+        meta["recipe"]["init"] = Path(config.init).name
+        meta["init_from"] = {key: earlier.get(key) for key in ("trained_on", "recipe", "metrics", "init_from")}
     unmeasured = args.out.with_name(args.out.stem + ".unmeasured.safetensors")
     checkpoint.save_weights(unmeasured, model, {**meta, "metrics": {}}, preprocess, dtype=torch.float16)
     try:

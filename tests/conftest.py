@@ -1,4 +1,5 @@
 import os
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -17,3 +18,12 @@ def cifar10_archive() -> Path:
     if not CIFAR10_ARCHIVE.is_file():
         pytest.skip("../shared/data/cifar10-jpeg.tar.gz is not beside this checkout")
     return CIFAR10_ARCHIVE
+
+
+@pytest.fixture(scope="session")
+def cifar10_test_folder(cifar10_archive, tmp_path_factory) -> Path:
+    """The archive's 10,000 test JPEGs unpacked as ``ROOT/test/<class>/*.jpg``; skips like the archive."""
+    root = tmp_path_factory.mktemp("cifar10-jpeg")
+    with tarfile.open(cifar10_archive) as tar:
+        tar.extractall(root, members=[m for m in tar if m.name.startswith("test/")], filter="data")
+    return root

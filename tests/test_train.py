@@ -243,6 +243,8 @@ def test_resume_of_a_finished_run(tmp_path):
     (["--milestones", "a,b"], "--milestones"),
     (["--crop", "24"], "crop_epochs"),
     (["--crop", "32", "--crop-epochs", "1"], "smaller --crop"),
+    (["--drop-rate", "1"], "drop_rate must be in [0, 1)"),
+    (["--drop-input", "-0.1"], "drop_input must be in [0, 1)"),
 ])
 def test_bad_options(args, needle):
     one_line_error(invoke("train", *args, *TINY), 2, needle)
@@ -312,6 +314,15 @@ def test_init_starts_from_the_given_weights_and_their_preprocessing(tmp_path):
     one_line_error(invoke("train", "--init", tmp_path / "nowhere", *TINY), 2, "nowhere")
 
 
+def test_dropout_options_reach_the_model_and_its_checkpoint(tmp_path):
+    paper = build(_tiny_config(), torch.device("cpu")).model.features
+    assert paper.input_drop.p == 0.2 and {paper.drop1.p, paper.drop2.p} == {0.5}  # None: the model's own
+    train(_tiny_config(epochs=1, drop_input=0.0, drop_rate=0.1), tmp_path / "run")
+    model, meta, _ = checkpoint.load_model(tmp_path / "run")
+    assert (meta["model_kwargs"]["drop_input"], meta["model_kwargs"]["drop_rate"]) == (0.0, 0.1)
+    assert not hasattr(model.features, "input_drop") and {model.features.drop1.p, model.features.drop2.p} == {0.1}
+
+
 def test_bundle_script_writes_fp16_stating_the_errors_of_that_file(tmp_path, monkeypatch):
     root = make_imagefolder(tmp_path / "data")
     run = tmp_path / "run"
@@ -326,8 +337,20 @@ def test_bundle_script_writes_fp16_stating_the_errors_of_that_file(tmp_path, mon
     measured = evaluate_checkpoint(out, "imagefolder", str(root))
     assert meta["metrics"]["test_top1_error"] == round(measured["top1_error"], 2)
     assert meta["metrics"]["test_images"] == 18 and meta["trained_on"] == "a test"
-    assert meta["recipe"]["data_dir"] is None and meta["recipe"]["epochs"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundled.safetensors", "data", "run"]  # nothing left over
+    assert meta["recipe"]["data_dir"] is None and meta["recipe"]["epochs"] == 1 and "init_from" not in meta
+    further = tmp_path / "further"  # a second cycle from the bundled file keeps the first one's record
+    train(_tiny_config(dataset="imagefolder", data_dir=str(root), epochs=1, train_limit=None, test_limit=None,
+                       batch_size=6, init=str(out)), further)
+    second = tmp_path / "second.safetensors"
+    monkeypatch.setattr(sys, "argv", ["bundle_weights.py", str(further), "--data-dir", str(root),
+                                      "--trained-on", "a second test", "--out", str(second)])
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "bundle_weights.py"), run_name="__main__")
+    meta2 = checkpoint.load_weights(second)[1]
+    assert meta2["recipe"]["init"] == "bundled.safetensors" and meta2["trained_on"] == "a second test"
+    assert meta2["init_from"] == {"trained_on": "a test", "recipe": meta["recipe"], "metrics": meta["metrics"],
+                                  "init_from": None}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundled.safetensors", "data", "further", "run",
+                                                           "second.safetensors"]  # nothing left over
 
 
 @pytest.mark.parametrize("kind", ["none", "paper"])
@@ -352,3 +375,13 @@ def test_presets_resolve_and_flags_override():
         configuration.resolve(name)
     config = configuration.resolve("paper-cifar10", lr=0.01)
     assert (config.lr, config.epochs, config.preprocess, config.milestones) == (0.01, 350, "zca", [200, 250, 300])
+
+
+def test_the_bundled_model_measures_the_error_its_metadata_states(cifar10_test_folder):
+    from allconv_cli.saliency import BUNDLED_CHECKPOINT
+
+    meta = checkpoint.load_weights(BUNDLED_CHECKPOINT)[1]
+    measured = evaluate_checkpoint(BUNDLED_CHECKPOINT, "imagefolder", str(cifar10_test_folder))
+    assert measured["count"] == meta["metrics"]["test_images"] == 10_000
+    # 0.05 points = 5 images: room for another CPU's float rounding on borderline predictions
+    assert abs(measured["top1_error"] - meta["metrics"]["test_top1_error"]) <= 0.05
