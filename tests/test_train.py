@@ -323,15 +323,20 @@ def test_dropout_options_reach_the_model_and_its_checkpoint(tmp_path):
     assert not hasattr(model.features, "input_drop") and {model.features.drop1.p, model.features.drop2.p} == {0.1}
 
 
+def _bundle(monkeypatch, run, data, words, out):
+    """Run scripts/bundle_weights.py as its command line would."""
+    monkeypatch.setattr(sys, "argv", ["bundle_weights.py", str(run), "--data-dir", str(data),
+                                      "--trained-on", words, "--out", str(out)])
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "bundle_weights.py"), run_name="__main__")
+    return out
+
+
 def test_bundle_script_writes_fp16_stating_the_errors_of_that_file(tmp_path, monkeypatch):
     root = make_imagefolder(tmp_path / "data")
     run = tmp_path / "run"
     train(_tiny_config(dataset="imagefolder", data_dir=str(root), epochs=1, train_limit=None,
                        test_limit=None, batch_size=6), run)
-    out = tmp_path / "bundled.safetensors"
-    monkeypatch.setattr(sys, "argv", ["bundle_weights.py", str(run), "--data-dir", str(root),
-                                      "--trained-on", "a test", "--out", str(out)])
-    runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "bundle_weights.py"), run_name="__main__")
+    out = _bundle(monkeypatch, run, root, "a test", tmp_path / "bundled.safetensors")
     state, meta, _ = checkpoint.load_weights(out)
     assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
     measured = evaluate_checkpoint(out, "imagefolder", str(root))
@@ -341,10 +346,7 @@ def test_bundle_script_writes_fp16_stating_the_errors_of_that_file(tmp_path, mon
     further = tmp_path / "further"  # a second cycle from the bundled file keeps the first one's record
     train(_tiny_config(dataset="imagefolder", data_dir=str(root), epochs=1, train_limit=None, test_limit=None,
                        batch_size=6, init=str(out)), further)
-    second = tmp_path / "second.safetensors"
-    monkeypatch.setattr(sys, "argv", ["bundle_weights.py", str(further), "--data-dir", str(root),
-                                      "--trained-on", "a second test", "--out", str(second)])
-    runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "bundle_weights.py"), run_name="__main__")
+    second = _bundle(monkeypatch, further, root, "a second test", tmp_path / "second.safetensors")
     meta2 = checkpoint.load_weights(second)[1]
     assert meta2["recipe"]["init"] == "bundled.safetensors" and meta2["trained_on"] == "a second test"
     assert meta2["init_from"] == {"trained_on": "a test", "recipe": meta["recipe"], "metrics": meta["metrics"],
