@@ -119,6 +119,30 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict[
     return state, meta, preprocess
 
 
+def average_weights(paths: list[str | Path]) -> dict[str, torch.Tensor]:
+    """The element-wise mean (fp32) of several weights files of one model, BatchNorm statistics
+    included, as timm's avg_checkpoints: e.g. the ends of successive training cycles. Integer
+    buffers (BatchNorm's counter) come from the first file. Options that hold no weights (dropout
+    rates) may differ. Raises ValueError naming the first file whose model, keys, shapes or
+    preprocessing differ from the first one's."""
+    first, meta, preprocess = load_weights(paths[0])
+    total = {key: value.double() if value.is_floating_point() else value for key, value in first.items()}
+    for path in paths[1:]:
+        state, other, other_preprocess = load_weights(path)
+        same = (other["model"], other["preprocess"]) == (meta["model"], meta["preprocess"])
+        same = same and state.keys() == first.keys() and all(state[k].shape == first[k].shape for k in first)
+        same = same and other_preprocess.keys() == preprocess.keys() and all(
+            torch.equal(other_preprocess[k], preprocess[k]) for k in preprocess)
+        if not same:
+            raise ValueError(f"{path} is not the model of {paths[0]} (model, tensor names, shapes or "
+                             "preprocessing differ): average only weights of one model and data set")
+        for key, value in state.items():
+            if value.is_floating_point():
+                total[key] += value.double()
+    return {key: (value / len(paths)).float() if value.is_floating_point() else value
+            for key, value in total.items()}
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """Rebuild the model a weights file describes -> (model in eval mode, meta, preprocess)."""
     from allconv_cli.models import create_model

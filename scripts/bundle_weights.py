@@ -1,12 +1,14 @@
 """Make the bundled weights (allconv_cli/assets/all-cnn-c-cifar10.safetensors) from a finished run.
 
-    python scripts/bundle_weights.py RUN_DIR --data-dir /tmp/cifar10 --trained-on "what, where, when"
+    python scripts/bundle_weights.py RUN_DIR [MORE ...] --data-dir /tmp/cifar10 --trained-on "what, where, when"
 
 Casts the run's weights to fp16 (half the file), evaluates that fp16 file itself on the whole
 test split (one view, then with the mirror averaged in), and writes it with metadata stating the
 measured errors, the recipe and the words of ``--trained-on``; a run started with ``--init``
 also keeps, as ``init_from``, the recipe, words and errors of the weights it started from.
-Prints the metrics it wrote.
+Given MORE weights (run folders or allconv .safetensors of the same model, e.g. the end of the
+cycle RUN_DIR started from), it bundles the mean of all their weights and BatchNorm statistics
+instead, and names them under ``averaged_with``. Prints the metrics it wrote.
 """
 
 import argparse
@@ -23,12 +25,16 @@ from allconv_cli.train import evaluate_checkpoint, load_run_config
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a finished allconv train run folder")
+    parser.add_argument("more", type=Path, nargs="*", help="weights of the same model to average with it")
     parser.add_argument("--data-dir", required=True, help="the CIFAR-10 ImageFolder copy (train/, test/)")
     parser.add_argument("--trained-on", required=True, help="data, hardware and date, in words")
     parser.add_argument("--out", type=Path, default=BUNDLED_CHECKPOINT)
     args = parser.parse_args()
 
     model, meta, preprocess = checkpoint.load_model(args.run)
+    if args.more:
+        averaged = checkpoint.average_weights([args.run, *args.more])
+        checkpoint.load_state(model, averaged, "averaged weights")
     config = load_run_config(args.run)
     meta.update(data_dir=None, trained_on=args.trained_on, recipe=json.loads(config.to_json()))
     meta["recipe"]["data_dir"] = None  # a path on the machine that trained it, meaningless elsewhere
@@ -36,6 +42,8 @@ def main():
         earlier = checkpoint.load_weights(config.init)[1]
         meta["recipe"]["init"] = Path(config.init).name
         meta["init_from"] = {key: earlier.get(key) for key in ("trained_on", "recipe", "metrics", "init_from")}
+    if args.more:
+        meta["averaged_with"] = [path.name for path in args.more]
     unmeasured = args.out.with_name(args.out.stem + ".unmeasured.safetensors")
     checkpoint.save_weights(unmeasured, model, {**meta, "metrics": {}}, preprocess, dtype=torch.float16)
     try:

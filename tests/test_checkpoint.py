@@ -2,7 +2,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from allconv_cli.checkpoint import atomic_write_text, load_model, save_weights
+from allconv_cli.checkpoint import atomic_write_text, average_weights, load_model, load_weights, save_weights
 from allconv_cli.models import create_model
 
 
@@ -28,6 +28,28 @@ def test_fp16_file_loads_into_fp32_model(tmp_path):
     assert loaded.get_layer("conv1").conv.weight.dtype == torch.float32
     x = torch.randn(1, 3, 32, 32)
     assert torch.allclose(loaded(x), model(x), atol=1e-2)
+
+
+def test_average_is_the_mean_of_weights_and_batchnorm_statistics(tmp_path):
+    meta = {"model": "all_cnn_c", "model_kwargs": {"num_classes": 4, "batch_norm": True}, "preprocess": {}}
+    paths = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = create_model("all-cnn-c", num_classes=4, batch_norm=True).train()
+        model(torch.randn(4, 3, 32, 32) + seed)  # distinct BatchNorm running statistics
+        paths.append(save_weights(tmp_path / f"w{seed}.safetensors", model, meta))
+    states = [load_weights(path)[0] for path in paths]
+    mean = average_weights(paths)
+    for suffix in ("bn.running_mean", "conv.weight"):
+        name = next(k for k in mean if k.endswith(suffix))
+        assert torch.allclose(mean[name], sum(state[name] for state in states) / 3, atol=1e-6)
+        assert not torch.allclose(mean[name], states[0][name])
+    counter = next(k for k in mean if k.endswith("num_batches_tracked"))
+    assert mean[counter].dtype == torch.int64 and mean[counter] == states[0][counter]
+    other = save_weights(tmp_path / "other.safetensors", create_model("all-cnn-c", num_classes=4),
+                         {**meta, "model_kwargs": {"num_classes": 4}})
+    with pytest.raises(ValueError, match="other.safetensors is not the model of"):
+        average_weights([paths[0], other])
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"\x08\x00\x00\x00\x00\x00\x00\x00{}"])

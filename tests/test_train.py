@@ -323,9 +323,9 @@ def test_dropout_options_reach_the_model_and_its_checkpoint(tmp_path):
     assert not hasattr(model.features, "input_drop") and {model.features.drop1.p, model.features.drop2.p} == {0.1}
 
 
-def _bundle(monkeypatch, run, data, words, out):
+def _bundle(monkeypatch, run, data, words, out, *more):
     """Run scripts/bundle_weights.py as its command line would."""
-    monkeypatch.setattr(sys, "argv", ["bundle_weights.py", str(run), "--data-dir", str(data),
+    monkeypatch.setattr(sys, "argv", ["bundle_weights.py", str(run), *map(str, more), "--data-dir", str(data),
                                       "--trained-on", words, "--out", str(out)])
     runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "bundle_weights.py"), run_name="__main__")
     return out
@@ -351,8 +351,15 @@ def test_bundle_script_writes_fp16_stating_the_errors_of_that_file(tmp_path, mon
     assert meta2["recipe"]["init"] == "bundled.safetensors" and meta2["trained_on"] == "a second test"
     assert meta2["init_from"] == {"trained_on": "a test", "recipe": meta["recipe"], "metrics": meta["metrics"],
                                   "init_from": None}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundled.safetensors", "data", "further", "run",
-                                                           "second.safetensors"]  # nothing left over
+    mean = _bundle(monkeypatch, further, root, "a mean", tmp_path / "mean.safetensors", out)  # both cycles' ends
+    state3, meta3, _ = checkpoint.load_weights(mean)
+    expected = checkpoint.average_weights([further, out])
+    assert meta3["averaged_with"] == ["bundled.safetensors"] and meta3["init_from"] == meta2["init_from"]
+    assert all(torch.equal(state3[k], v.half() if v.is_floating_point() else v) for k, v in expected.items())
+    measured = evaluate_checkpoint(mean, "imagefolder", str(root))
+    assert meta3["metrics"]["test_top1_error"] == round(measured["top1_error"], 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundled.safetensors", "data", "further", "mean.safetensors",
+                                                           "run", "second.safetensors"]  # nothing left over
 
 
 @pytest.mark.parametrize("kind", ["none", "paper"])
