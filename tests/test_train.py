@@ -394,3 +394,5 @@ def test_the_bundled_model_measures_the_error_its_metadata_states(cifar10_test_f
     assert measured["count"] == meta["metrics"]["test_images"] == 10_000
     # 0.05 points = 5 images: room for another CPU's float rounding on borderline predictions
     assert abs(measured["top1_error"] - meta["metrics"]["test_top1_error"]) <= 0.05
+    # issue #4's bar for the model `allconv visualize` ships: at least 90 % single-view accuracy
+    assert measured["top1_error"] <= 10.0
