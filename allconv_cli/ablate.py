@@ -31,6 +31,8 @@ from allconv_cli.config import TrainConfig, from_json
 from allconv_cli.models import PAPER, list_models, resolve_name
 
 PAPER_GRID = (0.25, 0.1, 0.05, 0.01)  # Section 3.2
+# (train, test) images of the data sets whose size is fixed: a dry run counts without reading them
+SPLIT_IMAGES = {"sample": (4_000, 1_000), "cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000)}
 RESULT_NAME, PLAN_NAME = "result.json", "ablation.json"
 FAMILIES = {f: [n for n in list_models() if n.endswith(f"-{f}")] for f in "abc"}
 
@@ -78,20 +80,69 @@ def cost(config: TrainConfig, models: list[str], grid: list[float], seeds: list[
             "training_images": runs * config.epochs * train_images}
 
 
+def split_sizes(config: TrainConfig) -> dict[str, int]:
+    """Images one run trains on (an epoch), evaluates on (over the whole run) and the test
+    images among those, without reading any: the known sizes of sample and CIFAR, or the files
+    of an image folder, counted. Limits and the validation split are applied as training does."""
+    from allconv_cli import datasets
+
+    datasets.check_source(config.dataset, config.data_dir)
+    if config.dataset in SPLIT_IMAGES:
+        train, test = SPLIT_IMAGES[config.dataset]
+    else:
+        if config.data_dir is None:
+            raise ValueError("--dataset imagefolder needs --data-dir DIR (with train/ and val/ or test/)")
+        root = Path(config.data_dir)
+        evaluated = next((name for name in ("val", "test") if (root / name).is_dir()), "val")
+        # the same scan (and the same errors for a wrong layout) as training's, without decoding
+        train, test = (len(datasets._scan_folder(root / name)[1]) for name in ("train", evaluated))
+    train, test = min(train, config.train_limit or train), min(test, config.test_limit or test)
+    val = round(train * config.val_fraction)
+    evaluations = math.ceil(config.epochs / config.eval_every)  # the last epoch is always evaluated
+    # with a validation split, each evaluation scores it and test is scored once at the end
+    evaluated_images = evaluations * val + test if val else evaluations * test
+    return {"train": train - val, "evaluated": evaluated_images, "test": test}
+
+
+def estimate_seconds(config: TrainConfig, models: list[str], grid: list[float], seeds: list[int],
+                     sizes: dict[str, int]) -> dict:
+    """The ablation's duration from speeds measured here: one timed training step of each model
+    (``allconv benchmark``'s train mode, after one warm-up step, on synthetic data) at the run's
+    batch size, device and precision; evaluation at that speed scaled by the forward pass's share
+    of a training step's FLOPs. Assumes full-size images (--crop epochs are cheaper)."""
+    from allconv_cli.benchmark import run as benchmark
+
+    per_model, total = {}, 0.0
+    for model in models:
+        measured = benchmark(model, "train", min(config.batch_size, max(1, sizes["train"])), steps=1, warmup=1,
+                             device=config.device, precision=config.precision, channels_last=config.channels_last)
+        train_speed = measured["results"]["train"]["images_per_s"]
+        flops = measured["gflop_per_image"]
+        eval_speed = train_speed * flops["train"] / flops["forward"]
+        runs = len(grid) + len(seeds) - 1
+        seconds = runs * (config.epochs * sizes["train"] / train_speed + sizes["evaluated"] / eval_speed)
+        per_model[model] = {"images_per_s": train_speed, "seconds": seconds}
+        total += seconds
+    return {"seconds": total, "per_model": per_model, "device": measured["device"],
+            "device_name": measured["device_name"], "precision": measured["precision"],
+            "measured": "one training step per model after one warm-up step, synthetic data"}
+
+
 def run_config(base: TrainConfig, run: Run) -> TrainConfig:
     return dataclasses.replace(base, model=run.model, lr=run.lr, seed=run.seed)
 
 
 def _train_one(config_json: str, folder: str, device: str | None) -> dict:
     """Train (or resume) one run to the end and record its result; a worker process's job."""
-    from allconv_cli.train import CONFIG_NAME, STATE_NAME, train
+    from allconv_cli.train import RunFolder, train
 
     config = from_json(config_json)
     if device is not None:
         config.device = device
     folder = Path(folder)
-    resume = (folder / STATE_NAME).is_file() and (folder / CONFIG_NAME).is_file()
-    summary = train(config, folder, resume=resume)
+    # A run that holds a checkpoint continues; one that finished training but died before its
+    # result was written is only summarized (its final test evaluation runs again).
+    summary = train(config, folder, resume=RunFolder(folder).holds_run(), finished_ok=True)
     test = summary.get("test") or {"top1_error": summary["last"].get("test_top1_error")}
     result = {"model": config.model, "lr": config.lr, "seed": config.seed,
               "val_error": summary["last"].get("val_top1_error"), "test_error": test["top1_error"],

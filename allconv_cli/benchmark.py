@@ -1,11 +1,11 @@
 """Speed of a network's training step, inference and data path, in the spirit of timm's
 ``benchmark.py``: warm-up steps, then timed steps between two device synchronizations.
 
-- ``train``: allconv's training step end to end, as ``train.train`` does it: a uint8 batch
-  from ``datasets.Batches`` (held in memory on the device), ``datasets.augment(.., "paper")``,
-  /255, standardization, memory format, autocast forward, cross-entropy, SGD step (the
-  trainer's default optimizer settings). The trainer's bookkeeping (loss check, running sums,
-  schedule) is not timed.
+- ``train``: the trainer's own step, ``train.train_step``, on uint8 batches from
+  ``datasets.Batches`` (held in memory on the device): augmentation, /255, standardization,
+  memory format, autocast forward, cross-entropy, backward, SGD step and schedule, with the
+  trainer's default settings. The loop's bookkeeping (running sums, a check every 10 steps) is
+  not timed.
 - ``infer``: the network alone in eval mode under ``torch.inference_mode`` on one fixed,
   already standardized batch (what timm's inference benchmark times).
 - ``data``: the data path alone: batch, augmentation and standardization, on the device.
@@ -21,6 +21,10 @@ not counted. A training step adds the backward pass: 2 x MACs for the weight gra
 conv with trainable weights, 2 x MACs for the input gradient of every conv whose input needs
 one (not the first conv's), so it costs just under 3 x the forward. All-CNN-C on 32x32:
 0.5416 GFLOP forward, 1.6195 GFLOP per trained image.
+
+The achievable rate is measured too, in the same process and precision: a large square matmul
+(the densest work the device does), so "% of matmul" says how close the network runs to what
+this machine reaches, where a vendor peak is unknown (most CPUs).
 """
 
 from __future__ import annotations
@@ -36,12 +40,12 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from allconv_cli import datasets
 from allconv_cli.config import TrainConfig
-from allconv_cli.device import autocast, prepare_model, resolve_device, tune_cpu_allocator
+from allconv_cli.device import (AUTOCAST_DTYPES, autocast, cpu_bf16_kernels, prepare_model, resolve_device,
+                                resolve_precision, tune_cpu_allocator)
 from allconv_cli.models import create_model, resolve_name
 from allconv_cli.preprocess import Standardize
 
@@ -50,6 +54,7 @@ SYNTHETIC_IMAGES = 50_000  # CIFAR-10's training split
 SYNTHETIC_BYTES = 2**28  # 256 MiB of uint8 pixels at most, for large inputs
 DEFAULT_STEPS = {"cpu": 20, "cuda": 200}  # timed steps: a CPU step takes ~1 s, a GPU step ~1 ms
 DEFAULT_WARMUP = {"cpu": 5, "cuda": 50}
+MATMUL_SIZE = {"cpu": 4096, "cuda": 8192}  # n of the n x n matmul that measures the achievable rate
 
 # Peak dense TFLOP/s of one GPU (no 2:4 sparsity; NVIDIA's datasheets print sparse tensor-core
 # figures, twice these). fp32 runs on the CUDA cores; tf32 and bf16 on the tensor cores. Keys
@@ -92,14 +97,42 @@ def count_flops(model: nn.Module, input_size: tuple[int, int, int]) -> dict[str,
     return counts
 
 
-def precision(device: torch.device, amp: bool) -> str:
-    """The arithmetic the convolutions run in: bf16 under autocast on CUDA, tf32 where cuDNN
-    may use it for fp32 (torch's default), else fp32 (always on the CPU)."""
-    if device.type != "cuda":
-        return "fp32"
-    if amp:
-        return "bf16"
-    return "tf32" if torch.backends.cudnn.allow_tf32 else "fp32"
+def arithmetic(device: torch.device, precision: str) -> str:
+    """The arithmetic the convolutions run in, for the peak table: a resolved precision, or
+    tf32 where cuDNN may use it for fp32 on CUDA (torch's default)."""
+    if device.type == "cuda" and precision == "fp32" and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return precision
+
+
+def matmul_tflops(device: torch.device, precision: str, seconds: float = 1.0) -> float:
+    """TFLOP/s of square matmuls in ``precision`` on ``device`` (2 n^3 FLOPs each), timed for
+    about ``seconds`` (and at least two calls) after one untimed call, at ``MATMUL_SIZE``:
+    sizes at which the BLAS runs at its best rate."""
+    n = MATMUL_SIZE["cuda" if device.type == "cuda" else "cpu"]
+    dtype = AUTOCAST_DTYPES.get(precision, torch.float32)
+    generator = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(n, n, generator=generator, device=device).to(dtype) for _ in range(2))
+    calls = 0
+    a @ b
+    _sync(device)
+    start = time.perf_counter()
+    while calls < 2 or time.perf_counter() - start < seconds:
+        a @ b
+        calls += 1
+        _sync(device)
+    return calls * 2 * n**3 / (time.perf_counter() - start) / 1e12
+
+
+def kernel_path(device: torch.device, precision: str) -> str:
+    """Which convolution kernels run in ``precision``: cuDNN on CUDA; on the CPU oneDNN at the
+    CPU's capability, with the native bf16 kernels (AMX, AVX-512 BF16) that bf16 uses, or torch's own."""
+    if device.type == "cuda":
+        return f"cuDNN {torch.backends.cudnn.version()}"
+    if not torch.backends.mkldnn.is_available():
+        return "ATen (no oneDNN)"
+    native = [name for name, present in cpu_bf16_kernels().items() if present] if precision == "bf16" else []
+    return f"oneDNN, {torch.backends.cpu.get_cpu_capability()}" + (f" + {' + '.join(native)}" if native else "")
 
 
 def peak_tflops(device: torch.device, arithmetic: str) -> float | None:
@@ -186,7 +219,7 @@ def timed(step: Callable[[], None], warmup: int, steps: int, device: torch.devic
 
 
 def run(model: str = "all-cnn-c", mode: str = "all", batch_size: int = 128, steps: int | None = None,
-        warmup: int | None = None, device: str = "auto", amp: bool = True, channels_last: bool = True,
+        warmup: int | None = None, device: str = "auto", precision: str = "auto", channels_last: bool = True,
         compile: bool = False) -> dict:
     """Benchmark ``mode`` (train | infer | data | all) of ``model`` -> settings and one result
     per mode: images/s, step time (ms), GFLOP per image, achieved TFLOP/s, share of the
@@ -209,21 +242,23 @@ def run(model: str = "all-cnn-c", mode: str = "all", batch_size: int = 128, step
         torch.backends.cudnn.benchmark = True  # as the trainer sets it; tuning falls in the warm-up
     else:
         tune_cpu_allocator()  # as the trainer does
-    arithmetic = precision(dev, amp)
-    peak = peak_tflops(dev, arithmetic)
+    resolved = resolve_precision(precision, dev)
+    peak = peak_tflops(dev, arithmetic(dev, resolved))
+    matmul = matmul_tflops(dev, resolved)
     step_model = torch.compile(net) if compile else net
-    bench = _Bench(dev, batch_size, steps, warmup, peak)
+    config = TrainConfig(model=name, precision=resolved, channels_last=channels_last, compile=compile)
+    bench = _Bench(dev, batch_size, steps, warmup, peak, matmul)
     data = None
     results = {}
     for each in ("data", "infer", "train") if mode == "all" else (mode,):
         if each != "infer" and data is None:
             data = synthetic_data(input_size, net.num_classes, batch_size, dev)
         if each == "data":
-            results[each] = bench.data(data, prep, memory_format)
+            results[each] = bench.data(config, data, prep)
         elif each == "infer":
-            results[each] = bench.infer(step_model, net, input_size, prep, memory_format, amp, flops["forward"])
+            results[each] = bench.infer(step_model, net, input_size, prep, memory_format, resolved, flops["forward"])
         else:
-            results[each] = bench.train(step_model, net, data, prep, memory_format, amp, flops["train"])
+            results[each] = bench.train(config, net, data, prep, flops["train"])
     return {
         "model": name.replace("_", "-"),
         "device": str(dev),
@@ -231,7 +266,9 @@ def run(model: str = "all-cnn-c", mode: str = "all", batch_size: int = 128, step
         "cpus": cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "precision": arithmetic,
+        "precision": arithmetic(dev, resolved),
+        "kernels": kernel_path(dev, resolved),
+        "matmul_tflops": matmul,
         "channels_last": channels_last,
         "compile": compile,
         "batch_size": batch_size,
@@ -248,22 +285,26 @@ def run(model: str = "all-cnn-c", mode: str = "all", batch_size: int = 128, step
 class _Bench:
     """The three timed loops, sharing the device, batch size, step counts and peak."""
 
-    def __init__(self, device: torch.device, batch_size: int, steps: int, warmup: int, peak: float | None):
-        self.device, self.batch_size, self.steps, self.warmup, self.peak = device, batch_size, steps, warmup, peak
+    def __init__(self, device: torch.device, batch_size: int, steps: int, warmup: int, peak: float | None,
+                 matmul: float):
+        self.device, self.batch_size, self.steps, self.warmup = device, batch_size, steps, warmup
+        self.peak, self.matmul = peak, matmul
 
-    def data(self, data: datasets.ImageData, prep: nn.Module, memory_format) -> dict:
+    def data(self, config: TrainConfig, data: datasets.ImageData, prep: nn.Module) -> dict:
+        from allconv_cli.train import batch_inputs
+
         batches = _stream(data, self.batch_size, self.device)
         generator = torch.Generator(device=self.device)
         counter = itertools.count()
 
         def step():
             images, _ = next(batches)
-            _inputs(images, next(counter), generator, prep, memory_format)
+            batch_inputs(config, prep, images, 0, next(counter), generator)
 
         return self._measure(step, None)
 
     def infer(self, step_model: nn.Module, net: nn.Module, input_size, prep: nn.Module, memory_format,
-              amp: bool, flops: int) -> dict:
+              precision: str, flops: int) -> dict:
         net.eval()
         generator = torch.Generator(device=self.device).manual_seed(0)
         images = torch.randint(0, 256, (self.batch_size, *input_size), generator=generator,
@@ -271,29 +312,24 @@ class _Bench:
         x = prep(images.float() / 255).contiguous(memory_format=memory_format)
 
         def step():
-            with torch.inference_mode(), autocast(self.device, amp):
+            with torch.inference_mode(), autocast(self.device, precision):
                 step_model(x)
 
         return self._measure(step, flops)
 
-    def train(self, step_model: nn.Module, net: nn.Module, data: datasets.ImageData, prep: nn.Module,
-              memory_format, amp: bool, flops: int) -> dict:
+    def train(self, config: TrainConfig, net: nn.Module, data: datasets.ImageData, prep: nn.Module,
+              flops: int) -> dict:
+        from allconv_cli.train import make_learner, train_step
+
         net.train()
-        defaults = TrainConfig()
-        optimizer = torch.optim.SGD(net.parameters(), lr=defaults.lr, momentum=defaults.momentum,
-                                    nesterov=defaults.nesterov, weight_decay=defaults.weight_decay)
+        learner = make_learner(config, net, prep, net.num_classes, steps_per_epoch=self.warmup + self.steps + 1)
         batches = _stream(data, self.batch_size, self.device)
         generator = torch.Generator(device=self.device)
         counter = itertools.count()
 
         def step():
             images, labels = next(batches)
-            x = _inputs(images, next(counter), generator, prep, memory_format)
-            with autocast(self.device, amp):
-                loss = F.cross_entropy(step_model(x).float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            train_step(learner, images, labels, 0, next(counter), generator)
 
         return self._measure(step, flops)
 
@@ -310,19 +346,12 @@ class _Bench:
             "gflop_per_image": None if flops is None else flops / 1e9,
             "tflop_per_s": tflop_per_s,
             "peak_share": None if tflop_per_s is None or self.peak is None else tflop_per_s / self.peak,
+            "matmul_share": None if tflop_per_s is None else tflop_per_s / self.matmul,
             "peak_rss_mb": peak_rss_mb(),
             "peak_rss_since": "mode start" if rss_reset else "process start",
             "peak_cuda_mb": (torch.cuda.max_memory_allocated(self.device) / 2**20
                              if self.device.type == "cuda" else None),
         }
-
-
-def _inputs(images: torch.Tensor, step: int, generator: torch.Generator, prep: nn.Module,
-            memory_format) -> torch.Tensor:
-    """The trainer's data path: uint8 (B, C, H, W) -> augmented, standardized float input."""
-    generator.manual_seed(step)  # the trainer reseeds per step, so that any step replays
-    x = datasets.augment(images, "paper", generator)
-    return prep(x.float() / 255).contiguous(memory_format=memory_format)
 
 
 def _stream(data: datasets.ImageData, batch_size: int, device: torch.device):

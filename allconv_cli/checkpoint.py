@@ -10,6 +10,7 @@ ever unpickled: weights are safetensors; training state loads with ``weights_onl
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -31,26 +32,44 @@ os.umask(_UMASK)
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary name in ``path``'s folder, then rename it to ``path``.
 
-    A crash or a full disk at any instant leaves the old ``path`` (if any) untouched.
+    A crash or a full disk at any instant leaves the old ``path`` (if any) untouched. Any
+    failure to write (OSError, or the RuntimeError / SafetensorError that torch's and
+    safetensors' writers raise on a full disk) becomes one OSError naming ``path``, not the
+    temporary file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from None
+    except (OSError, RuntimeError, SafetensorError) as err:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise OSError(getattr(err, "errno", None), f"cannot write {path}: {_reason(err)}") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _reason(err: Exception) -> str:
+    """The cause of a failed write in a few words, with the likely fix."""
+    if isinstance(err, (FileExistsError, NotADirectoryError)):
+        return "a file is in the way of its folder; choose another path"
+    if isinstance(err, OSError) and err.strerror:
+        hint = {28: "free some space or write elsewhere", 13: "choose a folder you can write",
+                30: "choose a folder you can write"}.get(err.errno, "")
+        return err.strerror + (f" ({hint})" if hint else "")
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return f"{first} (is the disk full, or the folder not writable?)"
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -98,25 +117,61 @@ def save_weights(
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, torch.Tensor]]:
-    """Read a weights file -> (model state dict, meta, preprocess tensors)."""
-    path = resolve_weights(path)
-    try:
-        from safetensors import safe_open
+    """Read and check a weights file -> (model state dict, meta, preprocess tensors).
 
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-        tensors = load_file(str(path))
+    The header is checked first (``check_weights_file``), then the weights are refused if not
+    finite. Each problem is one ValueError naming the file."""
+    path = resolve_weights(path)
+    meta = _read_header(path)
+    try:
+        tensors = load_file(str(path))  # now memory is taken: the size of the tensors checked above
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable safetensors checkpoint ({err}); "
-                         "it may be truncated or not written by allconv") from None
-    if "allconv" not in header:
-        raise ValueError(f"{path} is a safetensors file without allconv metadata; "
-                         "export it from an allconv run, or load it with --model NAME")
-    meta = json.loads(header["allconv"])
+        raise _unreadable(path, err) from None
+    for key, tensor in tensors.items():
+        _check_finite(f"{path}: {key}", tensor)
     state = {k: v for k, v in tensors.items() if not k.startswith(PREPROCESS_PREFIX)}
     preprocess = {k[len(PREPROCESS_PREFIX):]: v for k, v in tensors.items()
                   if k.startswith(PREPROCESS_PREFIX)}
     return state, meta, preprocess
+
+
+def check_weights_file(path: str | Path) -> dict:
+    """Check a weights file without reading its tensors -> its metadata: the metadata against its
+    schema; the tensor names, shapes and kinds (integer or floating point) against the model it
+    describes, built on the meta device."""
+    return _read_header(resolve_weights(path))
+
+
+def _read_header(path: Path) -> dict:
+    """The checked metadata of ``path``, from its header alone."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {key: f.get_slice(key) for key in f.keys()}
+            shapes = {key: tuple(view.get_shape()) for key, view in tensors.items()}
+            dtypes = {key: view.get_dtype() for key, view in tensors.items()}  # e.g. F32, BF16, I64, BOOL
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _unreadable(path, err) from None
+    if "allconv" not in header:
+        raise ValueError(f"{path} is a safetensors file without allconv metadata; "
+                         "export it from an allconv run, or load it with --model NAME")
+    meta = read_meta(header["allconv"], path)
+    model = _check_shapes(path, meta, shapes)
+    floating = {**{key: value.is_floating_point() for key, value in model.state_dict().items()},
+                **{key: True for key in shapes if key.startswith(PREPROCESS_PREFIX)}}
+    for key, dtype in dtypes.items():
+        if dtype.startswith(("F", "BF")) != floating[key]:
+            raise ValueError(f"{path}: {key} holds {dtype} values where the model has "
+                             f"{'floating-point' if floating[key] else 'integer'} ones: the file is damaged "
+                             "or not allconv's")
+    return meta
+
+
+def _unreadable(path: Path, err: Exception) -> ValueError:
+    return ValueError(f"{path} is not a readable safetensors checkpoint ({err}); "
+                      "it may be truncated or not written by allconv")
 
 
 def average_weights(paths: list[str | Path]) -> dict[str, torch.Tensor]:
@@ -144,7 +199,8 @@ def average_weights(paths: list[str | Path]) -> dict[str, torch.Tensor]:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild the model a weights file describes -> (model in eval mode, meta, preprocess)."""
+    """Rebuild the model a weights file describes -> (model in eval mode, meta, preprocess);
+    the file is checked whole (``load_weights``) before the model takes any memory."""
     from allconv_cli.models import create_model
 
     state, meta, preprocess = load_weights(path)
@@ -155,11 +211,174 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
 
 def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], mismatch: str):
     """Load ``state`` into ``model``, floats cast to the model's dtype (fp16 files load into fp32
-    models); a key or shape mismatch raises ValueError starting with ``mismatch``."""
+    models); a key or shape mismatch, integers where the model has floats (or the reverse) and
+    NaN or inf raise ValueError starting with ``mismatch``."""
     dtype = next(model.parameters()).dtype
+    own = model.state_dict()
+    for key, value in state.items():  # allconv files were checked on load; plain state dicts were not
+        if key in own and value.is_floating_point() != own[key].is_floating_point():
+            raise ValueError(f"{mismatch}: {key} holds {str(value.dtype).removeprefix('torch.')} values where "
+                             f"the model has {str(own[key].dtype).removeprefix('torch.')} ones")
+        _check_finite(f"{mismatch}: {key}", value)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[-1].strip()
         raise ValueError(f"{mismatch}: {first}") from None
+
+
+# --- the metadata entry ``allconv``: its schema and its one reader ----------------------------
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _unit(value) -> bool:
+    return _number(value) and 0 <= value < 1
+
+
+# Inputs of at most this many values (C x H x W): visualize and export build batches of them,
+# 64 MiB of float32 per image.
+MAX_INPUT_VALUES = 2**24
+
+# AllConvNet's options as a checkpoint may set them (a test keeps this in step with its signature).
+MODEL_KWARGS: dict[str, tuple[Callable, str]] = {
+    "num_classes": (lambda v: _whole(v) and 1 <= v < 2**31, "a whole number in [1, 2^31)"),
+    "in_chans": (lambda v: _whole(v) and 1 <= v <= MAX_INPUT_VALUES, "a whole number of at least 1"),
+    "batch_norm": (lambda v: isinstance(v, bool), "true or false"),
+    "class_relu": (lambda v: isinstance(v, bool), "true or false"),
+    "drop_input": (_unit, "a number in [0, 1)"),
+    "drop_rate": (_unit, "a number in [0, 1)"),
+}
+
+
+def _meta_schema() -> dict[str, tuple[bool, Callable, str]]:
+    """key -> (required, test, what is allowed). Keys not listed (trained_on, recipe, init_from,
+    ...) only describe the file and are kept as they are."""
+    from allconv_cli.datasets import AUGMENTATIONS, DATASETS
+    from allconv_cli.models import list_models
+    from allconv_cli.preprocess import KINDS
+
+    models = set(list_models()) | {name.replace("-", "_") for name in list_models()}
+    return {
+        "format": (False, lambda v: _whole(v) and 1 <= v <= FORMAT_VERSION,
+                   f"a format version this allconv reads (1 to {FORMAT_VERSION}; a newer allconv wrote a higher one)"),
+        "model": (True, lambda v: isinstance(v, str) and v in models, "a registered model name (see 'allconv models')"),
+        "model_kwargs": (False, lambda v: isinstance(v, dict),
+                         f"an object of model options ({', '.join(MODEL_KWARGS)})"),
+        "classes": (True, lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),
+                    "a list of class names"),
+        "input_size": (True, lambda v: isinstance(v, list) and len(v) == 3 and all(_whole(n) and n >= 1 for n in v)
+                       and math.prod(v) <= MAX_INPUT_VALUES,
+                       f"[channels, height, width], whole numbers of at least 1, at most {MAX_INPUT_VALUES:,} values"),
+        "preprocess": (True, lambda v: isinstance(v, dict) and v.get("kind") in KINDS,
+                       f"an object whose kind is one of {', '.join(KINDS)}"),
+        "dataset": (False, lambda v: v is None or v in DATASETS, f"null or one of {', '.join(DATASETS)}"),
+        "data_dir": (False, lambda v: v is None or isinstance(v, str), "null or a folder"),
+        "augment": (False, lambda v: v in AUGMENTATIONS, f"one of {', '.join(AUGMENTATIONS)}"),
+        "epoch": (False, lambda v: v is None or (_whole(v) and v >= 0), "null or a whole number of at least 0"),
+        "metrics": (False, lambda v: isinstance(v, dict), "an object"),
+        "paper_error": (False, lambda v: v is None or _number(v), "null or a number"),
+        "versions": (False, lambda v: isinstance(v, dict), "an object"),
+    }
+
+
+def read_meta(text: str, path: str | Path) -> dict:
+    """The ``allconv`` metadata entry of ``path`` -> its dict, checked against the schema: one
+    ValueError naming the file, the key, the value and what is allowed."""
+    from allconv_cli.config import show_value
+
+    try:
+        meta = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"{path}: its allconv metadata is not JSON ({type(err).__name__}: {str(err)[:80]}); "
+                         "the file is damaged or was not written by allconv") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: its allconv metadata is a JSON {_json_kind(meta)}, not the object "
+                         "allconv writes (model, model_kwargs, classes, input_size, preprocess, ...)")
+
+    def refuse(key: str, value, allowed: str):
+        raise ValueError(f"{path}: allconv metadata {key} = {show_value(value)} is not allowed; "
+                         f"{key.rsplit('.', 1)[-1]} takes {allowed}")
+
+    for key, (required, test, allowed) in _meta_schema().items():
+        if key not in meta:
+            if required:
+                raise ValueError(f"{path}: its allconv metadata has no {key!r} ({allowed}); save the "
+                                 "checkpoint again with allconv (allconv train writes it)")
+        elif not test(meta[key]):
+            refuse(key, meta[key], allowed)
+    for key, value in meta.get("model_kwargs", {}).items():
+        if key not in MODEL_KWARGS:
+            raise ValueError(f"{path}: allconv metadata model_kwargs has an unknown option {show_value(key)}; "
+                             f"the models take {', '.join(MODEL_KWARGS)}")
+        if not MODEL_KWARGS[key][0](value):
+            refuse(f"model_kwargs.{key}", value, MODEL_KWARGS[key][1])
+    preprocess, channels = meta["preprocess"], meta["input_size"][0]
+    if preprocess["kind"] == "standardize":
+        for key, allowed in (("mean", "finite numbers"), ("std", "numbers above 0")):
+            value = preprocess.get(key)
+            if not (isinstance(value, list) and len(value) == channels and all(_number(v) for v in value)
+                    and (key == "mean" or all(v > 0 for v in value))):
+                refuse(f"preprocess.{key}", value, f"a list of {channels} {allowed}, one per input channel")
+    else:
+        for key, test, allowed in (("gcn_scale", lambda v: _number(v) and v > 0, "a number above 0"),
+                                   ("zca_bias", lambda v: _number(v) and v >= 0, "a number of at least 0")):
+            if not test(preprocess.get(key)):
+                refuse(f"preprocess.{key}", preprocess.get(key), allowed)
+    return meta
+
+
+def _json_kind(value) -> str:
+    kinds = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return kinds.get(type(value), "number")
+
+
+def _check_shapes(path: Path, meta: dict, shapes: dict[str, tuple]) -> torch.nn.Module:
+    """Build the model ``meta`` describes on the meta device (no memory) and compare it with the
+    file's tensor names and shapes -> that meta-device model."""
+    from allconv_cli.models import create_model
+
+    kwargs = meta.get("model_kwargs", {})
+    with torch.device("meta"):
+        model = create_model(meta["model"], **kwargs)
+    described = f"{path} does not fit {meta['model']} with {kwargs}"
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    found = {key: shape for key, shape in shapes.items() if not key.startswith(PREPROCESS_PREFIX)}
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{described}: " + "; ".join(
+            f"{what} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys))
+    for key, shape in expected.items():
+        if found[key] != shape:
+            raise ValueError(f"{described}: {key} is {list(found[key])} in the file, {list(shape)} in the model")
+    if len(meta["classes"]) != model.num_classes:
+        raise ValueError(f"{path}: its allconv metadata names {len(meta['classes'])} classes for a model of "
+                         f"{model.num_classes}: the metadata and the weights disagree")
+    channels, height, width = meta["input_size"]
+    if channels != model.in_chans:
+        raise ValueError(f"{path}: its allconv metadata says input_size {meta['input_size']} for a model of "
+                         f"{model.in_chans} input channels")
+    try:
+        model(torch.empty(1, channels, height, width, device="meta"))
+    except RuntimeError:
+        raise ValueError(f"{path}: input_size {meta['input_size']} is too small for {meta['model']}") from None
+    dims = channels * height * width
+    wanted = {"standardize": {}, "zca": {"zca_mean": (dims,), "zca_matrix": (dims, dims)}}[meta["preprocess"]["kind"]]
+    given = {key[len(PREPROCESS_PREFIX):]: shape for key, shape in shapes.items() if key.startswith(PREPROCESS_PREFIX)}
+    if given != wanted:
+        raise ValueError(f"{path}: {meta['preprocess']['kind']} preprocessing of {meta['input_size']} inputs needs "
+                         f"the tensors {wanted or 'none'}, the file holds {given or 'none'}")
+    return model
+
+
+def _check_finite(where: str, tensor: torch.Tensor):
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{where} holds NaN or infinite values: the weights are damaged (or their training "
+                         "diverged); use another checkpoint")

@@ -11,10 +11,13 @@ workers that only decode and resize.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import json
 import math
 import pickle
+import shutil
 import socket
 import urllib.error
 from concurrent.futures import ThreadPoolExecutor
@@ -90,18 +93,44 @@ def load_split(name: str, split: str, data_dir: str | Path | None = None,
     """
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r}: use train or test")
+    check_source(name, data_dir)
     if name == "sample":
-        return _load_sample(split, input_size)
+        return _load_sample(split, tuple(input_size))
     if name in _CIFAR:
         return _load_cifar(name, split, data_dir, input_size)
-    if name == "imagefolder":
-        if data_dir is None:
-            raise ValueError("--dataset imagefolder needs --data-dir DIR (with train/ and val/ or "
-                             "test/, one sub-folder per class)")
-        return _load_folder(Path(data_dir), split, input_size, workers)
-    from allconv_cli.models import did_you_mean
+    if data_dir is None:
+        raise ValueError("--dataset imagefolder needs --data-dir DIR (with train/ and val/ or "
+                         "test/, one sub-folder per class)")
+    return _load_folder(Path(data_dir), split, input_size, workers)
 
-    raise ValueError(f"unknown data set {name!r}{did_you_mean(name, DATASETS)}; use one of {', '.join(DATASETS)}")
+
+def check_source(name: str, data_dir: str | Path | None):
+    """Refuse a data set name that is not one, and a --data-dir that the data set would ignore."""
+    if name not in DATASETS:
+        from allconv_cli.models import did_you_mean
+
+        raise ValueError(f"unknown data set {name!r}{did_you_mean(name, DATASETS)}; use one of {', '.join(DATASETS)}")
+    if name == "sample" and data_dir is not None:
+        raise ValueError(f"the bundled sample data set is inside allconv and reads no --data-dir: drop "
+                         f"--data-dir {data_dir}, or give the --dataset of that folder{_layout_hint(Path(data_dir))}")
+
+
+def _layout_hint(root: Path, using: str | None = None) -> str:
+    """' (D holds ...: --dataset X)': the data set whose layout ``root`` has, or what is in it;
+    nothing more where that is the data set ``using`` already."""
+    if not root.is_dir():
+        return f" ({root} does not exist)"
+    for name, (folder, *_) in _CIFAR.items():
+        if (root / folder).is_dir():
+            return f" ({root} holds {folder}/: --dataset {name})"
+    splits = [n for n in ("train", "val", "test") if (root / n).is_dir()]
+    if splits:
+        return "" if using == "imagefolder" else (f" ({root} holds {'/, '.join(splits)}/, an ImageFolder layout: "
+                                                  "--dataset imagefolder)")
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir() if not p.name.startswith("."))
+    if not entries:
+        return f" ({root} is empty)"
+    return f" ({root} holds {_some(entries)}, neither torchvision's CIFAR folder nor train/ and val/ or test/)"
 
 
 def iter_batches(name: str, data_dir: str | Path | None, split: str,
@@ -113,7 +142,10 @@ def iter_batches(name: str, data_dir: str | Path | None, split: str,
 
 # --- bundled sample -------------------------------------------------------------------------
 
-def _load_sample(split: str, input_size) -> ImageData:
+@functools.lru_cache(maxsize=4)
+def _load_sample(split: str, input_size: tuple[int, int, int]) -> ImageData:
+    """The bundled split, decoded once per process (4,000 or 1,000 JPEGs: seconds on a CPU); callers take
+    subsets and never change it in place."""
     from safetensors import safe_open
 
     path = resources.files("allconv_cli") / "assets" / SAMPLE_FILE
@@ -177,62 +209,164 @@ def _load_cifar(name: str, split: str, data_dir, input_size) -> ImageData:
     folder, url, md5, train_files, test_files, (meta_file, meta_key), label_key = _CIFAR[name]
     root = Path(data_dir) if data_dir is not None else Path("data")
     base = root / folder
+    layout = f"{root}/{folder}/{{{', '.join(train_files + test_files)}, {meta_file}}}"
     if not base.is_dir():
+        if any((root / n).is_dir() for n in ("train", "val", "test")):  # an ImageFolder: do not download into it
+            raise FileNotFoundError(f"{root} has no {folder}/ (torchvision's {name} pickles, {layout})"
+                                    f"{_layout_hint(root)}")
         _download(name, url, md5, root, base)
+    for file in [*(train_files if split == "train" else test_files), meta_file]:
+        if not (base / file).is_file():
+            raise FileNotFoundError(f"{base / file} is missing: {name} expects torchvision's layout {layout}; "
+                                    f"delete {base} to download it again")
+    classes = _read_batch(base / meta_file).get(meta_key)
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
+        raise ValueError(f"{base / meta_file} has no list of class names under {meta_key!r}: delete {base} "
+                         "and download it again")
     images, labels = [], []
     for file in train_files if split == "train" else test_files:
-        if not (base / file).is_file():
-            raise FileNotFoundError(f"{base / file} is missing: {name} expects torchvision's layout "
-                                    f"{root}/{folder}/{{{', '.join(train_files + test_files)}, {meta_file}}}")
-        batch = _read_batch(base / file)
-        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(batch[label_key])
-    classes = list(_read_batch(base / meta_file)[meta_key])
-    data = ImageData(torch.from_numpy(np.concatenate(images)), torch.tensor(labels), classes)
+        pixels, batch_labels = _cifar_arrays(base / file, label_key, len(classes))
+        images.append(pixels)
+        labels.append(batch_labels)
+    data = ImageData(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)), classes)
     if tuple(input_size) != (3, 32, 32):
         data.images = _resize_batch(data.images, input_size)
     return data
 
 
+def _cifar_arrays(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR batch file -> uint8 images (N, 3, 32, 32) and int64 labels (N,) in [0, classes)."""
+    batch = _read_batch(path)
+    try:
+        pixels = np.asarray(batch["data"])
+        labels = np.asarray(batch[label_key])
+        well_formed = (pixels.dtype == np.uint8 and pixels.ndim == 2 and pixels.shape[1] == 3 * 32 * 32
+                       and labels.shape == (len(pixels),) and labels.dtype.kind in "iu")
+    except (KeyError, ValueError, TypeError):  # a missing key, or ragged lists
+        well_formed = False
+    if not well_formed:
+        raise ValueError(f"{path} is not a CIFAR batch file (it needs uint8 'data' (N, 3072) and N integer "
+                         f"{label_key!r}); delete it and download again")
+    if len(labels) and not (labels.min() >= 0 and labels.max() < num_classes):
+        raise ValueError(f"{path} has labels outside 0..{num_classes - 1}; delete it and download again")
+    return pixels.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
 def _download(name, url, md5, root: Path, base: Path):
+    """Download and unpack into ``root``; a failure removes every file and folder it made."""
     from torchvision.datasets.utils import download_and_extract_archive
 
+    made = root
+    while not made.parent.exists() and made.parent != made:  # the first folder the download creates
+        made = made.parent
+    existed = made.exists()
+    before = set(root.iterdir()) if root.is_dir() else set()
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(15)  # seconds: fail fast where there is no network
     try:
         download_and_extract_archive(url, str(root), md5=md5, remove_finished=True)
-    except (urllib.error.URLError, OSError, RuntimeError) as err:
-        raise FileNotFoundError(f"{name} is not in {base} and could not be downloaded ({err}); put "
-                                f"torchvision's {base.name}/ folder under --data-dir DIR") from None
+    except BaseException as err:
+        _remove_new(root, before, made if not existed else None)
+        if isinstance(err, urllib.error.URLError | OSError | RuntimeError):
+            raise FileNotFoundError(f"{name} is not in {base} and could not be downloaded ({err}); put "
+                                    f"torchvision's {base.name}/ folder under --data-dir DIR") from None
+        raise
     finally:
         socket.setdefaulttimeout(previous)
 
 
+def _remove_new(root: Path, before: set[Path], made: Path | None):
+    """Delete what appeared in ``root`` since ``before``, then ``made`` (and the folders down to
+    ``root``) if the download created them and they are empty now."""
+    if root.is_dir():
+        for path in set(root.iterdir()) - before:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+    if made is not None:
+        folder = root
+        while True:
+            with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
+                folder.rmdir()
+            if folder == made or folder.parent == folder:
+                break
+            folder = folder.parent
+
+
 # --- ImageFolder ----------------------------------------------------------------------------
 
-def _scan_folder(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+def _class_names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _some(names, most: int = 5) -> str:
+    names = list(names)
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
+def _check_split(folder: Path) -> list[str]:
+    """An ImageFolder split's class names; raises unless there are at least two class folders and
+    each holds an image (found without listing the whole folder)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"no folder {folder}: an ImageFolder needs {folder.parent}/train/ and "
-                                f"{folder.parent}/val/ or test/, one sub-folder per class")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+                                f"{folder.parent}/val/ or test/, one sub-folder per class"
+                                f"{_layout_hint(folder.parent, 'imagefolder')}")
+    classes = _class_names(folder)
     if not classes:
         raise ValueError(f"{folder} has no class sub-folders: put each class's images in {folder}/<class>/")
-    files = [(path, label) for label, cls in enumerate(classes)
-             for path in sorted((folder / cls).rglob("*")) if path.suffix.lower() in IMAGE_EXTENSIONS]
-    if not files:
-        raise ValueError(f"{folder} has no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
-    return classes, files
+    empty = [cls for cls in classes if not any(_is_image(path) for path in (folder / cls).rglob("*"))]
+    if empty:
+        raise ValueError(f"class folder{'s' if len(empty) > 1 else ''} {_some(empty)} in {folder} "
+                         f"{'have' if len(empty) > 1 else 'has'} no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                         "add images or remove the folder, or every label after it shifts")
+    if len(classes) < 2:
+        raise ValueError(f"{folder} has one class folder ({classes[0]}/): a classifier needs at least two")
+    return classes
+
+
+def _scan_folder(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """A checked ImageFolder split -> (class names, (image file, label) pairs)."""
+    classes = _check_split(folder)
+    return classes, [(path, label) for label, cls in enumerate(classes)
+                     for path in sorted((folder / cls).rglob("*")) if _is_image(path)]
+
+
+def _split_folders(root: Path, split: str) -> tuple[str, str]:
+    """(the folder of ``split``, the other split's folder): train, and val (else test)."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} {'is a file' if root.exists() else 'does not exist'}: give "
+                                "--data-dir DIR with train/ and val/ or test/ inside, one sub-folder per class")
+    evaluated = next((n for n in ("val", "test") if (root / n).is_dir()), "val")
+    return (evaluated, "train") if split == "test" else ("train", evaluated)
+
+
+def _same_classes(root: Path, name: str, classes: list[str], other: str):
+    if (root / other).is_dir() and _class_names(root / other) != classes:
+        mine, theirs = set(classes), set(_class_names(root / other))
+        only = {split: _some(sorted(names)) or "none" for split, names in ((name, mine - theirs), (other, theirs - mine))}
+        raise ValueError(f"{root / name} and {root / other} have different class folders (only in {name}: "
+                         f"{only[name]}; only in {other}: {only[other]}): a label would mean another class "
+                         "in each split; give both splits the same class folders")
+
+
+def check_folder(root: str | Path):
+    """Both splits of an ImageFolder, before a run starts, without reading an image."""
+    root = Path(root)
+    train, evaluated = _split_folders(root, "train")
+    classes = _check_split(root / train)
+    _check_split(root / evaluated)
+    _same_classes(root, train, classes, evaluated)
 
 
 def _load_folder(root: Path, split: str, input_size, workers: int) -> Split:
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder {root} does not exist: give --data-dir DIR with train/ "
-                                "and val/ or test/ inside, one sub-folder per class")
-    if split == "test":
-        name = next((n for n in ("val", "test") if (root / n).is_dir()), "val")
-    else:
-        name = "train"
+    name, other = _split_folders(root, split)
     classes, files = _scan_folder(root / name)
+    _same_classes(root, name, classes, other)
     folder = FolderData([p for p, _ in files], torch.tensor([lab for _, lab in files]), classes,
                         tuple(input_size))
     if len(folder) * math.prod(input_size) > IN_MEMORY_LIMIT:
@@ -256,18 +390,13 @@ class _FolderDataset(torch.utils.data.Dataset):
 
 
 def _fit(img: Image.Image, input_size) -> torch.Tensor:
-    """PIL image -> uint8 (C, H, W) at ``input_size``: shorter side resized (bilinear), then
-    center-cropped; an image already at that size is untouched."""
-    channels, height, width = input_size
-    img = img.convert("RGB" if channels == 3 else "L")
-    if img.size != (width, height):
-        scale = max(width / img.width, height / img.height)
-        size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
-        img = img.resize(size, Image.BILINEAR)
-        left, top = (img.width - width) // 2, (img.height - height) // 2
-        img = img.crop((left, top, left + width, top + height))
-    array = np.asarray(img, dtype=np.uint8).reshape(height, width, channels)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+    """PIL image -> uint8 (C, H, W) at ``input_size`` by the shared ``images.fit_image``, with the
+    CIFAR nets' registered interpolation and crop (bilinear, crop_pct 1.0): shorter side resized,
+    then center-cropped; an image already at that size is untouched. (load_split is not given
+    the model, so all-cnn-imagenet's crop_pct 0.875 is not applied here.)"""
+    from allconv_cli.images import fit_image
+
+    return fit_image(img, input_size, "bilinear", 1.0)
 
 
 def _resize_batch(images: torch.Tensor, input_size) -> torch.Tensor:
@@ -331,7 +460,8 @@ class Batches:
     def order(self, epoch: int) -> torch.Tensor:
         """This rank's example indices for ``epoch``."""
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            # below 2^63 for every valid seed: torch's generators take at most 64 bits
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
             index = torch.randperm(len(self.data), generator=generator)
         else:
             index = torch.arange(len(self.data))

@@ -21,11 +21,53 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     return device
 
 
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA when ``enabled``; a no-op context otherwise."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (/proc/cpuinfo); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_bf16_kernels() -> dict[str, bool]:
+    """Whether oneDNN can run bf16 convolutions natively on this CPU: AMX tiles (recent Xeons)
+    or AVX-512 BF16 (Cooper Lake and later Xeons, AMD Zen 4 and later). torch 2.14 exposes no
+    query for these, so the CPU's flags are read; without oneDNN neither counts."""
+    flags = cpu_flags() if torch.backends.mkldnn.is_available() else set()
+    return {"amx": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags}
+
+
+def resolve_precision(name: str | None, device: torch.device) -> str:
+    """``auto`` -> bf16 where the device computes it natively (CUDA with bf16, CPUs with AMX or
+    AVX-512 BF16), else fp32; an explicit name is checked against the device."""
+    if name in (None, "auto"):
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if any(cpu_bf16_kernels().values()) else "fp32"
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}: use one of {', '.join(PRECISIONS)}")
+    if name == "fp16" and device.type != "cuda":
+        raise ValueError("fp16 autocast runs on CUDA only: use --precision bf16 or fp32 on the CPU")
+    return name
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast to ``precision`` (a resolved name: fp32, bf16 or fp16) on ``device``.
+
+    Weights, optimizer state and BatchNorm's parameters and statistics stay fp32; convolutions
+    run in the low precision with fp32 accumulation. fp32 is a no-op context.
+    """
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:

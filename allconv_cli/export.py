@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from allconv_cli import __version__
-from allconv_cli.checkpoint import atomic_write, load_model, resolve_weights
+from allconv_cli.checkpoint import WEIGHTS_NAME, atomic_write, load_model, resolve_weights
 from allconv_cli.models import resolve_name
 from allconv_cli.preprocess import from_meta
 
@@ -39,6 +39,8 @@ ONNX_BF16_OPSET = 22  # the first opset whose Conv accepts bfloat16; torch's def
 TIMM_WEIGHTS = "model.safetensors"  # the first name timm's local-dir loader looks for
 PREPROCESS_WEIGHTS = "preprocess.safetensors"  # ZCA tensors, kept out of timm's strict load
 PT2_META = "allconv.json"  # extra file inside the .pt2 archive
+FORMAT_OVERHEAD = 2**20  # bytes beyond the weights that any export may need on disk
+ONNX_PACKAGES = "onnx onnxscript onnxruntime"  # what ONNX export needs, as pipx and pip name them
 
 
 class VerificationError(ValueError):
@@ -60,11 +62,24 @@ class ExportResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def default_out(weights: Path, fmt: str) -> Path:
-    """Beside the checkpoint: ``RUN/model.onnx``, ``RUN/model.pt2``, ``RUN/export-safetensors/``."""
-    if fmt == "safetensors":
-        return weights.parent / "export-safetensors"
-    return weights.with_suffix(f".{fmt}")
+def output_folder(checkpoint: str | Path) -> Path:
+    """Where a command writes by default for ``checkpoint``: its run folder (a folder holding
+    ``model.safetensors``, given as the folder or that file), or else the current directory. Never
+    the installed package (the bundled weights' folder), nor a folder this user cannot write."""
+    path = Path(checkpoint)
+    folder = path if path.is_dir() else path.parent
+    is_run = path.is_dir() or path.name == WEIGHTS_NAME
+    package = Path(__file__).resolve().parent
+    if is_run and not folder.resolve().is_relative_to(package) and os.access(folder, os.W_OK | os.X_OK):
+        return folder
+    return Path(".")
+
+
+def default_out(checkpoint: str | Path, weights: Path, fmt: str) -> Path:
+    """``RUN/model.onnx``, ``RUN/model.pt2``, ``RUN/export-safetensors/``; the current
+    directory instead of RUN where ``output_folder`` says so."""
+    folder = output_folder(checkpoint)
+    return folder / ("export-safetensors" if fmt == "safetensors" else f"{weights.stem}.{fmt}")
 
 
 def export(run: str | Path, fmt: str, dtype: str = "fp32", out: str | Path | None = None,
@@ -80,7 +95,7 @@ def export(run: str | Path, fmt: str, dtype: str = "fp32", out: str | Path | Non
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: use --dtype {', '.join(DTYPES)}")
     weights = resolve_weights(run)
-    out = Path(out) if out is not None else default_out(weights, fmt)
+    out = Path(out) if out is not None else default_out(run, weights, fmt)
     _check_out(out, fmt, force)
     if fmt == "onnx":
         _require_onnx()
@@ -94,6 +109,7 @@ def export(run: str | Path, fmt: str, dtype: str = "fp32", out: str | Path | Non
     inputs = _sample_inputs(from_meta(meta["preprocess"], preprocess_tensors), meta["input_size"])
     expected = _reference_outputs(model, inputs)
     model.to(DTYPES[dtype])  # in place, after the fp32 reference; BatchNorm's counter stays int
+    _check_space(out, sum(t.numel() * t.element_size() for t in model.state_dict().values()))
     write = {
         "onnx": lambda tmp: _write_onnx(model, info, tmp),
         "pt2": lambda tmp: _write_pt2(model, info, tmp),
@@ -124,12 +140,18 @@ def _check_out(out: Path, fmt: str, force: bool):
                                   "choose another --out (--force only replaces earlier exports)")
         if fmt != "safetensors" and not out.is_file():
             raise FileExistsError(f"{out} exists and is not a file; choose another --out")
-    existing = out.parent
-    while not existing.exists():
-        existing = existing.parent
+    existing = _existing_parent(out)
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write {out}: {existing} is not a writable folder; "
                               "choose another --out")
+
+
+def _existing_parent(out: Path) -> Path:
+    """The nearest folder above ``out`` that exists: where its missing folders will be made."""
+    existing = out.parent
+    while not existing.exists():
+        existing = existing.parent
+    return existing
 
 
 def _is_timm_export(folder: Path) -> bool:
@@ -140,12 +162,25 @@ def _is_timm_export(folder: Path) -> bool:
         return False
 
 
+def _check_space(out: Path, weight_bytes: int):
+    """Refuse before writing when the disk lacks room: torch's .pt2 writer aborts the whole
+    process on a full disk instead of raising. Every format holds the weights once, plus its
+    graph and metadata (0.13 MB in all-cnn-c's .pt2), within ``FORMAT_OVERHEAD``."""
+    existing = _existing_parent(out)
+    needed, free = weight_bytes + FORMAT_OVERHEAD, shutil.disk_usage(existing).free
+    if free < needed:
+        raise OSError(f"not enough space for {out}: it needs about {needed / 1e6:.1f} MB and "
+                      f"{existing} has {free / 1e6:.1f} MB free; free some space or choose another --out")
+
+
 def _require_onnx():
     for module in ("onnx", "onnxscript"):
         try:
             importlib.import_module(module)
         except ImportError:
-            raise ValueError(f"ONNX export needs the {module} package: pip install 'allconv[onnx]'") from None
+            raise ValueError(f"ONNX export needs the {module} package: pipx inject allconv {ONNX_PACKAGES} "
+                             f"(pipx install), or pip install {ONNX_PACKAGES} (pip, in allconv's "
+                             "environment)") from None
 
 
 def _export_meta(meta: dict, dtype: str) -> dict:
@@ -326,11 +361,11 @@ def _atomic_folder(out: Path, write: Callable[[Path], None]):
     leaves the old folder (at ``out`` or in a hidden ``.NAME.*.old`` sibling) or the new one,
     never a half-written one at ``out``.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(6)
     tmp, old = out.with_name(f".{out.name}.{token}.tmp"), out.with_name(f".{out.name}.{token}.old")
-    tmp.mkdir()  # unlike tempfile.mkdtemp's 0700, the usual mode (umask applies)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()  # unlike tempfile.mkdtemp's 0700, the usual mode (umask applies)
         write(tmp)
         if out.exists():
             os.replace(out, old)
@@ -338,6 +373,10 @@ def _atomic_folder(out: Path, write: Callable[[Path], None]):
             shutil.rmtree(old)
         else:
             os.replace(tmp, out)
+    except OSError as err:  # a full disk or an unwritable folder: name the folder asked for, not tmp
+        shutil.rmtree(tmp, ignore_errors=True)
+        message = str(err.strerror or err).replace(str(tmp), str(out))
+        raise OSError(err.errno, message if str(out) in message else f"cannot write {out}: {message}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,4 +1,5 @@
-"""Saliency figures: map normalization, upscaling for viewing, and the grid PNG (matplotlib, Agg).
+"""Saliency figures: map normalization, upscaling for viewing, the grid PNGs and the sanity chart
+(matplotlib, Agg).
 
 Every map is scaled on its own, as the caption states: ``signed`` divides by its largest
 absolute value and shows 0 as mid-grey (positive brighter, colour kept); ``abs`` shows the
@@ -12,16 +13,17 @@ from __future__ import annotations
 
 import io
 import math
-import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from allconv_cli.saliency import CLASS_METHODS, class_label
+from allconv_cli.saliency import CLASS_METHODS
+from allconv_cli.targets import class_label
 
-__all__ = ["NORMS", "UPSCALES", "check_display", "normalize", "patches_figure", "render", "saliency_figure"]
+__all__ = ["NORMS", "UPSCALES", "check_display", "normalize", "patches_figure", "grid_figure", "render", "saliency_figure",
+           "sanity_chart", "sanity_figure"]
 
 NORMS = ("signed", "abs", "percentile")
 UPSCALES = ("nearest", "bicubic")
@@ -30,7 +32,6 @@ METHOD_TITLES = {"backprop": "backpropagation", "deconvnet": "deconvnet", "guide
 
 _DPI = 100  # figure inches -> pixels; sizes below are in pixels
 _FONT = 8  # points
-_CHAR, _LINE = 7, 12  # px per character (DejaVu Sans, wide side) and per line at _FONT and _DPI
 _MIN_CELL = 128  # px: smaller images and maps are upscaled by a whole factor to at least this
 _MIN_PATCH = 64  # px: the same for receptive-field crops, 2 x top of them per row
 
@@ -98,7 +99,22 @@ def render(
     upscale: str = "nearest",
     min_cell: int = _MIN_CELL,
 ) -> bytes:
-    """Lay out equal-size RGB cells (H, W, 3) in a grid -> PNG bytes.
+    """Lay out equal-size RGB cells (H, W, 3) in a grid -> PNG bytes (see ``grid_figure``)."""
+    buffer = io.BytesIO()
+    grid_figure(rows, row_titles, groups, caption, upscale, min_cell).savefig(buffer, format="png", dpi=_DPI)
+    return buffer.getvalue()
+
+
+def grid_figure(
+    rows: Sequence[Sequence[np.ndarray]],
+    row_titles: Sequence[str],
+    groups: Sequence[tuple[str, int]],
+    caption: str,
+    upscale: str = "nearest",
+    min_cell: int = _MIN_CELL,
+):
+    """Lay out equal-size RGB cells (H, W, 3) in a grid -> a matplotlib Figure, sized so that
+    every title and the caption (wrapped to its width) lie inside it.
 
     ``groups`` are (title, number of columns) from left to right; a wider gap separates them.
     """
@@ -106,20 +122,24 @@ def render(
     from matplotlib.figure import Figure
     from PIL import Image
 
+    measure = _Measure()
     height, width = rows[0][0].shape[:2]
     factor = _factor(height, width, min_cell)
     resample = Image.Resampling.NEAREST if upscale == "nearest" else Image.Resampling.BICUBIC
     cell_h, cell_w = height * factor, width * factor
     gap, group_gap = 2, 12
-    lines = [line for title in row_titles for line in title.splitlines()]
-    left = max(60, _CHAR * max(map(len, lines)) + 16)
+    left = max(60, math.ceil(max(measure(title, _FONT)[0] for title in row_titles)) + 16)
     starts, x = [], left  # left edge of each group, px
-    for _, n in groups:
+    for title, n in groups:
+        span = n * cell_w + (n - 1) * gap
+        extra = max(0, measure(title, _FONT + 1)[0] + 4 - span)  # a title wider than its cells
+        x += extra / 2
         starts.append(x)
-        x += n * cell_w + (n - 1) * gap + group_gap
-    fig_w = x - group_gap + 10
-    caption_lines = textwrap.wrap(caption, width=(fig_w - 16) // _CHAR)
-    top, bottom = 24, 14 + _LINE * len(caption_lines)
+        x += span + extra / 2 + group_gap
+    fig_w = math.ceil(x - group_gap + 10)
+    starts = [round(x0) for x0 in starts]
+    caption = measure.wrap(caption, _FONT, fig_w - 16)
+    top, bottom = 24, 14 + math.ceil(measure(caption, _FONT)[1])
     fig_h = top + len(rows) * cell_h + (len(rows) - 1) * gap + bottom
 
     # One canvas of pixels, placed 1:1 in the figure: no resampling by matplotlib.
@@ -141,10 +161,46 @@ def render(
     for (title, n), x0 in zip(groups, starts):
         center = x0 + (n * cell_w + (n - 1) * gap) / 2
         fig.text(center / fig_w, 1 - (top - 6) / fig_h, title, ha="center", va="bottom", fontsize=_FONT + 1)
-    fig.text(8 / fig_w, (bottom - 8) / fig_h, "\n".join(caption_lines), ha="left", va="top", fontsize=_FONT)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=_DPI)
-    return buffer.getvalue()
+    fig.text(8 / fig_w, (bottom - 8) / fig_h, caption, ha="left", va="top", fontsize=_FONT)
+    return fig
+
+
+class _Measure:
+    """Pixel extents of text as the Agg renderer draws it at ``_DPI``: for layouts that never cut
+    a caption or a title off, whatever the figure's width."""
+
+    def __init__(self):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        self.figure = Figure(dpi=_DPI)
+        self.renderer = FigureCanvasAgg(self.figure).get_renderer()
+
+    def __call__(self, text: str, size: float) -> tuple[float, float]:
+        """(width, height) in px of ``text`` (lines split at newlines)."""
+        artist = self.figure.text(0, 0, text, fontsize=size)
+        box = artist.get_window_extent(self.renderer)
+        artist.remove()
+        return box.width, box.height
+
+    def wrap(self, text: str, size: float, width: float) -> str:
+        """``text`` broken into lines of at most ``width`` px at spaces, or inside a word that
+        alone is wider."""
+        lines, line = [], ""
+        for word in text.split():
+            while self(word, size)[0] > width and len(word) > 1:
+                cut = max(k for k in range(1, len(word) + 1) if k == 1 or self(word[:k], size)[0] <= width)
+                if line:
+                    lines.append(line)
+                    line = ""
+                lines.append(word[:cut])
+                word = word[cut:]
+            candidate = f"{line} {word}" if line else word
+            if line and self(candidate, size)[0] > width:
+                lines.append(line)
+                candidate = word
+            line = candidate
+        return "\n".join(lines + [line] if line else lines)
 
 
 def _factor(height: int, width: int, min_cell: int) -> int:
@@ -207,3 +263,73 @@ def patches_figure(result, loaded, dataset: str, norm: str = "signed", percentil
 
 def _short(name: str, limit: int = 24) -> str:
     return name if len(name) <= limit else name[:limit - 3] + "..."
+
+
+def sanity_figure(result, method: str, loaded, norm: str = "abs", percentile: float = 99.5,
+                  upscale: str = "nearest") -> bytes:
+    """One method's maps of a ``SanityResult``: a row per image, the input, the trained model's
+    map, then each stage's map."""
+    check_display(norm, percentile, upscale)
+    maps = result.maps[method]  # (1 + stages, N, C, H, W)
+    rows, titles = [], []
+    for i, t in enumerate(result.targets):
+        cells = [heat(m[i]) if method == "gradcam" else normalize(m[i], norm, percentile) for m in maps]
+        rows.append([picture(result.images[t.image]), *cells])
+        what = class_label(loaded.classes, t.channel) if t.layer is None else f"{t.layer} ch {t.channel} @ ({t.y}, {t.x})"
+        titles.append(f"{_short(Path(result.paths[t.image]).name)}\n{what}")
+    groups = [("input", 1), ("trained", 1), *((name, 1) for name in result.stage_names)]
+    if result.mode == "against":
+        how = f"right: the maps of {result.stage_names[0][len('against '):]}"
+    else:
+        how = (f"{result.mode} randomization (seed {result.seed}): "
+               + ("from the top layer down to the one named, re-initialized" if result.mode == "cascade"
+                  else "only the layer named re-initialized"))
+    parts = [f"{METHOD_TITLES[method]} · {loaded.name}, weights {loaded.source}", how,
+             f"signal from {result.selection}"]
+    if method in CLASS_METHODS:
+        parts.append(f"Grad-CAM on {result.layer}'s maps, 0 to max (inferno)")
+    if method != "gradcam":
+        parts.append(norm_text(norm, percentile))
+    parts.append(upscale_text(*result.images.shape[2:], upscale, _MIN_CELL))
+    return render(rows, titles, groups, " · ".join(parts), upscale, _MIN_CELL)
+
+
+SANITY_METRIC_TITLES = {"spearman_abs": "Spearman rank correlation, |map|",
+                        "spearman_signed": "Spearman rank correlation, signed map",
+                        "ssim": "SSIM of |map| (scaled to [0, 1])"}
+
+
+def sanity_chart(result, title: str) -> bytes:
+    """Similarity to the trained model's map against stage: a panel per metric, a line per
+    method, each point the mean over images (a stage where no image has a defined value is
+    left out)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = result.table()
+    names = ["trained", *result.stage_names]
+    fig = Figure(figsize=(4.2 * len(SANITY_METRIC_TITLES), 3.8), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(SANITY_METRIC_TITLES), sharey=True)
+    for ax, (metric, metric_title) in zip(axes, SANITY_METRIC_TITLES.items()):
+        for method in result.maps:
+            values = [1.0] + [next(r[metric] for r in rows if r["method"] == method and r["stage"] == name)
+                              for name in result.stage_names]
+            ys = [math.nan if v is None else v for v in values]
+            ax.plot(range(len(names)), ys, marker="o", markersize=3, label=METHOD_TITLES[method])
+        ax.set_title(metric_title, fontsize=_FONT + 1)
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=_FONT)
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.set_ylim(top=1.05)
+        ax.grid(alpha=0.3)
+        ax.tick_params(axis="y", labelsize=_FONT)
+    axes[0].set_ylabel("similarity to the trained model's map", fontsize=_FONT)
+    axes[-1].legend(fontsize=_FONT, loc="upper right")
+    xlabel = {"cascade": "re-initialized from the top down to", "independent": "re-initialized layer",
+              "against": "compared model"}[result.mode]
+    for ax in axes:
+        ax.set_xlabel(xlabel, fontsize=_FONT)
+    fig.suptitle(title, fontsize=_FONT + 1)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=_DPI)
+    return buffer.getvalue()

@@ -10,23 +10,31 @@ Every network is built from a row of ``LAYERS``: a list of tokens read left to r
 
 Convolutions are named conv1..convN in order, as in the paper, and are addressable by those
 names (``model.get_layer("conv6")``). Where this file and the paper's PDF disagree, the PDF wins.
+
+``VARIANTS`` registers deviations that have weights of their own: ``all_cnn_c_bn`` is All-CNN-C
+with BatchNorm and its own dropout, and ``timm.create_model("all_cnn_c_bn", pretrained=True)``
+loads the bundled CIFAR-10 weights from the package, offline.
 """
 
 from __future__ import annotations
 
 import difflib
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import (build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model,
+                         resolve_pretrained_cfg)
 from torch import nn
 
 __all__ = [
     "AllConvNet",
     "LAYERS",
     "PAPER",
+    "VARIANTS",
     "create_model",
+    "default_config",
     "did_you_mean",
     "list_models",
     "resolve_name",
@@ -35,6 +43,7 @@ __all__ = [
 # CIFAR-10 per-channel statistics of the training split, on [0, 1] pixels.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 _HEAD = [(3, 192, 1, 0), (1, 192, 1), (1, None, 1)]  # 8x8 -> 6x6, 1x1, 1x1 to classes
 
@@ -95,6 +104,38 @@ PAPER: dict[str, dict] = {
     },
     "all_cnn_imagenet": {"params": "< 10 M", "error": {"imagenet": 41.2}},
 }
+
+# Deviations registered for weights of their own: name -> (row of LAYERS, model options). On
+# the command line the same network is --model all-cnn-c --batch-norm --drop-input 0 --drop-rate 0.25.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "all_cnn_c_bn": ("all_cnn_c", {"batch_norm": True, "drop_input": 0.0, "drop_rate": 0.25}),
+}
+
+BUNDLED_WEIGHTS = Path(__file__).parent / "assets" / "all-cnn-c-cifar10.safetensors"
+# The per-channel standardization the bundled weights were trained with (the training split of
+# the CIFAR-10 JPEG copy), as recorded in the file's allconv metadata; a test keeps them equal.
+BUNDLED_MEAN = (0.4912503957748413, 0.4820902943611145, 0.44652095437049866)
+BUNDLED_STD = (0.24523161351680756, 0.24278154969215393, 0.26062875986099243)
+
+
+def feature_layers(layers: list) -> list[tuple[str, int, int]]:
+    """(conv name, channels, reduction) of the last conv before each change of resolution and
+    of the last conv before the class conv: the maps ``features_only=True`` returns. Reduction
+    is the input's side over the map's by strides (32x32 input: 1, 2, 4; the valid 3x3 conv
+    shrinks 8x8 to 6x6 without a stride, so those maps count as 4)."""
+    found: dict[int, tuple[str, int, int]] = {}
+    reduction, n_conv = 1, 0
+    for token in layers:
+        if token == "M":
+            reduction *= 2
+        if token in ("M", "D"):
+            continue
+        kernel, width, stride, *_ = token
+        n_conv += 1
+        reduction *= stride
+        if width is not None:  # the class conv's maps are the logits, not features
+            found[reduction] = (f"conv{n_conv}", width, reduction)
+    return list(found.values())
 
 
 class ConvBlock(nn.Module):
@@ -166,6 +207,9 @@ class AllConvNet(nn.Module):
             width = out_chs
         self.features = nn.Sequential(modules)
         self.layer_names = [name for name in modules if name.startswith("conv")]
+        # timm's FeatureListNet (features_only=True) reads this: one entry per returned map
+        self.feature_info = [{"num_chs": width, "reduction": reduction, "module": f"features.{name}"}
+                             for name, width, reduction in feature_layers(layers)]
         self.num_features = num_classes  # the class maps are what is pooled
         self._init_weights()
 
@@ -254,13 +298,43 @@ default_cfgs = generate_default_cfgs({
         num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
         mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, classifier="features.conv12.conv",
     ),
+    # the first tag of a name is its default: timm.create_model("all_cnn_c_bn", pretrained=True)
+    "all_cnn_c_bn.cifar10": _cfg(
+        file=str(BUNDLED_WEIGHTS), mean=BUNDLED_MEAN, std=BUNDLED_STD, label_names=CIFAR10_CLASSES,
+        notes=("All-CNN-C with BatchNorm (a deviation), trained by allconv on the CIFAR-10 JPEG copy "
+               "with flips and translations: 9.97 % top-1 error on its 10,000 test images",),
+    ),
 })
 
 
+def pretrained_names() -> list[str]:
+    """The registered ``name.tag`` entries that have weights, e.g. ``all_cnn_c_bn.cifar10``."""
+    return [f"{name}.{tag}" for name, entry in default_cfgs.items() for tag, cfg in entry.cfgs.items() if cfg.file]
+
+
 def _create(variant: str, pretrained: bool = False, **kwargs) -> AllConvNet:
+    row, options = VARIANTS.get(variant, (variant, {}))
+    kwargs = {**options, **kwargs}
     if variant == "all_cnn_imagenet":
         kwargs.setdefault("drop_input", 0.0)  # the appendix net has one dropout, after conv9
-    return build_model_with_cfg(AllConvNet, variant, pretrained, layers=LAYERS[variant], **kwargs)
+    if pretrained:
+        cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+        if not any(getattr(cfg, key) for key in ("file", "url", "hf_hub_id", "state_dict")):
+            raise ValueError(f"{variant} has no pretrained weights; {', '.join(pretrained_names())} has them: "
+                             f"timm.create_model({pretrained_names()[0].split('.')[0]!r}, pretrained=True), "
+                             "or pass pretrained_cfg_overlay=dict(file=...) for your own")
+    features = feature_layers(LAYERS[row])
+    return build_model_with_cfg(AllConvNet, variant, pretrained, layers=LAYERS[row],
+                                feature_cfg={"flatten_sequential": True, "out_indices": tuple(range(len(features)))},
+                                pretrained_filter_fn=_fit_class_block, **kwargs)
+
+
+def _fit_class_block(state_dict: dict, model: AllConvNet) -> dict:
+    """Drop the class conv block's tensors where their shape differs (another number of classes):
+    timm drops the class conv's weight and bias itself, but not the BatchNorm after it."""
+    prefix, own = f"features.{model.layer_names[-1]}.", model.state_dict()
+    return {key: value for key, value in state_dict.items()
+            if not (key.startswith(prefix) and key in own and own[key].shape != value.shape)}
 
 
 @register_model
@@ -328,6 +402,11 @@ def all_cnn_imagenet(pretrained=False, **kwargs) -> AllConvNet:
     return _create("all_cnn_imagenet", pretrained, **kwargs)
 
 
+@register_model
+def all_cnn_c_bn(pretrained=False, **kwargs) -> AllConvNet:
+    return _create("all_cnn_c_bn", pretrained, **kwargs)
+
+
 def list_models() -> list[str]:
     """The registered names as users type them on the command line (``all-cnn-c``)."""
     return [name.replace("_", "-") for name in LAYERS]
@@ -340,6 +419,13 @@ def resolve_name(name: str) -> str:
         raise ValueError(f"unknown model {name!r}{did_you_mean(name.replace('_', '-'), list_models())}; "
                          "run 'allconv models' for the list")
     return key
+
+
+def default_config(name: str) -> dict:
+    """A model's registered configuration (input_size, mean, std, interpolation, crop_pct,
+    num_classes...) by its CLI, Python or ``name.tag`` name, without building the model."""
+    key = name if name.split(".")[0] in VARIANTS else resolve_name(name)
+    return get_pretrained_cfg(key).to_dict()
 
 
 def create_model(name: str, **kwargs) -> AllConvNet:

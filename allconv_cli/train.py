@@ -1,9 +1,13 @@
-"""The trainer shared by train, eval and ablate: one loop, one evaluation, resumable run folders.
+"""The trainer shared by train, ablate and benchmark: one run folder, one step, one loop.
 
-A run folder holds ``config.json`` (the resolved settings), ``model.safetensors`` (weights and
-everything that rebuilds the model and its preprocessing), ``state.pt`` (optimizer, scheduler,
-RNG, position; plain tensors and numbers, read with ``torch.load(weights_only=True)``),
-``metrics.jsonl`` (one JSON object per epoch) and ``curves.png``. Only rank 0 writes.
+- ``RunFolder`` alone reads and writes a run folder: ``config.json`` (the resolved settings),
+  ``model.safetensors`` (weights and what rebuilds the model and its preprocessing),
+  ``state.pt`` (optimizer, scheduler, EMA, every rank's RNG, position; plain tensors and
+  numbers, read with ``torch.load(weights_only=True)`` and validated), ``metrics.jsonl`` (one
+  JSON object per epoch), ``curves.png`` and ``.lock`` (held for the whole run).
+- ``train_step`` is the one training step (augmentation, preprocessing, autocast forward,
+  loss, backward, optimizer, schedule, EMA), timed as it is by ``allconv benchmark``.
+- ``fit`` runs epochs of the batches it is given; ``train`` is the orchestrator.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -20,17 +25,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from allconv_cli import checkpoint, datasets, preprocess as preprocessing
 from allconv_cli.config import TrainConfig, from_json
-from allconv_cli.device import autocast, resolve_device, tune_cpu_allocator
-from allconv_cli.models import PAPER, create_model, resolve_name
+from allconv_cli.device import autocast, resolve_device, resolve_precision, tune_cpu_allocator
+from allconv_cli.evaluation import evaluate, paper_error
+from allconv_cli.initialization import initialize
+from allconv_cli.models import create_model, default_config, resolve_name
 
-CONFIG_NAME, STATE_NAME, METRICS_NAME, CURVES_NAME = "config.json", "state.pt", "metrics.jsonl", "curves.png"
+CONFIG_NAME, STATE_NAME, METRICS_NAME, CURVES_NAME, LOCK_NAME = (
+    "config.json", "state.pt", "metrics.jsonl", "curves.png", ".lock")
+RUN_FILES = (CONFIG_NAME, STATE_NAME, checkpoint.WEIGHTS_NAME, METRICS_NAME, CURVES_NAME)
+STATE_FORMAT = 2
 RESUME_MAY_CHANGE = ("device", "workers")  # settings that do not change what is computed
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+LSUV_IMAGES = 64  # training images the lsuv initialization measures variances on
+CHECK_EVERY = 10  # steps between the loop's host syncs: finiteness, progress, a stop agreed by all ranks
 
 Progress = Callable[..., None]  # progress(event, **fields); events: start, step, epoch
 
@@ -44,7 +54,7 @@ class TrainingStopped(Exception):
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; nothing of that step was applied."""
+    """The loss became NaN or infinite; no checkpoint holds that step."""
 
 
 # --- data and model -------------------------------------------------------------------------
@@ -72,7 +82,7 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
           preprocess_state: tuple[dict, dict] | None = None) -> Setup:
     """Load the data, fit (or restore) the preprocessing, and build the model on ``device``."""
     name = resolve_name(config.model)
-    input_size = tuple(create_model(name).pretrained_cfg["input_size"])
+    input_size = tuple(default_config(name)["input_size"])
     if config.crop >= min(input_size[1:]):
         raise ValueError(f"crop {config.crop} px is not smaller than {name}'s {input_size[1]}x{input_size[2]} "
                          f"input: give a smaller --crop")
@@ -86,6 +96,9 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
     validation = None
     if config.val_fraction > 0:
         train, validation = datasets.held_out(train, config.val_fraction, config.seed)
+    if config.shuffle_labels:  # once, fixed by the seed: the labels no longer say what the image shows
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
+        train = dataclasses.replace(train, labels=train.labels[order])
     model = create_model(name, **model_kwargs(config, len(train.classes)))
     if config.init is not None and preprocess_state is None:  # a resumed run restores its own state
         state, meta, tensors = checkpoint.load_weights(config.init)
@@ -95,10 +108,14 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
             raise ValueError(f"--init {config.init} was trained on {meta['preprocess']['kind']} inputs: "
                              f"give --preprocess {meta['preprocess']['kind']}")
         preprocess_state = (meta["preprocess"], tensors)  # the inputs its weights were learned for
-    if preprocess_state is not None:
+    if preprocess_state is not None:  # resumed, or started from --init weights: no fresh init
         prep = preprocessing.from_meta(*preprocess_state)
     else:
-        prep = preprocessing.fit(config.preprocess, _fit_images(train, config.seed))
+        images = _fit_images(train, config.seed)
+        prep = preprocessing.fit(config.preprocess, images)
+        if config.weight_init != "xavier":  # xavier is the model's own
+            batch = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))[:LSUV_IMAGES]]
+            initialize(model, config.weight_init, prep(batch.float() / 255))
     model = model.to(device, memory_format=_memory_format(config))
     per_rank = max(1, config.batch_size // world)
 
@@ -106,9 +123,9 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
         return datasets.Batches(split, per_rank, shuffle=shuffle, drop_last=shuffle, seed=config.seed,
                                 rank=rank, world=world, device=device, workers=config.workers)
 
-    evaluate = validation if validation is not None else test
+    evaluate_on = validation if validation is not None else test
     return Setup(model, prep.to(device), train.classes, input_size, batches(train, True),
-                 batches(evaluate, False), batches(test, False) if validation is not None else None)
+                 batches(evaluate_on, False), batches(test, False) if validation is not None else None)
 
 
 def _fit_images(split: datasets.Split, seed: int, most: int = 10_000) -> torch.Tensor:
@@ -129,7 +146,13 @@ def model_kwargs(config: TrainConfig, num_classes: int) -> dict:
     return {"num_classes": num_classes, "batch_norm": config.batch_norm, "class_relu": config.class_relu, **dropout}
 
 
-# --- schedule -------------------------------------------------------------------------------
+# --- optimizer, schedule, the step ----------------------------------------------------------
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with the run's momentum, Nesterov and weight decay (Section 3.2's optimizer)."""
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                           nesterov=config.nesterov, weight_decay=config.weight_decay)
+
 
 def make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
     """A per-step learning-rate schedule from torch's schedulers."""
@@ -153,214 +176,47 @@ def make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
     return sched.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
 
 
-# --- evaluation -----------------------------------------------------------------------------
+@dataclasses.dataclass
+class Learner:
+    """Everything one training step touches. ``model`` holds the fp32 weights; ``step_model``
+    runs the step (the model, or its DDP / compiled wrapper)."""
 
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: datasets.Batches, prep: nn.Module, num_classes: int,
-             tta: bool = False, amp: bool = True, memory_format=torch.channels_last) -> dict:
-    """Top-1 / top-5 error (%), mean loss, per-class accuracy (%) and the confusion matrix
-    (rows: true class, columns: predicted). ``tta`` averages the softmax of the image and its
-    mirror. Under DDP the counts are summed over all processes."""
-    was_training = model.training
-    model.eval()
+    model: nn.Module
+    step_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: nn.Module | None  # timm's ModelEmaV3: evaluated and saved instead of the raw weights
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    criterion: nn.Module
+    mixup: Callable | None  # timm's Mixup for augment = "strong"
+    preprocess: nn.Module
+    config: TrainConfig  # precision resolved
+    rank: int = 0
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+
+def make_learner(config: TrainConfig, model: nn.Module, preprocess: nn.Module, num_classes: int,
+                 steps_per_epoch: int, rank: int = 0, world: int = 1) -> Learner:
+    """The optimizer, schedule, EMA, loss and wrappers of a run around ``model`` (on its device)."""
     device = next(model.parameters()).device
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, top-5 hits
-    for images, labels in batches.epoch(0):
-        x = prep(images.float() / 255).contiguous(memory_format=memory_format)
-        with autocast(device, amp):
-            logits = model(x).float()
-            if tta:
-                logits = (logits.softmax(1) + model(x.flip(3)).float().softmax(1)).div(2).log()
-        totals[0] += F.cross_entropy(logits, labels, reduction="sum").double()
-        top = logits.topk(min(5, num_classes), dim=1).indices
-        totals[1] += (top == labels[:, None]).any(1).sum()
-        confusion.view(-1).index_add_(0, labels * num_classes + top[:, 0], torch.ones_like(labels))
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(confusion)
-        torch.distributed.all_reduce(totals)
-    model.train(was_training)
-    count = confusion.sum().item()
-    per_class = confusion.diag().double() / confusion.sum(1).clamp_min(1).double()
-    return {
-        "count": count,
-        "loss": totals[0].item() / count,
-        "top1_error": 100 * (1 - confusion.diag().sum().item() / count),
-        "top5_error": 100 * (1 - totals[1].item() / count),
-        "per_class_accuracy": (100 * per_class).tolist(),
-        "confusion": confusion.cpu().tolist(),
-    }
-
-
-def paper_error(model: str, dataset: str, classes: list[str], augment: str) -> float | None:
-    """The paper's test error (%) for this model on this data set, where it reports one."""
-    errors = PAPER[resolve_name(model)]["error"]
-    if dataset == "sample":
-        return None  # 4,000 training images: not comparable with the paper's 50,000
-    if dataset == "cifar10" or classes == CIFAR10_CLASSES:
-        return errors.get("cifar10" if augment == "none" else "cifar10-aug")
-    if dataset == "cifar100":
-        return errors.get("cifar100")
-    if len(classes) == 1000:
-        return errors.get("imagenet")
-    return None
-
-
-# --- the loop -------------------------------------------------------------------------------
-
-def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = None,
-          resume: bool = False, stop_after: int | None = None) -> dict:
-    """Train ``config`` into ``run_dir`` (or continue it there with ``resume``) -> summary.
-
-    ``stop_after`` ends this call, resumably, after that many epochs. SIGINT / SIGTERM finish
-    the current step, write a resumable checkpoint and raise TrainingStopped.
-    """
-    run_dir = Path(run_dir)
-    rank, world, local_rank = _distributed()
-    if progress is None or rank != 0:
-        progress = lambda event, **fields: None  # noqa: E731  (only rank 0 reports)
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
-        torch.distributed.init_process_group(backend)
-    device = resolve_device(config.device)
-    if device.type == "cpu":
-        tune_cpu_allocator()
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    state = _load_state(run_dir, config) if resume else None
-    _seed(config, rank)
-    setup = build(config, device, rank, world,
-                  preprocess_state=(state["preprocess_meta"], state["preprocess_tensors"]) if state else None)
-    model = setup.model
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                nesterov=config.nesterov, weight_decay=config.weight_decay)
-    scheduler = make_scheduler(optimizer, config, len(setup.train))
+    optimizer = make_optimizer(model, config)
     ema = None
     if config.ema_decay > 0:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=config.ema_decay)
-    mixup, criterion = _loss(config, len(setup.classes))
-    history: list[dict] = []
-    start_epoch = start_step = 0
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        start_epoch, start_step, history = state["epoch"], state["step"], json.loads(state["history"])
-        sums = state["sums"].to(device)
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
-    elif rank == 0:
-        checkpoint.atomic_write_text(run_dir / CONFIG_NAME, config.to_json())
     step_model = model
     if world > 1:
         step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
         step_model = torch.compile(step_model)
-    memory_format = _memory_format(config)
-    eval_model = ema.module if ema is not None else model
-    generator = torch.Generator(device=device)
-    paper = paper_error(config.model, config.dataset, setup.classes, config.augment)
-    progress("start", config=config, run_dir=run_dir, classes=setup.classes, steps=len(setup.train),
-             start_epoch=start_epoch, examples=len(setup.train.data), device=str(device), world=world)
-
-    def save(epoch: int, step: int, metrics: dict | None):
-        if rank != 0:
-            return
-        prep_meta, prep_tensors = setup.preprocess.to_meta()
-        meta = {"model": resolve_name(config.model), "model_kwargs": model_kwargs(config, len(setup.classes)),
-                "classes": setup.classes, "input_size": list(setup.input_size), "preprocess": prep_meta,
-                "dataset": config.dataset, "data_dir": config.data_dir, "augment": config.augment,
-                "epoch": epoch, "metrics": metrics or {}, "paper_error": paper}
-        checkpoint.save_weights(run_dir / checkpoint.WEIGHTS_NAME, eval_model, meta, preprocess=prep_tensors)
-        payload = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-            "epoch": epoch, "step": step, "sums": sums.cpu(), "history": json.dumps(history),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "preprocess_meta": prep_meta, "preprocess_tensors": prep_tensors,
-            "config": config.to_json(),
-        }
-        checkpoint.atomic_write(run_dir / STATE_NAME, lambda tmp: torch.save(payload, tmp))
-
-    epochs_run = 0
-    started = time.perf_counter()
-    with _catch_signals() as caught:
-        for epoch in range(start_epoch, config.epochs):
-            model.train()
-            epoch_start = time.perf_counter()
-            seen_at_start = sums[2].item()
-            for step, (images, labels) in enumerate(setup.train.epoch(epoch, start_step), start=start_step):
-                generator.manual_seed(_step_seed(config.seed, rank, epoch, step))
-                x = datasets.augment(images, config.augment, generator,
-                                     size=config.crop if epoch < config.crop_epochs else None)
-                x = setup.preprocess(x.float() / 255).contiguous(memory_format=memory_format)
-                target = labels
-                if mixup is not None:
-                    np.random.seed(_step_seed(config.seed, rank, epoch, step) % 2**32)
-                    x, target = mixup(x, labels)
-                with autocast(device, config.amp):
-                    logits = step_model(x)
-                    loss = criterion(logits.float(), target)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; nothing of "
-                        f"that step was applied and {run_dir} keeps the last good checkpoint (epoch "
-                        f"{len(history)}). Lower --lr, or add --batch-norm")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                lr = optimizer.param_groups[0]["lr"]  # the rate this step uses, before the schedule moves on
-                optimizer.step()
-                scheduler.step()
-                if ema is not None:
-                    ema.update(model)
-                with torch.no_grad():
-                    sums += torch.stack([loss.detach().double() * len(labels),
-                                         (logits.argmax(1) == labels).sum().double(),
-                                         torch.full((), float(len(labels)), dtype=torch.float64, device=device)])
-                if (step % 10 == 0 or step + 1 == len(setup.train)):
-                    seen = sums[2].item()
-                    progress("step", epoch=epoch, step=step + 1, steps=len(setup.train),
-                             loss=sums[0].item() / seen, accuracy=100 * sums[1].item() / seen,
-                             images_per_s=world * (seen - seen_at_start) / (time.perf_counter() - epoch_start),
-                             lr=lr)
-                if caught:
-                    save(epoch, step + 1, history[-1] if history else None)
-                    raise TrainingStopped(caught[0], run_dir)
-            start_step = 0
-            metrics = _epoch_metrics(epoch, sums, world, time.perf_counter() - epoch_start, lr)
-            sums.zero_()
-            if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-                result = evaluate(eval_model, setup.evaluate, setup.preprocess, len(setup.classes),
-                                  amp=config.amp, memory_format=memory_format)
-                split = "val" if setup.test is not None else "test"
-                metrics.update({f"{split}_loss": result["loss"], f"{split}_top1_error": result["top1_error"],
-                                f"{split}_top5_error": result["top5_error"]})
-            history.append(metrics)
-            save(epoch + 1, 0, metrics)
-            if rank == 0:
-                _write_metrics(run_dir, history)
-            progress("epoch", metrics=metrics, epochs=config.epochs)
-            epochs_run += 1
-            if stop_after is not None and epochs_run >= stop_after and epoch + 1 < config.epochs:
-                break
-    summary = {"run_dir": str(run_dir), "model": resolve_name(config.model), "dataset": config.dataset,
-               "epochs_done": len(history), "epochs": config.epochs, "finished": len(history) == config.epochs,
-               "seconds": time.perf_counter() - started, "paper_error": paper, "last": history[-1]}
-    if setup.test is not None and summary["finished"]:
-        result = evaluate(eval_model, setup.test, setup.preprocess, len(setup.classes),
-                          amp=config.amp, memory_format=memory_format)
-        summary["test"] = {k: result[k] for k in ("loss", "top1_error", "top5_error")}
-    if world > 1:
-        torch.distributed.barrier()
-    return summary
+    scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+    mixup, criterion = _loss(config, num_classes)
+    return Learner(model, step_model, optimizer, make_scheduler(optimizer, config, steps_per_epoch), ema, scaler,
+                   criterion, mixup, preprocess, config, rank)
 
 
 def _loss(config: TrainConfig, num_classes: int):
@@ -375,6 +231,436 @@ def _loss(config: TrainConfig, num_classes: int):
     return None, nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
 
+def step_seed(seed: int, rank: int, epoch: int, step: int) -> int:
+    """Augmentation seed of one step, so that any step replays after a resume; below 2^63 for
+    every valid seed (torch's generators take at most 64 bits)."""
+    return (((seed * 1_000_003 + rank) * 10_007 + epoch) * 1_000_003 + step) % 2**63
+
+
+def batch_inputs(config: TrainConfig, preprocess: nn.Module, images: torch.Tensor, epoch: int, step: int,
+                 generator: torch.Generator, rank: int = 0) -> torch.Tensor:
+    """The data path of a step: uint8 (B, C, H, W) -> augmented (seeded by the step), scaled to
+    [0, 1], preprocessed float input in the run's memory format."""
+    generator.manual_seed(step_seed(config.seed, rank, epoch, step))
+    x = datasets.augment(images, config.augment, generator, size=config.crop if epoch < config.crop_epochs else None)
+    return preprocess(x.float() / 255).contiguous(memory_format=_memory_format(config))
+
+
+def train_step(learner: Learner, images: torch.Tensor, labels: torch.Tensor, epoch: int, step: int,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step on a uint8 (B, C, H, W) batch -> (loss, correct count), both still on the device:
+    reading them is left to the caller, so the step itself never waits for the device."""
+    config = learner.config
+    x = batch_inputs(config, learner.preprocess, images, epoch, step, generator, learner.rank)
+    target = labels
+    if learner.mixup is not None:
+        np.random.seed(step_seed(config.seed, learner.rank, epoch, step) % 2**32)  # timm's Mixup uses numpy's
+        x, target = learner.mixup(x, labels)
+    with autocast(x.device, config.precision):
+        logits = learner.step_model(x)
+    loss = learner.criterion(logits.float(), target)  # the loss in fp32
+    learner.optimizer.zero_grad(set_to_none=True)
+    if learner.scaler is not None:
+        learner.scaler.scale(loss).backward()
+        learner.scaler.step(learner.optimizer)  # host sync: the scaler reads whether gradients overflowed
+        learner.scaler.update()
+    else:
+        loss.backward()
+        learner.optimizer.step()
+    learner.scheduler.step()
+    if learner.ema is not None:
+        learner.ema.update(learner.model)
+    return loss.detach(), (logits.detach().argmax(1) == labels).sum()
+
+
+# --- the run folder -------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Position:
+    """Where a run stands: the next epoch and step, this rank's running sums of the epoch so
+    far ((3,) float64 on the device: loss sum, correct, seen) and the metrics of past epochs."""
+
+    epoch: int = 0
+    step: int = 0
+    sums: torch.Tensor | None = None
+    history: list[dict] = dataclasses.field(default_factory=list)
+
+
+# state.pt's entries and their types: what a valid file holds, checked on every load
+_STATE_TYPES = {
+    "format": int, "config": str, "epoch": int, "step": int, "sums": torch.Tensor, "history": str,
+    "model": dict, "optimizer": dict, "scheduler": dict, "ema": (dict, type(None)), "world": int,
+    "rng_cpu": torch.Tensor, "rng_cuda": (torch.Tensor, type(None)),
+    "preprocess_meta": dict, "preprocess_tensors": dict,
+}
+
+
+class RunFolder:
+    """The one reader and writer of a run folder. Only rank 0 writes; every write is atomic, and
+    ``state.pt`` is written last, so a kill at any instant leaves a consistent, resumable run."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def holds_run(self) -> bool:
+        return any((self.path / name).exists() for name in RUN_FILES)
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold ``.lock`` for the run; another process gets one line naming the holder. The
+        kernel releases the lock when the holder dies, so a killed run leaves none behind."""
+        import fcntl
+
+        created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise OSError(err.errno, f"cannot create the run folder {self.path}: {err.strerror}; "
+                                     "give --out a folder you can write") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 1024).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ValueError(f"{self.path} is in use by {holder}: wait for that run to end or stop it, "
+                             "or give another --out") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"allconv train (PID {os.getpid()} on {socket.gethostname()}, since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode())
+            for stale in self.path.glob(".*.tmp"):  # left by writers killed mid-write; we hold the lock
+                stale.unlink(missing_ok=True)
+            yield self
+        finally:
+            os.ftruncate(fd, 0)
+            if created and not self.holds_run():  # a run that failed to start leaves no folder behind
+                (self.path / LOCK_NAME).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    self.path.rmdir()
+            os.close(fd)
+
+    def refuse_a_run(self, replace: bool):
+        """A new run may start here: the folder holds no run, or ``replace`` says to replace it."""
+        if self.holds_run() and not replace:
+            raise ValueError(f"{self.path} holds a run already: continue it with allconv train --resume "
+                             f"{self.path}, give another --out, or replace it with --force")
+
+    def begin(self, config: TrainConfig, replace: bool):
+        """Start a new run here: refuse a folder that holds one unless ``replace``."""
+        self.refuse_a_run(replace)
+        if self.holds_run():
+            for name in RUN_FILES:
+                (self.path / name).unlink(missing_ok=True)
+        checkpoint.atomic_write_text(self.path / CONFIG_NAME, config.to_json())
+
+    def read_config(self) -> TrainConfig:
+        path = self.path / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.path} is not a run folder (no {CONFIG_NAME}): give the folder "
+                                    "that allconv train wrote")
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not an allconv run configuration (not UTF-8 text): give the folder "
+                             "that allconv train wrote") from None
+        return from_json(text, str(path))
+
+    def read_state(self, config: TrainConfig) -> dict | None:
+        """``state.pt``, checked for structure and for the settings it was started with; None
+        for a run that was stopped before its first checkpoint (it starts again from scratch)."""
+        path = self.path / STATE_NAME
+        if not path.is_file():
+            if not (self.path / CONFIG_NAME).is_file():
+                raise FileNotFoundError(f"{self.path} has no {STATE_NAME} to resume from: give the folder of "
+                                        "a run that allconv train started")
+            _check_same(json.loads(self.read_config().to_json()), config, self.path)
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a truncated or foreign file: torch raises several kinds
+            raise ValueError(f"{path} cannot be read ({type(err).__name__}); it is not an allconv training "
+                             "state, or it is damaged") from None
+        bad = ([k for k, kind in _STATE_TYPES.items() if not isinstance(state.get(k), kind)]
+               if isinstance(state, dict) else ["its structure"])
+        if bad or state["format"] != STATE_FORMAT or state["sums"].shape != (3,):
+            raise ValueError(f"{path} is not an allconv training state of format {STATE_FORMAT} "
+                             f"({', '.join(bad) or 'format or sums'} wrong; an older allconv's state cannot be "
+                             f"resumed): continue from its weights with --init {self.path}, or start a new run")
+        _check_same(json.loads(state["config"]), config, self.path)
+        return state
+
+    def restore(self, learner: Learner, state: dict, rank: int, world: int) -> Position:
+        """Load ``state`` into ``learner`` -> the position to continue from."""
+        if len(state["rng_cpu"]) != world:
+            raise ValueError(f"{self.path} was trained by {len(state['rng_cpu'])} processes: resume it with "
+                             "as many")
+        try:
+            learner.model.load_state_dict(state["model"])
+            learner.optimizer.load_state_dict(state["optimizer"])
+            learner.scheduler.load_state_dict(state["scheduler"])
+            if learner.ema is not None:
+                learner.ema.load_state_dict(state["ema"])
+            torch.set_rng_state(state["rng_cpu"][rank].clone())  # a row of its own: torch reads from offset 0
+            history = json.loads(state["history"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+            raise ValueError(f"{self.path / STATE_NAME} does not fit this run's model and optimizer "
+                             f"({type(err).__name__}): start a new run") from None
+        device = next(learner.model.parameters()).device
+        if device.type == "cuda" and state["rng_cuda"] is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"][rank].clone(), device)
+        sums = state["sums"].to(device) if rank == 0 else torch.zeros(3, dtype=torch.float64, device=device)
+        return Position(state["epoch"], state["step"], sums, history)
+
+    def save(self, learner: Learner, position: Position, setup: Setup, world: int):
+        """Weights, metrics and chart, then the state: on every rank (they take part in gathering
+        the metric sums and RNG states); rank 0 writes."""
+        device = position.sums.device
+        sums = position.sums.clone()
+        rng_cpu, rng_cuda = torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        if world > 1:  # rank 0 saves the sums of all ranks and every rank's generator
+            torch.distributed.all_reduce(sums)
+            rng_cpu = _gather(rng_cpu, device, world)
+            rng_cuda = None if rng_cuda is None else _gather(rng_cuda, device, world)
+        else:
+            rng_cpu, rng_cuda = rng_cpu[None], None if rng_cuda is None else rng_cuda[None]
+        if learner.rank != 0:
+            return
+        config = learner.config
+        prep_meta, prep_tensors = setup.preprocess.to_meta()
+        meta = {"model": resolve_name(config.model), "model_kwargs": model_kwargs(config, len(setup.classes)),
+                "classes": setup.classes, "input_size": list(setup.input_size), "preprocess": prep_meta,
+                "dataset": config.dataset, "data_dir": config.data_dir, "augment": config.augment,
+                "precision": config.precision, "epoch": position.epoch,
+                "metrics": position.history[-1] if position.history else {},
+                "paper_error": paper_error(config.model, config.dataset, setup.classes, config.augment)}
+        checkpoint.save_weights(self.path / checkpoint.WEIGHTS_NAME, learner.eval_model, meta, preprocess=prep_tensors)
+        if position.history:
+            self.write_metrics(position.history)
+        payload = {
+            "format": STATE_FORMAT, "config": config.to_json(), "epoch": position.epoch, "step": position.step,
+            "sums": sums.cpu(), "history": json.dumps(position.history), "world": world,
+            "model": learner.model.state_dict(), "optimizer": learner.optimizer.state_dict(),
+            "scheduler": learner.scheduler.state_dict(),
+            "ema": learner.ema.state_dict() if learner.ema is not None else None,
+            "rng_cpu": rng_cpu.cpu(), "rng_cuda": None if rng_cuda is None else rng_cuda.cpu(),
+            "preprocess_meta": prep_meta, "preprocess_tensors": prep_tensors,
+        }
+        checkpoint.atomic_write(self.path / STATE_NAME, lambda tmp: torch.save(payload, tmp))
+
+    def write_metrics(self, history: list[dict]):
+        from allconv_cli.charts import learning_curves
+
+        checkpoint.atomic_write_text(self.path / METRICS_NAME, "".join(json.dumps(m) + "\n" for m in history))
+        learning_curves(history, self.path / CURVES_NAME)
+
+
+def _check_same(saved: dict, config: TrainConfig, run_dir: Path):
+    given = json.loads(config.to_json())
+    changed = sorted(k for k in given if k not in RESUME_MAY_CHANGE and saved.get(k) != given[k])
+    if changed:
+        raise ValueError(f"{run_dir} was started with other settings ({', '.join(changed)}); resume it "
+                         "with its own (allconv train --resume RUN) or start a new run")
+
+
+def _gather(tensor: torch.Tensor, device: torch.device, world: int) -> torch.Tensor:
+    """Every rank's copy of a same-shaped tensor -> (world, ...) on every rank."""
+    local = tensor.to(device)
+    parts = [torch.empty_like(local) for _ in range(world)]
+    torch.distributed.all_gather(parts, local)
+    return torch.stack(parts)
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    return RunFolder(run_dir).read_config()
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+def fit(learner: Learner, batches: datasets.Batches, position: Position, epochs: int, *,
+        evaluate_epoch: Callable[[int], dict] | None = None, save: Callable[[Position], None] | None = None,
+        progress: Progress | None = None, stop: list[int] | None = None, stop_after: int | None = None,
+        world: int = 1, run_dir: Path | None = None) -> Position:
+    """Train from ``position`` to ``epochs`` on ``batches`` -> the position reached.
+
+    ``evaluate_epoch(epoch)`` adds a split's metrics after an epoch (or returns {}); ``save``
+    checkpoints (at the end of every epoch, and at a stop); ``stop`` is the list a signal handler
+    appends to. A stop is taken at a step boundary that every rank agrees on, and a stop during an
+    epoch's last step waits for the epoch's end, so no checkpoint sits between an epoch's last
+    step and its evaluation. ``stop_after`` ends the call after that many epochs.
+    """
+    progress = progress or (lambda event, **fields: None)
+    save = save or (lambda position: None)
+    stop = stop if stop is not None else []
+    device = next(learner.model.parameters()).device
+    generator = torch.Generator(device=device)
+    if position.sums is None:
+        position.sums = torch.zeros(3, dtype=torch.float64, device=device)
+    sums, steps = position.sums, len(batches)
+    for epoch in range(position.epoch, min(epochs, position.epoch + (stop_after or epochs))):
+        learner.model.train()
+        started, seen_before = time.perf_counter(), sums[2].item()  # host sync, once an epoch
+        lr = learner.optimizer.param_groups[0]["lr"]
+        losses = []  # this window's losses, read at the next check
+        for step, (images, labels) in enumerate(batches.epoch(epoch, position.step), start=position.step):
+            lr = learner.optimizer.param_groups[0]["lr"]  # the rate this step uses, before the schedule moves on
+            loss, correct = train_step(learner, images, labels, epoch, step, generator)
+            sums += torch.stack([loss.double() * len(labels), correct.double(),
+                                 torch.full((), float(len(labels)), dtype=torch.float64, device=device)])
+            losses.append(loss)
+            last = step + 1 == steps
+            if (step + 1) % CHECK_EVERY == 0 or last or (stop and world == 1):
+                # The loop's one host sync, every CHECK_EVERY steps: losses finite, progress, stop.
+                seen = _check(losses, sums, epoch, step + 1, position.history, run_dir)
+                losses = []
+                progress("step", epoch=epoch, step=step + 1, steps=steps, loss=seen[0] / seen[2],
+                         accuracy=100 * seen[1] / seen[2], lr=lr,
+                         images_per_s=world * (seen[2] - seen_before) / (time.perf_counter() - started))
+                if not last and _agreed(bool(stop), world, device):
+                    position.epoch, position.step = epoch, step + 1
+                    save(position)
+                    raise TrainingStopped(stop[0] if stop else signal.SIGTERM, run_dir)
+        metrics = _epoch_metrics(epoch, sums, world, time.perf_counter() - started, lr, learner.config.precision)
+        metrics.update(evaluate_epoch(epoch) if evaluate_epoch is not None else {})
+        sums.zero_()
+        position.history.append(metrics)
+        position.epoch, position.step = epoch + 1, 0
+        save(position)
+        progress("epoch", metrics=metrics, epochs=epochs)
+        if position.epoch < epochs and _agreed(bool(stop), world, device):
+            raise TrainingStopped(stop[0] if stop else signal.SIGTERM, run_dir)
+    return position
+
+
+def _check(losses: list[torch.Tensor], sums: torch.Tensor, epoch: int, step: int, history: list,
+           run_dir: Path | None) -> list[float]:
+    """Read the window's losses and the running sums in one transfer; raise on a bad loss."""
+    values = torch.cat([sums, torch.stack(losses).double()]).tolist()
+    window = values[3:]
+    bad = next((i for i, v in enumerate(window) if not np.isfinite(v)), None)
+    if bad is not None:
+        kept = (f"{run_dir} keeps the last good checkpoint (epoch {len(history)})" if history
+                else "no checkpoint was written")
+        raise TrainingDiverged(f"the loss became {window[bad]} at epoch {epoch + 1}, step "
+                               f"{step - len(window) + bad + 1}; {kept}. Lower --lr, or add --batch-norm")
+    return values[:3]
+
+
+def _agreed(flag: bool, world: int, device: torch.device) -> bool:
+    """Whether any rank raised ``flag``: all ranks get the same answer, so all stop together."""
+    if world == 1:
+        return flag
+    vote = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MAX)
+    return bool(vote.item())
+
+
+def _epoch_metrics(epoch, sums, world, seconds, lr: float, precision: str) -> dict:
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+    loss, correct, seen = sums.tolist()
+    return {"epoch": epoch + 1, "train_loss": loss / seen, "train_accuracy": 100 * correct / seen,
+            "lr": lr, "seconds": seconds, "images_per_s": seen / seconds, "precision": precision}
+
+
+def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = None, resume: bool = False,
+          stop_after: int | None = None, replace: bool = False, finished_ok: bool = False) -> dict:
+    """Train ``config`` into ``run_dir`` (or continue it there with ``resume``) -> summary.
+
+    A new run refuses a folder holding one unless ``replace``. ``stop_after`` ends this call,
+    resumably, after that many epochs. SIGINT / SIGTERM write a resumable checkpoint and raise
+    TrainingStopped. ``finished_ok`` lets ``resume`` of a finished run just summarize it.
+    """
+    run = RunFolder(run_dir)
+    rank, world, local_rank = _distributed()
+    progress = progress if progress is not None and rank == 0 else None
+    device = _start(config, world, local_rank)
+    config = dataclasses.replace(config, precision=resolve_precision(config.precision, device))
+    try:
+        with run.lock() if rank == 0 else contextlib.nullcontext():
+            state = run.read_state(config) if resume else None
+            if state is not None and state["epoch"] >= config.epochs and not finished_ok:
+                raise ValueError(f"{run.path} already finished all {config.epochs} epochs; nothing to resume "
+                                 "(start a new run, e.g. with --epochs)")
+            if state is None and rank == 0:
+                run.refuse_a_run(replace or resume)  # before loading data, which can take minutes
+            _seed(config, rank)
+            setup = build(config, device, rank, world, (state["preprocess_meta"], state["preprocess_tensors"])
+                          if state else None)
+            if state is None and rank == 0:  # after build: a run whose data fails to load writes nothing
+                run.begin(config, replace or resume)  # a resume without state.pt restarts from scratch
+            learner = make_learner(config, setup.model, setup.preprocess, len(setup.classes), len(setup.train),
+                                   rank, world)
+            position = run.restore(learner, state, rank, world) if state else Position()
+            if progress is not None:
+                progress("start", config=config, run_dir=run.path, classes=setup.classes, steps=len(setup.train),
+                         start_epoch=position.epoch, examples=len(setup.train.data), device=str(device), world=world)
+            started = time.perf_counter()
+            with _catch_signals() as caught:
+                position = fit(learner, setup.train, position, config.epochs,
+                               evaluate_epoch=_evaluator(learner, setup, config), stop=caught, stop_after=stop_after,
+                               save=lambda at: run.save(learner, at, setup, world), progress=progress,
+                               world=world, run_dir=run.path)
+            return _summary(learner, setup, config, run, position, time.perf_counter() - started)
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def resume(run_dir: str | Path, progress: Progress | None = None, stop_after: int | None = None,
+           **changes) -> dict:
+    """Continue the run in ``run_dir`` with its saved settings; only RESUME_MAY_CHANGE may differ."""
+    config = RunFolder(run_dir).read_config()
+    for key, value in changes.items():
+        if key not in RESUME_MAY_CHANGE:
+            raise ValueError(f"--resume continues with the run's saved settings; drop --{key.replace('_', '-')}")
+        setattr(config, key, value)
+    return train(config, run_dir, progress=progress, resume=True, stop_after=stop_after)
+
+
+def _start(config: TrainConfig, world: int, local_rank: int) -> torch.device:
+    """Join the process group under torchrun, pick the device and tune the CPU allocator."""
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo")
+    device = resolve_device(config.device)
+    if device.type == "cpu":
+        tune_cpu_allocator()
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def _evaluator(learner: Learner, setup: Setup, config: TrainConfig) -> Callable[[int], dict]:
+    """After an epoch: the evaluation split's loss and errors, every eval_every epochs and at the end."""
+    split = "val" if setup.test is not None else "test"
+
+    def after(epoch: int) -> dict:
+        if (epoch + 1) % config.eval_every and epoch + 1 != config.epochs:
+            return {}
+        result = evaluate(learner.eval_model, setup.evaluate, setup.preprocess, len(setup.classes),
+                          precision=config.precision, memory_format=_memory_format(config))
+        return {f"{split}_{key}": result[key] for key in ("loss", "top1_error", "top5_error")}
+
+    return after
+
+
+def _summary(learner: Learner, setup: Setup, config: TrainConfig, run: RunFolder, position: Position,
+             seconds: float) -> dict:
+    """What the run reached; the test split is read once, at the end of a run that held out a
+    validation split."""
+    finished = position.epoch >= config.epochs
+    summary = {"run_dir": str(run.path), "model": resolve_name(config.model), "dataset": config.dataset,
+               "epochs_done": position.epoch, "epochs": config.epochs, "finished": finished, "seconds": seconds,
+               "precision": config.precision, "last": position.history[-1] if position.history else {},
+               "paper_error": paper_error(config.model, config.dataset, setup.classes, config.augment)}
+    if setup.test is not None and finished:
+        result = evaluate(learner.eval_model, setup.test, setup.preprocess, len(setup.classes),
+                          precision=config.precision, memory_format=_memory_format(config))
+        summary["test"] = {k: result[k] for k in ("loss", "top1_error", "top5_error")}
+    return summary
+
+
 def _seed(config: TrainConfig, rank: int):
     torch.manual_seed(config.seed + rank)
     if config.deterministic:
@@ -383,55 +669,6 @@ def _seed(config: TrainConfig, rank: int):
         torch.backends.cudnn.benchmark = False
     elif torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
-
-
-def _step_seed(seed: int, rank: int, epoch: int, step: int) -> int:
-    """Augmentation seed of one step: any step can be replayed after a resume."""
-    return ((seed * 1_000_003 + rank) * 10_007 + epoch) * 1_000_003 + step
-
-
-def _epoch_metrics(epoch, sums, world, seconds, lr: float) -> dict:
-    if world > 1:
-        torch.distributed.all_reduce(sums)
-    seen = sums[2].item()
-    return {"epoch": epoch + 1, "train_loss": sums[0].item() / seen, "train_accuracy": 100 * sums[1].item() / seen,
-            "lr": lr, "seconds": seconds, "images_per_s": seen / seconds}
-
-
-def _write_metrics(run_dir: Path, history: list[dict]):
-    checkpoint.atomic_write_text(run_dir / METRICS_NAME, "".join(json.dumps(m) + "\n" for m in history))
-    from allconv_cli.charts import learning_curves
-
-    learning_curves(history, run_dir / CURVES_NAME)
-
-
-def _load_state(run_dir: Path, config: TrainConfig) -> dict:
-    path = run_dir / STATE_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no {STATE_NAME} to resume from: give the folder of a "
-                                "run that allconv train started")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file: torch raises several kinds
-        raise ValueError(f"{path} cannot be read ({type(err).__name__}); it is not an allconv training "
-                         "state, or it is damaged") from None
-    saved, given = json.loads(state["config"]), json.loads(config.to_json())
-    changed = sorted(k for k in given if k not in RESUME_MAY_CHANGE and saved.get(k) != given[k])
-    if changed:
-        raise ValueError(f"{run_dir} was started with other settings ({', '.join(changed)}); resume it with "
-                         "its own (allconv train --resume RUN) or start a new run")
-    if state["epoch"] >= config.epochs:
-        raise ValueError(f"{run_dir} already finished all {config.epochs} epochs; nothing to resume "
-                         "(start a new run, e.g. with --epochs)")
-    return state
-
-
-def load_run_config(run_dir: str | Path) -> TrainConfig:
-    path = Path(run_dir) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder (no {CONFIG_NAME}): give the folder "
-                                "that allconv train wrote")
-    return from_json(path.read_text())
 
 
 @contextlib.contextmanager
@@ -455,31 +692,11 @@ def _catch_signals():
             signal.signal(s, h)
 
 
-def run_name(config: TrainConfig) -> str:
-    return f"{resolve_name(config.model).replace('_', '-')}-{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def evaluate_checkpoint(path: str | Path, dataset: str | None = None, data_dir: str | None = None,
-                        split: str = "test", tta: bool = False, batch_size: int = 256,
-                        device: str = "auto", limit: int | None = None, workers: int = 2) -> dict:
-    """Evaluate a run folder or checkpoint on a split -> metrics, classes and the paper's error."""
-    dev = resolve_device(device)
-    model, meta, tensors = checkpoint.load_model(path, dev)
-    dataset = dataset or meta.get("dataset")
-    if dataset is None:
-        raise ValueError(f"{path} does not say which data set it was trained on: give --dataset")
-    data_dir = data_dir if data_dir is not None else (meta.get("data_dir") if dataset == meta.get("dataset") else None)
-    input_size = tuple(meta["input_size"])
-    data = datasets.limit(datasets.load_split(dataset, split, data_dir, input_size, workers), limit)
-    classes = meta["classes"]
-    if len(data.classes) != len(classes):
-        raise ValueError(f"{path} predicts {len(classes)} classes but {dataset} has {len(data.classes)}: "
-                         "evaluate on the data set it was trained on")
-    prep = preprocessing.from_meta(meta["preprocess"], tensors).to(dev)
-    model = model.to(memory_format=torch.channels_last)
-    batches = datasets.Batches(data, batch_size, shuffle=False, device=dev, workers=workers)
-    result = evaluate(model, batches, prep, len(classes), tta=tta)
-    result.update({"classes": classes, "dataset": dataset, "split": split, "checkpoint": str(path),
-                   "model": meta["model"], "epoch": meta.get("epoch"), "tta": tta,
-                   "paper_error": paper_error(meta["model"], dataset, classes, meta.get("augment", "none"))})
-    return result
+def default_run_dir(config: TrainConfig, root: str | Path = "runs") -> Path:
+    """``root/MODEL-DATASET-TIME``, with ``-2``, ``-3``... where runs started in the same second."""
+    base = Path(root) / f"{resolve_name(config.model).replace('_', '-')}-{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path

@@ -67,7 +67,18 @@ def test_rate_is_picked_on_validation_not_test(tmp_path, monkeypatch):
         "lr0.01-seed0", "lr0.01-seed1", "lr0.01-seed2", "lr0.1-seed0"]
 
 
-def test_selection_and_dry_run():
+def fake_speed(monkeypatch, images_per_s=100.0):
+    """benchmark.run as the dry run calls it, at a fixed speed (a training step is 3 forwards)."""
+    def run(model, mode, batch_size, **kwargs):
+        return {"device": "cpu", "device_name": "test CPU", "precision": "fp32",
+                "gflop_per_image": {"forward": 1.0, "train": 3.0},
+                "results": {mode: {"images_per_s": images_per_s}}}
+
+    monkeypatch.setattr("allconv_cli.benchmark.run", run)
+
+
+def test_selection_and_dry_run(monkeypatch):
+    fake_speed(monkeypatch)
     assert ablate.select_models("c") == ["model-c", "strided-cnn-c", "convpool-cnn-c", "all-cnn-c"]
     assert ablate.select_models(patterns=["all-cnn-*"])[-1] == "all-cnn-imagenet"
     with pytest.raises(ValueError, match="did you mean"):
@@ -76,6 +87,10 @@ def test_selection_and_dry_run():
                                       "--preset", "smoke", "--dry-run", "--json"])
     assert result.exit_code == 0, result.output
     plan = json.loads(result.output)
+    # smoke: 256 training images less the 10 % validation split, 1 epoch, 128 test images
+    assert plan["images"] == {"train": 230, "evaluated": 154, "test": 128}
+    # per run: 230 images at 100 img/s, 154 evaluated at 300 img/s; 6 runs of each of 4 models
+    assert plan["estimate"]["seconds"] == pytest.approx(24 * (230 / 100 + 154 / 300))
     # 4 models x 4 rates with seed 0, then 2 more seeds each at the chosen rate
     assert plan["runs"] == len(plan["plan"]) == 24
     assert plan["plan"][15] == {"model": "all-cnn-c", "lr": 0.01, "seed": 0}
@@ -88,3 +103,56 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path):
     (tmp_path / ablate.PLAN_NAME).write_text(json.dumps({"config": {}, "models": [], "grid": [], "seeds": []}))
     with pytest.raises(ValueError, match="other settings"):
         ablate.ablate(resolve("smoke"), ["all-cnn-c"], [0.05], [0], tmp_path)
+
+
+def test_dry_run_reads_no_data(tmp_path, monkeypatch):
+    """CIFAR-10 without its pickles: counted from its known size, timed by a real training step."""
+    result = CliRunner().invoke(app, ["ablate", "--models", "model-a", "--dataset", "cifar10", "--data-dir",
+                                      str(tmp_path / "nothing-here"), "--epochs", "2", "--batch-size", "4",
+                                      "--device", "cpu", "--precision", "fp32", "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert plan["images"] == {"train": 50_000, "evaluated": 20_000, "test": 10_000}
+    assert plan["training_images"] == 100_000
+    speed = plan["estimate"]["per_model"]["model-a"]["images_per_s"]
+    assert speed > 0 and plan["estimate"]["seconds"] > 100_000 / speed
+    assert not (tmp_path / "nothing-here").exists()
+
+
+def test_dry_run_counts_an_image_folder_without_decoding(tmp_path, monkeypatch):
+    fake_speed(monkeypatch)
+    for split, count in (("train", 7), ("val", 3)):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(count):
+                (tmp_path / split / cls / f"{i}.jpg").write_bytes(b"not decoded")  # would fail to load
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    result = CliRunner().invoke(app, ["ablate", "--models", "all-cnn-c", "--dataset", "imagefolder",
+                                      "--data-dir", str(tmp_path), "--epochs", "3", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "1. all-cnn-c  lr 0.05  seed 0  3 epochs x 14 images" in result.stdout
+    assert "estimated time: 0 s on test CPU" in result.stdout
+
+
+def test_known_sizes_are_the_bundled_samples():
+    from allconv_cli.datasets import load_split
+
+    assert ablate.SPLIT_IMAGES["sample"] == tuple(len(load_split("sample", s)) for s in ("train", "test"))
+
+
+def test_table_piped_reads_as_markdown(tmp_path, monkeypatch):
+    def fake_train_one(config_json, folder, device):
+        config = json.loads(config_json)
+        result = {"model": config["model"], "lr": config["lr"], "seed": config["seed"], "seconds": 0,
+                  "epochs": 1, "val_error": None, "test_error": 12.5}
+        Path(folder).mkdir(parents=True)
+        (Path(folder) / ablate.RESULT_NAME).write_text(json.dumps(result))
+        return result
+
+    monkeypatch.setattr(ablate, "_train_one", fake_train_one)
+    out = tmp_path / ("a-folder-name-long-enough-to-pass-eighty-columns-" * 2)
+    result = CliRunner().invoke(app, ["ablate", "--models", "all-cnn-c", "--preset", "smoke", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""  # no progress lines when stderr is not a terminal
+    assert "| all-cnn-c | 1,369,738 | ~1.4 M | 0.05 | 12.50 ± 0.00 (1) |  |  |" in result.stdout.splitlines()
+    assert f"tables and chart: {out}/table.md, table.csv, table.json, chart.png\n" in result.stdout

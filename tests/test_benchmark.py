@@ -14,13 +14,14 @@ from typer.testing import CliRunner
 
 from allconv_cli import benchmark
 from allconv_cli.cli import app
+from allconv_cli.device import resolve_precision
 from allconv_cli.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 TINY = ["--steps", "1", "--warmup", "1", "--batch-size", "2", "--device", "cpu"]
-RESULT_KEYS = {"images_per_s", "step_ms", "gflop_per_image", "tflop_per_s", "peak_share", "peak_rss_mb",
-               "peak_rss_since", "peak_cuda_mb"}
+RESULT_KEYS = {"images_per_s", "step_ms", "gflop_per_image", "tflop_per_s", "peak_share", "matmul_share",
+               "peak_rss_mb", "peak_rss_since", "peak_cuda_mb"}
 # All-CNN-C on 32x32, multiply-adds per conv: out C x H x W x (in C x kernel area).
 ALL_CNN_C_MACS = [
     96 * 32 * 32 * 3 * 9,  # conv1, 3x3
@@ -33,6 +34,12 @@ ALL_CNN_C_MACS = [
     192 * 6 * 6 * 192,  # conv8, 1x1
     10 * 6 * 6 * 192,  # conv9, 1x1 to classes
 ]
+
+
+@pytest.fixture(autouse=True)
+def small_matmul(monkeypatch):
+    """A 256 x 256 matmul for the rate: these tests check shapes, not speed."""
+    monkeypatch.setitem(benchmark.MATMUL_SIZE, "cpu", 256)
 
 
 def benchmark_json(*args):
@@ -61,7 +68,8 @@ def test_count_flops_all_cnn_c():
 
 def test_benchmark_all_modes_json():
     out = benchmark_json("--mode", "all")
-    assert out["model"] == "all-cnn-c" and out["device"] == "cpu" and out["precision"] == "fp32"
+    assert out["model"] == "all-cnn-c" and out["device"] == "cpu"
+    assert out["precision"] == resolve_precision("auto", torch.device("cpu")) and out["matmul_tflops"] > 0
     assert out["batch_size"] == 2 and out["steps"] == 1 and out["input_size"] == [3, 32, 32]
     assert out["peak_tflops"] is None  # no peak is known for a CPU
     assert out["gflop_per_image"]["forward"] == pytest.approx(0.542, rel=0.01)
@@ -71,6 +79,7 @@ def test_benchmark_all_modes_json():
         assert set(row) == RESULT_KEYS, mode
         assert row["images_per_s"] > 0 and row["step_ms"] > 0 and row["peak_rss_mb"] > 0
         assert row["peak_share"] is None and row["peak_cuda_mb"] is None
+        assert (row["matmul_share"] is None) == (mode == "data")
     assert out["results"]["infer"]["gflop_per_image"] == pytest.approx(0.542, rel=0.01)
     assert out["results"]["train"]["gflop_per_image"] == out["gflop_per_image"]["train"]
     assert out["results"]["data"]["gflop_per_image"] is None and out["results"]["data"]["tflop_per_s"] is None
@@ -150,8 +159,10 @@ def test_results_section_is_refreshed(tmp_path):
 
 def test_targets():
     script = load_script()
-    assert script.target("cpu", "train", 50.0, 2.6) == (">= 2.5x baseline", "yes")
-    assert script.target("cpu", "infer", 599.0, 3.0) == (">= 600 images/s", "no")
+    assert script.target("cpu", "train", 50.0, 1.7) == (">= 1.65x baseline", "yes")
+    assert script.target("cpu", "matmul", 74.0, 1.0) == (">= 75 % of matmul", "no")
+    assert script.target("cpu-bf16", "train", 500.0, 4.4) == (">= 4.5x baseline", "no")
+    assert script.target("cpu-bf16", "infer", 900.0, 3.1) == (">= 3.0x baseline", "yes")
     assert script.target("cpu", "rss", 1500.0, 1.0) == ("< 2,048 MiB", "yes")
     assert script.target("cuda", "data", 2e6, 1.0) == (">= 1,000,000 images/s", "yes")
     assert script.target("cpu", "data", 2e6, 1.0) == ("", "")

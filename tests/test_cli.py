@@ -1,7 +1,11 @@
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
+import typer
 from typer.testing import CliRunner
 
 from allconv_cli import __version__
@@ -54,3 +58,60 @@ def test_every_command_help_has_an_example():
     for command in commands:
         text = runner.invoke(app, [command, "--help"]).output
         assert "Example" in text, command
+
+
+MINE = ("models", "eval", "ablate", "export")
+
+
+def click_command(name):
+    import typer
+
+    return typer.main.get_command(app).commands[name]
+
+
+@pytest.mark.parametrize("command", [None, *MINE])
+def test_help_states_each_default_once_and_shows_no_bool_metavar(command):
+    params = (typer.main.get_command(app) if command is None else click_command(command)).params
+    for param in params:
+        if param.name == "help":
+            continue  # Typer's own option
+        text = (param.help or "").lower()
+        shown = param.show_default is not False and param.default not in (None, False)
+        assert not (shown and "default" in text), (command, param.name, text)
+    text = runner.invoke(app, [*([command] if command else []), "--help"], env={"COLUMNS": "100"}).output
+    rows = [line for line in text.splitlines() if "<bool>" in line]
+    # what is left is Typer's own --help (and --install/--show-completion on the app)
+    assert all(any(own in row for own in ("--help", "-completion")) for row in rows), rows
+
+
+@pytest.mark.parametrize("command", MINE)
+def test_help_wraps_at_the_terminal_width(command):
+    doc = click_command(command).callback.__doc__
+    assert all("\n" not in paragraph.strip() for paragraph in doc.split("\n\n"))  # no hard line break
+    for width in (60, 160):
+        text = runner.invoke(app, [command, "--help"], env={"COLUMNS": str(width)}).output
+        assert max(map(len, text.splitlines())) <= width
+
+
+def test_seeds_help_reads_once():
+    text = runner.invoke(app, ["ablate", "--help"], env={"COLUMNS": "200"}).output
+    line = next(line for line in text.splitlines() if line.lstrip("│ ").startswith("--seeds"))
+    assert "How many seeds, e.g. 3 (seeds 0, 1 and 2), or which, e.g. 0,4,7. [default: 1]" in line
+
+
+def test_models_piped_to_a_file_is_not_wrapped(tmp_path):
+    with open(tmp_path / "out.txt", "w") as out:
+        subprocess.run([str(Path(sys.executable).parent / "allconv"), "models"], stdout=out, check=True,
+                       env={k: v for k, v in os.environ.items() if k != "COLUMNS"})
+    lines = (tmp_path / "out.txt").read_text().splitlines()
+    assert any("all-cnn-imagenet" in line and "conv1..conv12" in line for line in lines)
+    assert "pretrained: all_cnn_c_bn.cifar10, the bundled weights (All-CNN-C with BatchNorm): " \
+           "timm.create_model('all_cnn_c_bn', pretrained=True)" in lines
+
+
+@pytest.mark.parametrize("seconds, text", [(12.4, "12 s"), (200, "3 min 20 s"), (3725, "1 h 02 min"),
+                                           (90_000, "1 d 1 h")])
+def test_durations(seconds, text):
+    from allconv_cli.cli import _duration
+
+    assert _duration(seconds) == text

@@ -1,6 +1,7 @@
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -131,8 +132,44 @@ def test_onnx_without_onnxruntime_uses_the_reference_evaluator(run, onnx_fp32, m
 def test_onnx_needs_its_extra(run, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     line = fails_in_one_line(run, "--format", "onnx", "--out", tmp_path / "m.onnx")
-    assert "pip install 'allconv[onnx]'" in line
+    # a pipx install has no pip of its own to give an extra to: both commands, by package name
+    assert "pipx inject allconv onnx onnxscript onnxruntime" in line
+    assert "pip install onnx onnxscript onnxruntime" in line
     assert not os.listdir(tmp_path)
+
+
+def test_onnx_packages_are_dependencies():
+    import re
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    names = {re.match(r"[A-Za-z0-9_.-]+", requirement).group() for requirement in project["dependencies"]}
+    assert set(export_lib.ONNX_PACKAGES.split()) <= names  # so `pipx install .` can export to onnx
+
+
+@pytest.mark.parametrize("fmt", export_lib.FORMATS)
+def test_a_full_disk_is_refused_before_writing(run, tmp_path, monkeypatch, fmt):
+    import shutil
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(export_lib.shutil, "disk_usage", lambda path: usage._replace(free=2_000_000))
+    line = fails_in_one_line(run, "--format", fmt, "--out", tmp_path / "out" / f"m.{fmt}")
+    # all-cnn-c with 4 classes: 5.5 MB of fp32 weights, plus 1 MiB for the graph and metadata
+    assert "not enough space" in line and "needs about 6.5 MB" in line and "2.0 MB free" in line
+    assert not os.listdir(tmp_path)
+
+
+def test_default_out_of_a_loose_file_or_the_bundled_weights_is_the_current_directory(tmp_path, monkeypatch):
+    from allconv_cli.models import BUNDLED_WEIGHTS
+
+    monkeypatch.chdir(tmp_path)
+    assert export_lib.default_out(BUNDLED_WEIGHTS, BUNDLED_WEIGHTS, "onnx") == Path("all-cnn-c-cifar10.onnx")
+    loose = make_run(tmp_path / "downloads") / "model.safetensors"
+    loose.rename(tmp_path / "downloads" / "mine.safetensors")
+    before = sorted(os.listdir(tmp_path / "downloads"))
+    result = export_json(tmp_path / "downloads" / "mine.safetensors", "--format", "pt2")
+    assert result["path"] == "mine.pt2" and (tmp_path / "mine.pt2").is_file()
+    assert sorted(os.listdir(tmp_path / "downloads")) == before
 
 
 def test_pt2_round_trip_with_metadata(run, tmp_path):

@@ -46,3 +46,49 @@ def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(ValueError, match="decompression bomb"):
         open_image(tmp_path / "big.png")
+
+
+def test_fit_image_scales_to_cover_then_center_crops():
+    import torch
+
+    from allconv_cli import datasets
+    from allconv_cli.images import fit_image, fit_options
+
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8))
+    # crop_pct 1: the 60 px side is scaled to 32 (90 -> 48), then 8 px are cut from each side
+    expected = np.asarray(img.resize((48, 32), Image.Resampling.BILINEAR).crop((8, 0, 40, 32)))
+    fitted = fit_image(img, (3, 32, 32), "bilinear", 1.0)
+    assert fitted.dtype == torch.uint8 and fitted.shape == (3, 32, 32)
+    assert torch.equal(fitted, torch.from_numpy(expected.copy()).permute(2, 0, 1))
+    assert torch.equal(datasets._fit(img, (3, 32, 32)), fitted)  # training fits images the same way
+    # crop_pct 0.8: cover 40 px (90 -> 60), keep the centre 32 px
+    expected = np.asarray(img.resize((60, 40), Image.Resampling.BICUBIC).crop((14, 4, 46, 36)))
+    assert torch.equal(fit_image(img, (3, 32, 32), "bicubic", 0.8), torch.from_numpy(expected.copy()).permute(2, 0, 1))
+    at_size = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    assert torch.equal(fit_image(at_size, (3, 32, 32)), torch.from_numpy(np.asarray(at_size).copy()).permute(2, 0, 1))
+    assert fit_image(img, (1, 8, 12)).shape == (1, 8, 12)
+    assert fit_options({"interpolation": "bicubic", "crop_pct": 0.875}) == ("bicubic", 0.875)
+    assert fit_options(None) == ("bilinear", 1.0)
+    with pytest.raises(ValueError, match="unknown interpolation 'cubic'"):
+        fit_image(img, (3, 32, 32), "cubic")
+    with pytest.raises(ValueError, match="crop_pct 1.5"):
+        fit_image(img, (3, 32, 32), crop_pct=1.5)
+
+
+def test_the_registered_configuration_sets_the_fitting(tmp_path):
+    import torch
+
+    from allconv_cli.checkpoint import save_weights
+    from allconv_cli.loading import load_for_saliency
+    from allconv_cli.models import create_model
+
+    meta = {"model": "all_cnn_imagenet", "model_kwargs": {"num_classes": 4}, "input_size": [3, 224, 224],
+            "classes": ["a", "b", "c", "d"],
+            "preprocess": {"kind": "standardize", "mean": [0.5] * 3, "std": [0.25] * 3}}
+    save_weights(tmp_path / "model.safetensors", create_model("all-cnn-imagenet", num_classes=4), meta)
+    loaded = load_for_saliency(tmp_path)
+    assert (loaded.interpolation, loaded.crop_pct) == ("bilinear", 0.875)  # 256 -> 224, the registry's
+    Image.fromarray(np.zeros((300, 400, 3), np.uint8)).save(tmp_path / "a.png")
+    images, inputs = loaded.read_images([tmp_path / "a.png"])
+    assert images.shape == (1, 3, 224, 224) and torch.equal(inputs, loaded.preprocess(images))

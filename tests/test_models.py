@@ -6,7 +6,9 @@ import timm
 import torch
 
 import allconv_cli
-from allconv_cli.models import LAYERS, create_model, describe, list_models, resolve_name
+from allconv_cli.checkpoint import load_weights
+from allconv_cli.models import (BUNDLED_MEAN, BUNDLED_STD, BUNDLED_WEIGHTS, LAYERS, VARIANTS, create_model,
+                                default_config, describe, list_models, resolve_name)
 
 # Exact weights + biases, worked out by hand from PAPER.md's layer lists.
 EXACT_PARAMS = {
@@ -158,3 +160,50 @@ def test_describe_one_model():
     by_name = {layer["name"]: layer for layer in row["layers"]}
     assert by_name["conv7"]["output"] == [192, 6, 6]
     assert by_name["global_pool"]["output"] == [100]
+
+
+@pytest.mark.parametrize("name", [*LAYERS, *VARIANTS])
+def test_features_only(name):
+    cfg = default_config(name)
+    model = timm.create_model(name, features_only=True).eval()
+    side = cfg["input_size"][1]
+    with torch.no_grad():
+        maps = model(torch.zeros(1, *cfg["input_size"]))
+    assert [m.shape[1] for m in maps] == model.feature_info.channels()
+    for m, reduction in zip(maps, model.feature_info.reduction()):
+        # the valid 3x3 conv takes 8x8 to 6x6 without a stride: at most the stride's side
+        assert side // reduction - 2 <= m.shape[-1] <= side // reduction
+    assert model.feature_info.reduction()[-1] == (32 if name == "all_cnn_imagenet" else 4)
+
+
+def test_pretrained_without_weights_names_the_variant_that_has_them():
+    with pytest.raises(ValueError, match=r"all_cnn_c has no pretrained weights; all_cnn_c_bn\.cifar10 has them"):
+        timm.create_model("all_cnn_c", pretrained=True)
+
+
+def test_pretrained_variant_is_the_bundled_recipe():
+    _, meta, _ = load_weights(BUNDLED_WEIGHTS)
+    model = timm.create_model("all_cnn_c_bn")  # the variant's options without its weights
+    assert {k: getattr(model, k) for k in ("batch_norm", "class_relu", "drop_rate")} == {
+        k: meta["model_kwargs"][k] for k in ("batch_norm", "class_relu", "drop_rate")}
+    assert "input_drop" not in dict(model.features.named_children())  # drop_input 0
+    assert meta["preprocess"]["kind"] == "standardize"
+    assert (list(BUNDLED_MEAN), list(BUNDLED_STD)) == (meta["preprocess"]["mean"], meta["preprocess"]["std"])
+
+
+def test_pretrained_with_other_classes_keeps_all_but_the_class_block():
+    tuned = timm.create_model("all_cnn_c_bn", pretrained=True, num_classes=5)
+    bundled = timm.create_model("all_cnn_c_bn", pretrained=True)
+    assert tuned(torch.zeros(1, 3, 32, 32)).shape == (1, 5)
+    assert torch.equal(tuned.get_layer("conv8").conv.weight, bundled.get_layer("conv8").conv.weight)
+
+
+def test_default_config_builds_no_model(monkeypatch):
+    import allconv_cli.models as models
+
+    monkeypatch.setattr(models, "AllConvNet", None)  # building one would now fail
+    assert default_config("all-cnn-imagenet")["input_size"] == (3, 224, 224)
+    assert default_config("all_cnn_c")["interpolation"] == "bilinear"
+    assert default_config("all_cnn_c_bn")["mean"] == BUNDLED_MEAN
+    with pytest.raises(ValueError, match="did you mean"):
+        default_config("all-cnn-x")

@@ -3,6 +3,7 @@ and the top-patch scan, on tiny networks and inputs (the whole file runs in seco
 
 import copy
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -12,18 +13,14 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from allconv_cli import saliency
+from allconv_cli import loading, saliency
+from allconv_cli.images import load_images
+from allconv_cli.loading import load_for_saliency
 from allconv_cli.models import AllConvNet, create_model
-from allconv_cli.saliency import (
-    PAPER_METHODS,
-    Target,
-    load_for_saliency,
-    load_images,
-    receptive_field,
-    saliency_maps,
-    select_targets,
-    top_patches,
-)
+from allconv_cli.preprocess import Standardize
+from allconv_cli.saliency import PAPER_METHODS, saliency_maps
+from allconv_cli.scan import ReceptiveField, receptive_field, top_patches
+from allconv_cli.targets import Target, select_targets
 
 
 def tiny(pool=False):
@@ -309,11 +306,11 @@ def test_gradcam_on_the_class_conv_is_the_class_map():
 
 def test_receptive_fields():
     model = create_model("all-cnn-c")
-    assert receptive_field(model, "conv1") == saliency.ReceptiveField((3, 3), (1, 1), (-1, -1))
-    assert receptive_field(model, "conv3") == saliency.ReceptiveField((7, 7), (2, 2), (-3, -3))
-    assert receptive_field(model, "conv6") == saliency.ReceptiveField((19, 19), (4, 4), (-9, -9))
+    assert receptive_field(model, "conv1") == ReceptiveField((3, 3), (1, 1), (-1, -1))
+    assert receptive_field(model, "conv3") == ReceptiveField((7, 7), (2, 2), (-3, -3))
+    assert receptive_field(model, "conv6") == ReceptiveField((19, 19), (4, 4), (-9, -9))
     assert receptive_field(model, "conv9").size == (27, 27)  # the valid 3x3 conv7 adds 2 x 4
-    assert receptive_field(create_model("model-c"), "conv4") == saliency.ReceptiveField((15, 15), (2, 2), (-7, -7))
+    assert receptive_field(create_model("model-c"), "conv4") == ReceptiveField((15, 15), (2, 2), (-7, -7))
     # With positive weights every ReLU is open, so a neuron's gradient covers its whole window.
     positive = model.eval()
     with torch.no_grad():
@@ -344,7 +341,7 @@ def _batches(images, labels, sizes):
 def test_top_patches_match_brute_force():
     torch.manual_seed(7)
     model = tiny().eval()
-    pre = saliency.preprocessing.Standardize([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    pre = Standardize([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
     images = torch.randint(0, 256, (23, 3, 16, 16), dtype=torch.uint8)
     labels = torch.arange(23) % 10
     result = top_patches(model, pre, _batches(images, labels, [5, 7, 11]), "conv4", [3, 12], top=4)
@@ -361,7 +358,7 @@ def test_top_patches_match_brute_force():
     # crops: the receptive field window, grey (image) or 0 (map) where it leaves the image
     rf = result.field
     # conv1 3x3 -> 3 px; conv2 3x3/2 -> 5; conv3 3x3 at stride 2 -> 9; conv4 3x3/2 -> 13 px, stride 4
-    assert rf == saliency.ReceptiveField((13, 13), (4, 4), (-6, -6))
+    assert rf == ReceptiveField((13, 13), (4, 4), (-6, -6))
     s, j = 1, 2
     n, (y, x) = result.indices[s, j].item(), result.positions[s, j].tolist()
     top, left = rf.window(y, x)
@@ -383,7 +380,7 @@ def test_top_patches_read_the_real_iter_batches():
     from allconv_cli.datasets import iter_batches
 
     model = tiny().eval()
-    pre = saliency.preprocessing.Standardize([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    pre = Standardize([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
     batches = itertools.islice(iter_batches("sample", None, "test", (3, 16, 16), 16), 2)
     result = top_patches(model, pre, batches, "conv2", None, top=3)
     assert result.scanned == 32 and result.channels == list(range(8))  # default: the first 8 filters
@@ -406,7 +403,7 @@ def test_load_images_cover_then_center_crop(tmp_path):
 
 
 def test_load_for_saliency(tmp_path, monkeypatch):
-    monkeypatch.setattr(saliency, "BUNDLED_CHECKPOINT", tmp_path / "assets" / "absent.safetensors")
+    monkeypatch.setattr(loading, "BUNDLED_CHECKPOINT", tmp_path / "assets" / "absent.safetensors")
     with pytest.raises(FileNotFoundError, match="--checkpoint"):
         load_for_saliency()
     import torchvision
@@ -424,3 +421,135 @@ def test_load_for_saliency(tmp_path, monkeypatch):
         load_for_saliency(tmp_path / "squeeze.safetensors", "resnet81")
     with pytest.raises(ValueError, match="needs --checkpoint"):
         load_for_saliency(None, "resnet18")
+
+
+# --------------------------------------------------------------------------- exactness
+
+
+class _Rule(torch.autograd.Function):
+    """The reference: a ReLU whose backward applies one of the paper's rules, written out."""
+
+    @staticmethod
+    def forward(ctx, f, rule):
+        ctx.rule = rule
+        ctx.save_for_backward(f)
+        return f.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, r):
+        (f,) = ctx.saved_tensors
+        mask = {"backprop": f > 0, "deconvnet": r > 0, "guided": (f > 0) & (r > 0)}[ctx.rule]
+        return r * mask, None
+
+
+class ThreeWays(nn.Module):
+    """conv -> ReLU -> conv /2 -> ReLU -> max-pool -> conv -> ReLU -> 1x1 class conv -> mean,
+    with the ReLUs spelled as ``kind`` says, or (``rule``) replaced by the reference ``_Rule``."""
+
+    def __init__(self, kind: str, rule: str | None = None):
+        super().__init__()
+        self.kind, self.rule = kind, rule
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 5, 1)
+        self.relu = nn.ReLU(inplace=kind == "inplace")  # one module, called three times
+
+    def act(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        if self.rule is not None:
+            return _Rule.apply(x, self.rule)
+        if self.kind == "functional":
+            return (F.relu, torch.relu, torch.Tensor.relu)[i](x)
+        if self.kind == "inplace" and i == 1:
+            return F.relu_(x)  # the in-place functional spelling too
+        return self.relu(x)  # reused (and in-place) nn.ReLU
+
+    def forward(self, x):
+        x = self.act(self.conv1(x), 0)
+        x = F.max_pool2d(self.act(self.conv2(x), 1), 2)
+        return self.head(self.act(self.conv3(x), 2)).mean((2, 3))
+
+
+def _three_ways(kind: str, rule: str | None = None) -> ThreeWays:
+    torch.manual_seed(11)  # the same weights for every kind and the reference
+    return ThreeWays(kind, rule).eval()
+
+
+def _reference(x: torch.Tensor, rule: str, target_class: int) -> torch.Tensor:
+    reference = _three_ways("reused", rule)
+    x = x.clone().requires_grad_(True)
+    logits = reference(x)
+    return torch.autograd.grad(logits[:, target_class].sum(), x)[0]
+
+
+@pytest.mark.parametrize("kind", ["reused", "functional", "inplace"])
+def test_each_spelling_of_relu_against_the_reference_rule(kind):
+    model = _three_ways(kind)
+    x = torch.randn(3, 3, 12, 12, generator=torch.Generator().manual_seed(12))
+    targets = select_targets(model, x, target_class=2)
+    maps = {rule: saliency_maps(model, x, targets, rule) for rule in PAPER_METHODS}
+    for rule in PAPER_METHODS:
+        exact(maps[rule], _reference(x, rule, 2))
+    assert not torch.equal(maps["guided"], maps["backprop"]) and not torch.equal(maps["guided"], maps["deconvnet"])
+    # the plain gradient is what autograd gives without any rule
+    xg = x.clone().requires_grad_(True)
+    exact(maps["backprop"], torch.autograd.grad(_three_ways(kind)(xg)[:, 2].sum(), xg)[0])
+
+
+def _relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_captum_gets_functional_relus_wrong_and_modules_right():
+    """captum hooks nn.ReLU modules only: where F.relu / torch.relu / F.relu_ are called
+    (functional; inplace has one F.relu_ among in-place nn.ReLU calls) its guided backprop and
+    deconvnet are other maps; with one nn.ReLU module called three times it agrees with ours."""
+    captum_attr = pytest.importorskip("captum.attr")
+    x = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(13))
+    for kind in ("functional", "reused", "inplace"):
+        model = _three_ways(kind)
+        targets = select_targets(model, x, target_class=1)
+        for rule, tool in (("guided", captum_attr.GuidedBackprop), ("deconvnet", captum_attr.Deconvolution)):
+            ours = saliency_maps(model, x, targets, rule)
+            exact(ours, _reference(x, rule, 1))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # captum's notes on hooks and requires_grad
+                theirs = tool(model).attribute(x.clone(), target=1)
+            if kind == "reused":
+                torch.testing.assert_close(theirs, ours)
+            else:
+                assert _relative_l2(theirs, ours) > 0.1, (kind, rule)
+
+
+def test_precision_fp32_by_default_and_bf16_on_request(tmp_path):
+    model = tiny().eval()
+    loaded = loading.LoadedModel(model, Standardize([0.5] * 3, [0.25] * 3), (3, 16, 16), None, "tiny", "test")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    dtypes = []
+    hook = model.get_layer("conv1").conv.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+    default = saliency.explain(loaded, [tmp_path / "a.png"], "conv4", ["guided"])
+    assert default.precision == "fp32" and set(dtypes) == {torch.float32}
+    dtypes.clear()
+    low = saliency.explain(loaded, [tmp_path / "a.png"], "conv4", ["guided"], precision="bf16")
+    hook.remove()
+    assert low.precision == "bf16" and set(dtypes) == {torch.bfloat16}
+    assert low.maps["guided"].dtype == torch.float32
+    assert not torch.equal(low.maps["guided"], default.maps["guided"])
+    with pytest.raises(ValueError, match="unknown precision"):
+        saliency.explain(loaded, [tmp_path / "a.png"], "conv4", ["guided"], precision="fp8")
+
+
+def test_images_are_fitted_as_the_model_is_configured(tmp_path):
+    from allconv_cli.images import fit_image, open_image
+
+    pixels = np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photo.png")
+    torchvision = pytest.importorskip("torchvision")
+    net = torchvision.models.squeezenet1_1(num_classes=1000)
+    save_file(net.state_dict(), str(tmp_path / "squeeze.safetensors"))
+    foreign = load_for_saliency(tmp_path / "squeeze.safetensors", "squeezenet1_1")
+    assert (foreign.interpolation, foreign.crop_pct) == ("bilinear", 224 / 256)
+    images, inputs = foreign.read_images([tmp_path / "photo.png"])
+    expected = fit_image(open_image(tmp_path / "photo.png"), (3, 224, 224), "bilinear", 224 / 256)
+    exact(images[0], expected.float() / 255)
+    exact(inputs, foreign.preprocess(images))

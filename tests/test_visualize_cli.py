@@ -1,6 +1,7 @@
 """``allconv visualize`` end to end through CliRunner, on a tiny checkpoint and 16x16 images."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from allconv_cli import saliency
+from allconv_cli import loading
 from allconv_cli.checkpoint import save_weights
 from allconv_cli.cli import app
 from allconv_cli.models import create_model
@@ -83,30 +84,125 @@ def test_class_gradcam_and_every_neuron_mode(workdir, tmp_path):
             assert png.format == "PNG"
 
 
+def _fake_split(calls):
+    """load_split's stand-in: 12 random 16x16 images, and a record of what was asked for."""
+    from allconv_cli.datasets import ImageData
+
+    def load_split(name, split, data_dir, input_size):
+        calls.append((name, data_dir, split, tuple(input_size)))
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8, generator=generator)
+        return ImageData(images, torch.zeros(12, dtype=torch.long), ["a"])
+
+    return load_split
+
+
 def test_the_dataset_scan(workdir, tmp_path, monkeypatch):
     from allconv_cli import datasets
 
     calls = []
-
-    def fake_iter_batches(name, data_dir, split, input_size, batch_size):
-        calls.append((name, data_dir, split, tuple(input_size)))
-        generator = torch.Generator().manual_seed(0)
-        for n in (5, 5, 2):  # 12 images
-            images = torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=generator)
-            yield images, torch.zeros(n, dtype=torch.long)
-
-    monkeypatch.setattr(datasets, "iter_batches", fake_iter_batches)
+    monkeypatch.setattr(datasets, "load_split", _fake_split(calls))
     out, raw = tmp_path / "fig3.png", tmp_path / "fig3.safetensors"
     result = visualize(workdir, "--dataset", "cifar10", "--data-dir", "data", "--layer", "conv6",
                        "--channel", "2", "--channel", "7", "--top", "4", "--out", str(out), "--raw", str(raw))
     assert result.exit_code == 0, result.output
     assert calls == [("cifar10", "data", "test", (3, 16, 16))]
     assert result.output.splitlines()[0].startswith("conv6 filter 2: top activation ")
+    assert "scanning" not in result.output  # no progress bar: stderr is not a terminal here
     with Image.open(out) as png:
         assert png.format == "PNG"
     with safe_open(str(raw), "pt") as f:
         assert f.get_tensor("patches").shape == (2, 4, 3, 19, 19)
         assert f.get_tensor("maps.guided").shape == (2, 4, 3, 19, 19)
+
+
+def test_the_scan_progress_bar_on_a_terminal(workdir, tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from allconv_cli import cli, datasets, scan
+
+    monkeypatch.setattr(datasets, "load_split", _fake_split([]))
+    stream = io.StringIO()
+    monkeypatch.setattr(cli, "_console", lambda to_stderr: Console(file=stream, force_terminal=to_stderr))
+    seen = []
+    real = scan.top_patches
+
+    def top_patches(*args):
+        return real(*args[:-1], lambda count: (seen.append(count), args[-1](count)))
+
+    monkeypatch.setattr(scan, "top_patches", top_patches)
+    result = visualize(workdir, "--dataset", "cifar10", "--layer", "conv6", "--top", "2",
+                       "--out", str(tmp_path / "fig3.png"))
+    assert result.exit_code == 0, result.output
+    assert seen == [12]  # one batch of 256 holds all 12 images
+    assert "scanning" in stream.getvalue() and "12/12" in stream.getvalue()
+
+
+def test_json_and_no_silent_overwrite(workdir, tmp_path):
+    out, raw = tmp_path / "grid.png", tmp_path / "maps.safetensors"
+    args = [str(workdir / "a.png"), str(workdir / "b.jpg"), "--layer", "conv6", "--out", str(out), "--json"]
+    result = visualize(workdir, *args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["out"] == str(out) and report["raw"] is None and report["precision"] == "fp32"
+    assert [Path(t["path"]).name for t in report["targets"]] == ["a.png", "b.jpg"]
+    first = report["targets"][0]
+    assert first["layer"] == "conv6" and first["class"] is None and first["value"] > 0
+    before = out.read_bytes()
+    again = visualize(workdir, *args)
+    assert again.exit_code == 2 and again.output.strip() == (
+        f"Error: {out} already exists: pass --force to overwrite it, or choose another --out")
+    assert out.read_bytes() == before
+    raw.write_bytes(b"earlier maps")
+    refused = visualize(workdir, *args[:-3], "--out", str(tmp_path / "new.png"), "--raw", str(raw))
+    assert refused.exit_code == 2 and f"{raw} already exists" in refused.output
+    assert not (tmp_path / "new.png").exists()
+    forced = visualize(workdir, *args, "--class", "ship", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert json.loads(forced.output)["targets"][0]["class"] == "ship (2)"
+    assert out.read_bytes() != before
+
+
+@pytest.mark.parametrize("columns", [1, 2, 5, 12])
+def test_the_caption_is_never_cut_off(columns):
+    """Every text of the figure lies inside it, for narrow and wide grids and a long caption."""
+    from allconv_cli import grid
+
+    cell = np.zeros((32, 32, 3))
+    caption = " · ".join(["all-cnn-c, weights /a/rather/long/path/to/a/run/folder/model.safetensors"] * 3
+                         + ["signal from the most active neuron of conv9 (the paper's Fig. 4)", "W" * 80])
+    figure = grid.grid_figure([[cell] * columns] * 2, ["a-long-image-name.png\nconv9 ch 3 @ (1, 2)", "b.png"],
+                              [(f"guided Grad-CAM {i}", 1) for i in range(columns)], caption)
+    renderer = figure.canvas.get_renderer()
+    width, height = figure.bbox.width, figure.bbox.height
+    assert len(figure.texts) == 2 + columns + 1
+    for text in figure.texts:
+        box = text.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height, (text.get_text(), box)
+    shown = figure.texts[-1].get_text()
+    assert shown.count("\n") >= (8 if columns == 1 else 1)
+    assert shown.replace("\n", "").replace(" ", "") == caption.replace(" ", "")  # nothing dropped
+
+
+def test_precision_defaults_to_fp32(workdir, tmp_path, monkeypatch):
+    from allconv_cli import saliency
+
+    seen = []
+    real = saliency.explain
+
+    def explain(*args, **kwargs):
+        seen.append(kwargs["precision"])
+        result = real(*args, **kwargs)
+        seen.append(result.precision)
+        return result
+
+    monkeypatch.setattr(saliency, "explain", explain)
+    for extra, expected in (([], "fp32"), (["--precision", "bf16"], "bf16")):
+        result = visualize(workdir, str(workdir / "a.png"), "--out", str(tmp_path / f"{expected}.png"), *extra)
+        assert result.exit_code == 0, result.output
+        assert seen[-2:] == [expected, expected]
 
 
 def test_a_timm_net_from_a_plain_state_dict(tmp_path):
@@ -123,9 +219,9 @@ def test_a_timm_net_from_a_plain_state_dict(tmp_path):
     assert out.is_file()
 
 
-@pytest.mark.skipif(not saliency.BUNDLED_CHECKPOINT.is_file(), reason="the bundled All-CNN-C is not in this checkout")
+@pytest.mark.skipif(not loading.BUNDLED_CHECKPOINT.is_file(), reason="the bundled All-CNN-C is not in this checkout")
 def test_the_bundled_model_out_of_the_box(workdir, tmp_path):
-    loaded = saliency.load_for_saliency()
+    loaded = loading.load_for_saliency()
     assert loaded.name == "all-cnn-c" and loaded.input_size == (3, 32, 32) and len(loaded.classes) == 10
     out = tmp_path / "grid.png"
     result = runner.invoke(app, ["visualize", str(workdir / "a.png"), "--layer", "conv6", "--out", str(out),
@@ -160,7 +256,7 @@ def _bad_files(folder):
 @pytest.mark.parametrize("case", [
     "missing image", "not an image", "truncated image", "decompression bomb", "unknown layer",
     "unknown method", "gradcam without a class", "unknown class", "two neuron choices", "bad norm",
-    "out not png", "no images", "missing bundled weights", "bad channel",
+    "out not png", "no images", "missing bundled weights", "bad channel", "bad precision", "fp16 on the cpu",
 ])
 def test_bad_input_is_one_line_and_no_png(workdir, tmp_path, monkeypatch, case):
     image = str(workdir / "a.png")
@@ -180,12 +276,14 @@ def test_bad_input_is_one_line_and_no_png(workdir, tmp_path, monkeypatch, case):
         "no images": ([], "give IMAGE files or --dataset"),
         "missing bundled weights": ([image], "give --checkpoint"),
         "bad channel": ([image, "--channel", "500", "--layer", "conv6"], "channel 500 is out of range"),
+        "bad precision": ([image, "--precision", "fp8"], "unknown precision 'fp8'"),
+        "fp16 on the cpu": ([image, "--precision", "fp16"], "fp16 autocast runs on CUDA only"),
     }[case]
     if case == "decompression bomb":
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     out = tmp_path / "grid.png"
     if case == "missing bundled weights":
-        monkeypatch.setattr(saliency, "BUNDLED_CHECKPOINT", tmp_path / "absent.safetensors")
+        monkeypatch.setattr(loading, "BUNDLED_CHECKPOINT", tmp_path / "absent.safetensors")
         result = runner.invoke(app, ["visualize", *args, "--out", str(out)])
     else:
         result = visualize(workdir, *args, *([] if case == "out not png" else ["--out", str(out)]))

@@ -1,0 +1,103 @@
+"""Evaluation shared by train, eval, ablate and the bundling script: errors, loss, per-class
+accuracy and the confusion matrix of a model on a split, beside the paper's figure."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from allconv_cli import checkpoint, datasets, preprocess as preprocessing
+from allconv_cli.device import autocast, resolve_device, resolve_precision
+from allconv_cli.models import CIFAR10_CLASSES, PAPER, resolve_name
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: datasets.Batches, prep: nn.Module, num_classes: int,
+             tta: bool = False, precision: str = "fp32", memory_format=torch.channels_last,
+             progress: Callable[[int, int], None] | None = None) -> dict:
+    """Top-1 / top-5 error (%), mean loss, per-class accuracy (%) and the confusion matrix
+    (rows: true class, columns: predicted). ``tta`` averages the softmax of the image and its
+    mirror; ``precision`` is a resolved name (fp32, bf16, fp16). Under DDP the counts are summed
+    over all processes. ``progress(batches done, batches)`` is called after each batch is queued
+    (on CUDA, before it has run: the loop never waits for the device)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, top-5 hits
+    for step, (images, labels) in enumerate(batches.epoch(0), 1):
+        x = prep(images.float() / 255).contiguous(memory_format=memory_format)
+        with autocast(device, precision):
+            logits = model(x).float()
+            if tta:
+                logits = (logits.softmax(1) + model(x.flip(3)).float().softmax(1)).div(2).log()
+        totals[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+        top = logits.topk(min(5, num_classes), dim=1).indices
+        totals[1] += (top == labels[:, None]).any(1).sum()
+        confusion.view(-1).index_add_(0, labels * num_classes + top[:, 0], torch.ones_like(labels))
+        if progress is not None:
+            progress(step, len(batches))
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(confusion)
+        torch.distributed.all_reduce(totals)
+    model.train(was_training)
+    count = confusion.sum().item()
+    per_class = confusion.diag().double() / confusion.sum(1).clamp_min(1).double()
+    return {
+        "count": count,
+        "loss": totals[0].item() / count,
+        "top1_error": 100 * (1 - confusion.diag().sum().item() / count),
+        "top5_error": 100 * (1 - totals[1].item() / count),
+        "per_class_accuracy": (100 * per_class).tolist(),
+        "confusion": confusion.cpu().tolist(),
+    }
+
+
+def paper_error(model: str, dataset: str, classes: list[str], augment: str) -> float | None:
+    """The paper's test error (%) for this model on this data set, where it reports one."""
+    errors = PAPER[resolve_name(model)]["error"]
+    if dataset == "sample":
+        return None  # 4,000 training images: not comparable with the paper's 50,000
+    if dataset == "cifar10" or tuple(classes) == CIFAR10_CLASSES:
+        return errors.get("cifar10" if augment == "none" else "cifar10-aug")
+    if dataset == "cifar100":
+        return errors.get("cifar100")
+    if len(classes) == 1000:
+        return errors.get("imagenet")
+    return None
+
+
+def evaluate_checkpoint(path: str | Path, dataset: str | None = None, data_dir: str | None = None,
+                        split: str = "test", tta: bool = False, batch_size: int = 256,
+                        device: str = "auto", limit: int | None = None, workers: int = 2,
+                        precision: str = "auto", progress: Callable[[int, int], None] | None = None) -> dict:
+    """Evaluate a run folder or checkpoint on a split -> metrics, classes and the paper's error."""
+    dev = resolve_device(device)
+    arithmetic = resolve_precision(precision, dev)
+    model, meta, tensors = checkpoint.load_model(path, dev)
+    dataset = dataset or meta.get("dataset")
+    if dataset is None:
+        raise ValueError(f"{path} does not say which data set it was trained on: give --dataset")
+    data_dir = data_dir if data_dir is not None else (meta.get("data_dir") if dataset == meta.get("dataset") else None)
+    input_size = tuple(meta["input_size"])
+    data = datasets.limit(datasets.load_split(dataset, split, data_dir, input_size, workers), limit)
+    classes = meta["classes"]
+    if len(data.classes) != len(classes):
+        raise ValueError(f"{path} predicts {len(classes)} classes but {dataset} has {len(data.classes)}: "
+                         "evaluate on the data set it was trained on")
+    if list(data.classes) != list(classes):
+        differ = [f"{a} / {b}" for a, b in zip(classes, data.classes) if a != b]
+        raise ValueError(f"{path} was trained on other class names than {dataset}'s ({', '.join(differ[:3])}"
+                         f"{' ...' if len(differ) > 3 else ''}): its labels would mean other classes here")
+    prep = preprocessing.from_meta(meta["preprocess"], tensors).to(dev)
+    model = model.to(memory_format=torch.channels_last)
+    batches = datasets.Batches(data, batch_size, shuffle=False, device=dev, workers=workers)
+    result = evaluate(model, batches, prep, len(classes), tta=tta, precision=arithmetic, progress=progress)
+    result.update({"classes": classes, "dataset": dataset, "split": split, "checkpoint": str(path),
+                   "model": meta["model"], "epoch": meta.get("epoch"), "tta": tta, "precision": arithmetic,
+                   "paper_error": paper_error(meta["model"], dataset, classes, meta.get("augment", "none"))})
+    return result

@@ -1,0 +1,392 @@
+"""Run folders that are never lost: stops at any step, one writer, kills, full disks, DDP stops."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from allconv_cli import checkpoint, config as configuration, train as trainer
+from allconv_cli.cli import app
+from allconv_cli.train import RunFolder, TrainingDiverged, TrainingStopped, train
+
+runner = CliRunner()
+ALLCONV = str(Path(sys.executable).parent / "allconv")
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, code, *needles):
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("Error:") and sum(line.startswith("Error:") for line in lines) == 1, result.output
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
+
+
+def tiny(**kwargs):
+    """2 steps of 32 sample images an epoch, 2 epochs, BatchNorm: about a second an epoch here."""
+    settings = dict(batch_norm=True, train_limit=64, test_limit=32, batch_size=32, epochs=2, lr=0.05,
+                    warmup_epochs=0.5, seed=3, precision="fp32")
+    settings.update(kwargs)
+    return configuration.resolve(None, **settings)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def stop_at(epoch: int, step: int):
+    """A progress callback that sends this process SIGINT once the loop reports (epoch, step)."""
+    def progress(event, **fields):
+        if event == "step" and (fields["epoch"], fields["step"]) == (epoch, step):
+            os.kill(os.getpid(), signal.SIGINT)
+    return progress
+
+
+FIVE_STEPS = dict(train_limit=160)  # 5 steps an epoch
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted run of tiny(**FIVE_STEPS), shared by the stop tests."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    train(tiny(**FIVE_STEPS), run)
+    return run
+
+
+@pytest.mark.parametrize("epoch, step", [(0, 3), (0, 5), (1, 1)], ids=["middle", "last-step", "first-step"])
+def test_a_stop_at_any_step_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch, straight, epoch, step):
+    monkeypatch.setattr(trainer, "CHECK_EVERY", 1)  # report (and so stop) after every step
+    config = tiny(**FIVE_STEPS)
+    with pytest.raises(TrainingStopped):
+        train(config, tmp_path / "split", progress=stop_at(epoch, step))
+    state = torch.load(tmp_path / "split" / "state.pt", weights_only=True)
+    # a stop in an epoch's last step waits for its end: no state sits between a last step and its evaluation
+    assert (state["epoch"], state["step"]) == ((epoch, step) if step < 5 else (epoch + 1, 0))
+    summary = trainer.resume(tmp_path / "split")
+    assert summary["finished"] and same_weights(straight, tmp_path / "split")
+
+
+def test_a_stop_in_the_very_last_step_finishes_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer, "CHECK_EVERY", 1)
+    summary = train(tiny(), tmp_path / "run", progress=stop_at(1, 2))
+    assert summary["finished"] and summary["epochs_done"] == 2
+
+
+def test_syncs_with_the_host_are_rare(monkeypatch):
+    """20 steps: the loop reads device values at 2 checks, 1 epoch start and the epoch's end."""
+    config = tiny(train_limit=160, batch_size=8, epochs=1)
+    setup = trainer.build(config, torch.device("cpu"))
+    learner = trainer.make_learner(config, setup.model, setup.preprocess, len(setup.classes), len(setup.train))
+    reads = []
+    for name in ("item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original):
+            reads.append(self.shape)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    trainer.fit(learner, setup.train, trainer.Position(), 1)
+    assert len(setup.train) == 20 and len(reads) == 4, reads
+
+
+def test_fit_takes_the_batches_it_is_given():
+    """Synthetic batches, no data set: the loop needs only a Learner and Batches."""
+    from allconv_cli import datasets
+    from allconv_cli.models import create_model
+    from allconv_cli.preprocess import Standardize
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 32, 32), generator=generator, dtype=torch.uint8)
+    labels = torch.arange(64) % 4
+    batches = datasets.Batches(datasets.ImageData(images, labels, list("abcd")), 16, shuffle=True, drop_last=True)
+    config = tiny(model="all-cnn-a", epochs=3)
+    model = create_model("all_cnn_a", num_classes=4, batch_norm=True)
+    learner = trainer.make_learner(config, model, Standardize([0.5] * 3, [0.25] * 3), 4, len(batches))
+    position = trainer.fit(learner, batches, trainer.Position(), 3)
+    assert position.epoch == 3 and [m["epoch"] for m in position.history] == [1, 2, 3]
+    assert all(np.isfinite(m["train_loss"]) for m in position.history)
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
+    run = tmp_path / "run"
+    with RunFolder(run).lock():
+        one_line_error(invoke("train", "--preset", "smoke", "--out", run), 2, "in use by allconv train (PID",
+                       str(os.getpid()))
+    assert not RunFolder(run).holds_run()  # the refused run wrote nothing
+
+
+def test_two_runs_started_together_into_one_folder(tmp_path):
+    run = tmp_path / "run"
+    args = [ALLCONV, "train", "--preset", "smoke", "--train-limit", "64", "--test-limit", "32", "--out", str(run)]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], outputs
+    loser = outputs[[p.returncode for p in procs].index(2)]
+    assert ("in use by allconv train" in loser or "holds a run already" in loser) and "Traceback" not in loser
+    assert json.loads((run / "config.json").read_text())["train_limit"] == 64
+    checkpoint.load_model(run)
+
+
+def test_a_new_run_never_replaces_one_silently(tmp_path):
+    run = tmp_path / "run"
+    train(tiny(epochs=1), run)
+    before = (run / "model.safetensors").read_bytes()
+    one_line_error(invoke("train", "--preset", "smoke", "--out", run), 2, "holds a run already", "--resume", "--force")
+    assert (run / "model.safetensors").read_bytes() == before
+    result = invoke("train", "--preset", "smoke", "--train-limit", "64", "--out", run, "--force")
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "config.json").read_text())["preset"] == "smoke"
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_again(tmp_path):
+    run = tmp_path / "run"
+    config = tiny(epochs=1)
+    with RunFolder(run).lock() as folder:
+        folder.begin(config, replace=False)  # what a run writes before its first epoch ends
+    assert trainer.resume(run)["finished"]
+
+
+def test_stale_temporary_files_are_removed(tmp_path):
+    run = tmp_path / "run"
+    train(tiny(), run, stop_after=1)
+    stale = [run / ".model.safetensors.x1y2z3.tmp", run / ".state.pt.abcdef.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    trainer.resume(run)
+    assert not any(path.exists() for path in stale)
+
+
+@pytest.mark.parametrize("seed, ok", [(2**63 - 1, True), (2**63, False), (-1, False)])
+def test_seeds_are_validated_and_step_seeds_never_overflow(tmp_path, seed, ok):
+    result = invoke("train", "--preset", "smoke", "--train-limit", "64", "--seed", seed, "--out", tmp_path / "run")
+    if ok:
+        assert result.exit_code == 0, result.output
+    else:
+        one_line_error(result, 2, "seed")
+    assert 0 <= trainer.step_seed(2**63 - 1, 7, 10**6, 10**9) < 2**63
+
+
+def test_a_nan_in_the_first_epoch_says_no_checkpoint_was_written(tmp_path, monkeypatch):
+    original = torch.nn.CrossEntropyLoss.forward
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", lambda self, x, y: original(self, x, y) * float("nan"))
+    with pytest.raises(TrainingDiverged, match="epoch 1, step 1; no checkpoint was written"):
+        train(tiny(), tmp_path / "run")
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("payload", [{"config": "{}"}, [1, 2, 3], {"format": 2, "epoch": "one"}])
+def test_a_state_of_another_structure_is_one_line(tmp_path, payload):
+    run = tmp_path / "run"
+    train(tiny(), run, stop_after=1)
+    torch.save(payload, run / "state.pt")
+    one_line_error(invoke("train", "--resume", run), 2, "not an allconv training state")
+
+
+def test_resume_with_other_options_is_refused(tmp_path):
+    run = tmp_path / "run"
+    train(tiny(), run, stop_after=1)
+    one_line_error(invoke("train", "--resume", run, "--lr", "0.1"), 2, "drop --lr")
+    one_line_error(invoke("train", "--resume", run, "--force"), 2, "drop --force")
+
+
+def test_ablation_recovers_a_run_that_finished_without_a_result(tmp_path):
+    out = tmp_path / "ablation"
+    args = ["ablate", "--models", "all-cnn-a", "--preset", "smoke", "--train-limit", "64", "--test-limit", "32",
+            "--out", out, "--json"]
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    result = out / "all-cnn-a" / "lr0.05-seed0" / "result.json"
+    recorded = json.loads(result.read_text())
+    result.unlink()  # as if the process died between training's end and this record
+    again = invoke(*args)
+    assert again.exit_code == 0, again.output
+    assert json.loads(result.read_text())["test_error"] == recorded["test_error"]
+
+
+# --- full disks and unwritable paths ---------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 40 MiB tmpfs of its own, to fill. Needs root."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_says_so_in_one_line(small_disk):
+    run = small_disk / "run"
+    train(tiny(), run, stop_after=1)  # 5.5 MB of weights, 11 MB of state
+    files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    free = shutil.disk_usage(small_disk).free
+    (small_disk / "filler").write_bytes(b"\0" * (free - 200_000))  # leave 0.2 MB
+    result = invoke("train", "--resume", run)
+    one_line_error(result, 2, "cannot write", str(run), "No space left on device")
+    assert ".tmp" not in result.output
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files
+    (small_disk / "filler").unlink()
+    assert invoke("train", "--resume", run).exit_code == 0
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "onnx", "pt2"])
+def test_exports_to_a_full_disk_are_one_line_and_leave_nothing(tmp_path, small_disk, fmt):
+    run = tmp_path / "run"
+    train(tiny(epochs=1), run)
+    (small_disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 100_000))
+    out = small_disk / ("export" if fmt == "safetensors" else f"model.{fmt}")
+    result = invoke("export", run, "--format", fmt, "--out", out)
+    one_line_error(result, 2, str(out))
+    assert ".tmp" not in result.output and sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")],
+                         ids=["oserror", "torch.save"])
+def test_each_writer_turns_a_failed_write_into_one_line(tmp_path, monkeypatch, error):
+    run = tmp_path / "run"
+    train(tiny(), run, stop_after=1)
+    for target, attribute in ((checkpoint, "save_file"), (torch, "save")):
+        def fail(*args, **kwargs):
+            raise error
+
+        with monkeypatch.context() as patch:
+            patch.setattr(target, attribute, fail)
+            result = invoke("train", "--resume", run)
+        one_line_error(result, 2, "cannot write", str(run))
+        assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_an_out_under_a_file_names_the_path(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    one_line_error(invoke("train", "--preset", "smoke", "--out", tmp_path / "file" / "run"), 2,
+                   str(tmp_path / "file" / "run"))
+
+
+# --- kills at random moments -----------------------------------------------------------------
+
+def _every_file_loads(run: Path):
+    if (run / "config.json").exists():
+        configuration.from_json((run / "config.json").read_text())
+    if (run / "model.safetensors").exists():
+        checkpoint.load_weights(run)
+    if (run / "state.pt").exists():
+        assert isinstance(torch.load(run / "state.pt", weights_only=True), dict)
+    if (run / "metrics.jsonl").exists():
+        [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _finished(run: Path, epochs: int) -> bool:
+    return (run / "state.pt").exists() and torch.load(run / "state.pt", weights_only=True)["epoch"] == epochs
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_never_loses_a_run(tmp_path):
+    """20 SIGKILLs at moments drawn with a fixed seed, into start-up, steps and checkpoint writes;
+    a run that finishes between kills is checked and the next kill goes to a new one."""
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(16):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / split / cls / f"{i}.png")
+    epochs = 12
+    start = [ALLCONV, "train", "--dataset", "imagefolder", "--data-dir", str(root), "--model", "all-cnn-a",
+             "--batch-norm", "--batch-size", "8", "--epochs", str(epochs), "--precision", "fp32"]
+    moments = random.Random(20).choices([0.5, 1.5, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0], k=20)  # seconds after launch
+    runs = [tmp_path / "run0"]
+    for moment in moments:
+        if _finished(runs[-1], epochs):
+            runs.append(tmp_path / f"run{len(runs)}")
+        run = runs[-1]
+        args = [ALLCONV, "train", "--resume", str(run)] if (run / "config.json").exists() else [*start, "--out", str(run)]
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(moment)
+        proc.kill()
+        stderr = proc.communicate()[1]
+        assert "Traceback" not in stderr, stderr
+        _every_file_loads(run)
+    for run in runs:
+        if not _finished(run, epochs):
+            done = subprocess.run([ALLCONV, "train", "--resume", str(run), "--json"], capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+        _every_file_loads(run)
+        assert len((run / "metrics.jsonl").read_text().splitlines()) == epochs
+        assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+# --- distributed -----------------------------------------------------------------------------
+
+def _torchrun(run: Path, *extra, wait=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--no-python", ALLCONV, "train",
+            *extra]
+    if wait:
+        return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _worker(parent: int, rank: int) -> int | None:
+    """The PID of torchrun's worker of ``rank``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.slow
+def test_ddp_stop_on_one_rank_stops_both_and_resumes_to_the_same_weights(tmp_path):
+    settings = ["--preset", "smoke", "--train-limit", "320", "--test-limit", "32", "--batch-size", "16",
+                "--epochs", "2", "--device", "cpu", "--precision", "fp32"]
+    straight = _torchrun(tmp_path / "straight", *settings, "--out", str(tmp_path / "straight"), "--json")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    summary = json.loads(straight.stdout[straight.stdout.index("{"):])  # only rank 0 prints
+    assert straight.stdout.count('"finished"') == 1 and summary["finished"]
+    metrics = json.loads((tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[0])
+    assert metrics["images_per_s"] * metrics["seconds"] == pytest.approx(320)  # rank 0 counts both ranks' images
+
+    run = tmp_path / "split"
+    proc = _torchrun(run, *settings, "--out", str(run), wait=False)
+    deadline = time.time() + 120
+    while not (run / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(4)  # into the steps (20 of 8 images per rank an epoch)
+    worker = _worker(proc.pid, 1)
+    assert worker is not None
+    os.kill(worker, signal.SIGTERM)  # rank 1 alone: rank 0 must stop at the same step
+    output = proc.communicate(timeout=120)[0]
+    assert "allconv train --resume" in output, output[-3000:]
+    state = torch.load(run / "state.pt", weights_only=True)
+    assert state["world"] == 2 and state["rng_cpu"].shape[0] == 2 and state["epoch"] < 2
+    resumed = _torchrun(run, "--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert same_weights(tmp_path / "straight", run)
