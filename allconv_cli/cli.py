@@ -208,7 +208,7 @@ def train(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Global batch size, split over DDP processes. Default: 128.", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate. Default: 0.05.", show_default=False)] = None,
     momentum: Annotated[Optional[float], typer.Option(help="SGD momentum. Default: 0.9.", show_default=False)] = None,
-    nesterov: Annotated[Optional[bool], typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum. Default: off.", show_default=False)] = None,
+    nesterov: Annotated[Optional[bool], typer.Option("--nesterov/--no-nesterov", metavar="", help="Nesterov momentum. Default: off.", show_default=False)] = None,
     weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="Weight decay. Default: 0.001, the paper's.", show_default=False)] = None,
     schedule: Annotated[Optional[str], typer.Option(help="paper (x gamma at --milestones), cosine (the default), onecycle or constant.", show_default=False)] = None,
     milestones: Annotated[Optional[str], typer.Option(help="Comma-separated epochs for the paper schedule. Default: 200,250,300.", show_default=False)] = None,
@@ -221,27 +221,27 @@ def train(
     ema_decay: Annotated[Optional[float], typer.Option("--ema-decay", help="Per-step weight EMA decay, e.g. 0.999. Default: 0, off.", show_default=False)] = None,
     augment: Annotated[Optional[str], typer.Option(help="none, paper (flips and translations of up to 5 px; the default) or strong (adds CutMix/Mixup).", show_default=False)] = None,
     preprocess: Annotated[Optional[str], typer.Option(help="standardize (per-channel mean and std; the default) or zca (the paper's GCN + ZCA).", show_default=False)] = None,
-    batch_norm: Annotated[Optional[bool], typer.Option("--batch-norm/--no-batch-norm", help="Deviation: BatchNorm after every conv. Default: off.", show_default=False)] = None,
-    class_relu: Annotated[Optional[bool], typer.Option("--class-relu/--no-class-relu", help="The paper's ReLU after the class conv. Default: on.", show_default=False)] = None,
+    batch_norm: Annotated[Optional[bool], typer.Option("--batch-norm/--no-batch-norm", metavar="", help="Deviation: BatchNorm after every conv. Default: off.", show_default=False)] = None,
+    class_relu: Annotated[Optional[bool], typer.Option("--class-relu/--no-class-relu", metavar="", help="The paper's ReLU after the class conv. Default: on.", show_default=False)] = None,
     drop_input: Annotated[Optional[float], typer.Option("--drop-input", help="Dropout on the input; 0 turns it off. Default: the model's, 0.2 as in the paper.", show_default=False)] = None,
     drop_rate: Annotated[Optional[float], typer.Option("--drop-rate", help="Dropout after each pool or the conv replacing it. Default: the model's, 0.5 as in the paper.", show_default=False)] = None,
     val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="Hold out this share of train for evaluation; test is then scored once at the end.", show_default=False)] = None,
     train_limit: Annotated[Optional[int], typer.Option("--train-limit", help="Use at most this many training images.", show_default=False)] = None,
     test_limit: Annotated[Optional[int], typer.Option("--test-limit", help="Use at most this many test images.", show_default=False)] = None,
-    shuffle_labels: Annotated[Optional[bool], typer.Option("--shuffle-labels/--no-shuffle-labels", help="Permute the training labels once, with the seed: a model for the data-randomization test of 'allconv sanity --against'. Default: off.", show_default=False)] = None,
+    shuffle_labels: Annotated[Optional[bool], typer.Option("--shuffle-labels/--no-shuffle-labels", metavar="", help="Permute the training labels once, with the seed: a model for the data-randomization test of 'allconv sanity --against'. Default: off.", show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of initialization, order, augmentation and dropout, in [0, 2^63). Default: 0.", show_default=False)] = None,
-    deterministic: Annotated[Optional[bool], typer.Option("--deterministic/--no-deterministic", help="Deterministic kernels (slower on CUDA). Default: off.", show_default=False)] = None,
+    deterministic: Annotated[Optional[bool], typer.Option("--deterministic/--no-deterministic", metavar="", help="Deterministic kernels (slower on CUDA). Default: off.", show_default=False)] = None,
     device: Annotated[Optional[str], typer.Option(help="auto (the default), cpu, cuda or cuda:N.", show_default=False)] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto (the default: bf16 autocast where the CPU or GPU computes bf16 natively, else fp32), fp32, bf16 or fp16 (CUDA only, with a gradient scaler). Weights, optimizer state, BatchNorm statistics and the loss stay fp32.", show_default=False)] = None,
-    channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="channels_last memory format. Default: on.", show_default=False)] = None,
-    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step. Default: off.", show_default=False)] = None,
+    channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", metavar="", help="channels_last memory format. Default: on.", show_default=False)] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", metavar="", help="torch.compile the training step. Default: off.", show_default=False)] = None,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader workers for large image folders. Default: 4.", show_default=False)] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Evaluate every N epochs; the last is always evaluated. Default: 1.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder. Default: runs/MODEL-DATASET-TIME.", show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace the run that --out already holds (otherwise refused).")] = False,
+    force: Annotated[bool, typer.Option("--force", metavar="", help="Replace the run that --out already holds (otherwise refused).")] = False,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder exactly where it stopped; only --device and --workers may change.", show_default=False)] = None,
     stop_after: Annotated[Optional[int], typer.Option("--stop-after", help="Stop, resumably, after this many epochs of this call.", show_default=False)] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout; progress goes to stderr.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the summary as JSON on stdout; progress goes to stderr.")] = False,
 ):
     """Train a model of the paper: the paper's protocol (presets paper-*), a fast modern recipe (fast-cifar10) or your own settings. Writes a run folder with safetensors weights, the resolved settings, per-epoch metrics, learning curves and a resumable state, and holds a lock on it while it runs. Ctrl-C stops with a resumable checkpoint (exit 130; SIGTERM 143).
 
@@ -586,7 +586,7 @@ def visualize(
             from allconv_cli.datasets import Batches, load_split
 
             layer = layer or default_layer(loaded.model)
-            data = load_split(dataset, split, data_dir, loaded.input_size)
+            data = load_split(dataset, split, data_dir, loaded.input_size, fit=(loaded.interpolation, loaded.crop_pct))
             progress, stop = _scan_progress(len(data))
             try:
                 result = scan.top_patches(loaded.model, loaded.preprocess,
@@ -748,9 +748,9 @@ def benchmark(
     warmup: Annotated[Optional[int], typer.Option(help="Untimed steps before them. Default: 5 on the CPU, 50 on CUDA.", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast where the CPU or GPU computes bf16 natively, else fp32), fp32, bf16 or fp16 (CUDA only).")] = "auto",
-    channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last", help="channels_last memory format.")] = True,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network; compiling happens in the warm-up.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last", metavar="", help="channels_last memory format.")] = True,
+    compile: Annotated[bool, typer.Option("--compile", metavar="", help="torch.compile the network; compiling happens in the warm-up.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the results as JSON.")] = False,
 ):
     """Measure speed on synthetic data (random uint8 images of the model's input size, so it runs offline): images/s and step time of the trainer's own training step, of inference and of the data path alone, with GFLOP per image (convolutions, counted from the layer shapes), achieved TFLOP/s, its share of a large matmul's rate measured in the same process and precision, the share of the GPU's peak where it is known, and peak memory.
 

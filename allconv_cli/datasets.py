@@ -72,21 +72,25 @@ class FolderData:
     labels: torch.Tensor
     classes: list[str]
     input_size: tuple[int, int, int]
+    fit: tuple[str, float] = ("bilinear", 1.0)  # the model's (interpolation, crop_pct)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: torch.Tensor) -> FolderData:
         return FolderData([self.files[i] for i in index.tolist()], self.labels[index], self.classes,
-                          self.input_size)
+                          self.input_size, self.fit)
 
 
 Split = ImageData | FolderData
 
 
 def load_split(name: str, split: str, data_dir: str | Path | None = None,
-               input_size: tuple[int, int, int] = (3, 32, 32), workers: int = 2) -> Split:
-    """Load ``split`` (train | test) of data set ``name`` at ``input_size`` (C, H, W).
+               input_size: tuple[int, int, int] = (3, 32, 32), workers: int = 2,
+               fit: tuple[str, float] = ("bilinear", 1.0)) -> Split:
+    """Load ``split`` (train | test) of data set ``name`` at ``input_size`` (C, H, W); image
+    files are fitted to it with the model's ``fit`` = (interpolation, crop_pct), as
+    ``images.fit_options`` reads them from its registered configuration.
 
     Raises ValueError / FileNotFoundError with the fix for unknown names, missing folders,
     empty folders and unreadable images.
@@ -95,13 +99,13 @@ def load_split(name: str, split: str, data_dir: str | Path | None = None,
         raise ValueError(f"unknown split {split!r}: use train or test")
     check_source(name, data_dir)
     if name == "sample":
-        return _load_sample(split, tuple(input_size))
+        return _load_sample(split, tuple(input_size), tuple(fit))
     if name in _CIFAR:
         return _load_cifar(name, split, data_dir, input_size)
     if data_dir is None:
         raise ValueError("--dataset imagefolder needs --data-dir DIR (with train/ and val/ or "
                          "test/, one sub-folder per class)")
-    return _load_folder(Path(data_dir), split, input_size, workers)
+    return _load_folder(Path(data_dir), split, input_size, workers, tuple(fit))
 
 
 def check_source(name: str, data_dir: str | Path | None):
@@ -143,7 +147,7 @@ def iter_batches(name: str, data_dir: str | Path | None, split: str,
 # --- bundled sample -------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=4)
-def _load_sample(split: str, input_size: tuple[int, int, int]) -> ImageData:
+def _load_sample(split: str, input_size: tuple[int, int, int], fit: tuple[str, float]) -> ImageData:
     """The bundled split, decoded once per process (4,000 or 1,000 JPEGs: seconds on a CPU); callers take
     subsets and never change it in place."""
     from safetensors import safe_open
@@ -154,7 +158,7 @@ def _load_sample(split: str, input_size: tuple[int, int, int]) -> ImageData:
         blob = f.get_tensor(f"{split}_jpeg").numpy().tobytes()
         offsets = f.get_tensor(f"{split}_offsets").tolist()
         labels = f.get_tensor(f"{split}_labels")
-    images = [_fit(Image.open(io.BytesIO(blob[a:b])), input_size)
+    images = [_fit(Image.open(io.BytesIO(blob[a:b])), input_size, fit)
               for a, b in zip(offsets[:-1], offsets[1:])]
     return ImageData(torch.stack(images), labels, classes)
 
@@ -363,17 +367,17 @@ def check_folder(root: str | Path):
     _same_classes(root, train, classes, evaluated)
 
 
-def _load_folder(root: Path, split: str, input_size, workers: int) -> Split:
+def _load_folder(root: Path, split: str, input_size, workers: int, fit: tuple[str, float]) -> Split:
     name, other = _split_folders(root, split)
     classes, files = _scan_folder(root / name)
     _same_classes(root, name, classes, other)
     folder = FolderData([p for p, _ in files], torch.tensor([lab for _, lab in files]), classes,
-                        tuple(input_size))
+                        tuple(input_size), fit)
     if len(folder) * math.prod(input_size) > IN_MEMORY_LIMIT:
         return folder
     # Threads, not processes: PIL decodes without the GIL, and a bad file raises right here.
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        images = list(pool.map(lambda path: _fit(open_image(path, input_size[0]), input_size), folder.files))
+        images = list(pool.map(lambda path: _fit(open_image(path, input_size[0]), input_size, fit), folder.files))
     return ImageData(torch.stack(images), folder.labels, classes)
 
 
@@ -386,17 +390,16 @@ class _FolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         img = open_image(self.data.files[i], channels=self.data.input_size[0])
-        return _fit(img, self.data.input_size), self.data.labels[i]
+        return _fit(img, self.data.input_size, self.data.fit), self.data.labels[i]
 
 
-def _fit(img: Image.Image, input_size) -> torch.Tensor:
-    """PIL image -> uint8 (C, H, W) at ``input_size`` by the shared ``images.fit_image``, with the
-    CIFAR nets' registered interpolation and crop (bilinear, crop_pct 1.0): shorter side resized,
-    then center-cropped; an image already at that size is untouched. (load_split is not given
-    the model, so all-cnn-imagenet's crop_pct 0.875 is not applied here.)"""
+def _fit(img: Image.Image, input_size, fit: tuple[str, float]) -> torch.Tensor:
+    """PIL image -> uint8 (C, H, W) at ``input_size`` by the shared ``images.fit_image`` with the
+    model's (interpolation, crop_pct); a CIFAR-sized image for a CIFAR net (crop_pct 1.0) is
+    untouched."""
     from allconv_cli.images import fit_image
 
-    return fit_image(img, input_size, "bilinear", 1.0)
+    return fit_image(img, input_size, *fit)
 
 
 def _resize_batch(images: torch.Tensor, input_size) -> torch.Tensor:

@@ -12,7 +12,8 @@ from torch import nn
 
 from allconv_cli import checkpoint, datasets, preprocess as preprocessing
 from allconv_cli.device import autocast, resolve_device, resolve_precision
-from allconv_cli.models import CIFAR10_CLASSES, PAPER, resolve_name
+from allconv_cli.images import fit_options
+from allconv_cli.models import CIFAR10_CLASSES, PAPER, default_config, resolve_name
 
 
 @torch.no_grad()
@@ -84,7 +85,8 @@ def evaluate_checkpoint(path: str | Path, dataset: str | None = None, data_dir: 
         raise ValueError(f"{path} does not say which data set it was trained on: give --dataset")
     data_dir = data_dir if data_dir is not None else (meta.get("data_dir") if dataset == meta.get("dataset") else None)
     input_size = tuple(meta["input_size"])
-    data = datasets.limit(datasets.load_split(dataset, split, data_dir, input_size, workers), limit)
+    fit = fit_options(default_config(meta["model"]))
+    data = datasets.limit(datasets.load_split(dataset, split, data_dir, input_size, workers, fit), limit)
     classes = meta["classes"]
     if len(data.classes) != len(classes):
         raise ValueError(f"{path} predicts {len(classes)} classes but {dataset} has {len(data.classes)}: "

@@ -31,6 +31,7 @@ from allconv_cli import checkpoint, datasets, preprocess as preprocessing
 from allconv_cli.config import TrainConfig, from_json
 from allconv_cli.device import autocast, resolve_device, resolve_precision, tune_cpu_allocator
 from allconv_cli.evaluation import evaluate, paper_error
+from allconv_cli.images import fit_options
 from allconv_cli.initialization import initialize
 from allconv_cli.models import create_model, default_config, resolve_name
 
@@ -82,14 +83,15 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
           preprocess_state: tuple[dict, dict] | None = None) -> Setup:
     """Load the data, fit (or restore) the preprocessing, and build the model on ``device``."""
     name = resolve_name(config.model)
-    input_size = tuple(default_config(name)["input_size"])
+    registered = default_config(name)
+    input_size, fit = tuple(registered["input_size"]), fit_options(registered)
     if config.crop >= min(input_size[1:]):
         raise ValueError(f"crop {config.crop} px is not smaller than {name}'s {input_size[1]}x{input_size[2]} "
                          f"input: give a smaller --crop")
-    train = datasets.load_split(config.dataset, "train", config.data_dir, input_size, config.workers)
+    train = datasets.load_split(config.dataset, "train", config.data_dir, input_size, config.workers, fit)
     train = datasets.limit(train, config.train_limit, config.seed)
-    test = datasets.limit(datasets.load_split(config.dataset, "test", config.data_dir, input_size, config.workers),
-                          config.test_limit, config.seed)
+    test = datasets.limit(datasets.load_split(config.dataset, "test", config.data_dir, input_size, config.workers,
+                                              fit), config.test_limit, config.seed)
     if len(test.classes) != len(train.classes):
         raise ValueError(f"the train split has {len(train.classes)} classes and the test split "
                          f"{len(test.classes)}: give both the same class folders")

@@ -1,4 +1,5 @@
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -61,7 +62,7 @@ def test_fit_image_scales_to_cover_then_center_crops():
     fitted = fit_image(img, (3, 32, 32), "bilinear", 1.0)
     assert fitted.dtype == torch.uint8 and fitted.shape == (3, 32, 32)
     assert torch.equal(fitted, torch.from_numpy(expected.copy()).permute(2, 0, 1))
-    assert torch.equal(datasets._fit(img, (3, 32, 32)), fitted)  # training fits images the same way
+    assert torch.equal(datasets._fit(img, (3, 32, 32), ("bilinear", 1.0)), fitted)  # training fits images the same way
     # crop_pct 0.8: cover 40 px (90 -> 60), keep the centre 32 px
     expected = np.asarray(img.resize((60, 40), Image.Resampling.BICUBIC).crop((14, 4, 46, 36)))
     assert torch.equal(fit_image(img, (3, 32, 32), "bicubic", 0.8), torch.from_numpy(expected.copy()).permute(2, 0, 1))
@@ -92,3 +93,31 @@ def test_the_registered_configuration_sets_the_fitting(tmp_path):
     Image.fromarray(np.zeros((300, 400, 3), np.uint8)).save(tmp_path / "a.png")
     images, inputs = loaded.read_images([tmp_path / "a.png"])
     assert images.shape == (1, 3, 224, 224) and torch.equal(inputs, loaded.preprocess(images))
+
+
+def test_training_and_evaluation_fit_images_by_the_models_configuration(tmp_path, monkeypatch):
+    """load_split fits every file with the (interpolation, crop_pct) it is given, and the trainer
+    and evaluation give it the model's registered ones."""
+    from PIL import Image as PILImage
+
+    from allconv_cli import datasets, train as trainer
+    from allconv_cli import config as configuration
+    from allconv_cli.images import fit_image, fit_options, open_image
+    from allconv_cli.models import default_config
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            PILImage.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(tmp_path / split / cls / "0.png")
+    data = datasets.load_split("imagefolder", "train", tmp_path, (3, 32, 32), fit=("bicubic", 0.5))
+    expected = fit_image(open_image(tmp_path / "train" / "a" / "0.png"), (3, 32, 32), "bicubic", 0.5)
+    assert torch.equal(data.images[0], expected)
+    assert not torch.equal(data.images[0], fit_image(open_image(tmp_path / "train" / "a" / "0.png"), (3, 32, 32)))
+
+    asked = []
+    real = datasets.load_split
+    monkeypatch.setattr(datasets, "load_split", lambda *args: asked.append(args[-1]) or real(*args))
+    config = configuration.resolve(None, dataset="imagefolder", data_dir=str(tmp_path), batch_size=2, epochs=1)
+    trainer.build(config, torch.device("cpu"))
+    assert asked == [fit_options(default_config("all-cnn-c"))] * 2 == [("bilinear", 1.0)] * 2

@@ -88,7 +88,8 @@ def _fake_split(calls):
     """load_split's stand-in: 12 random 16x16 images, and a record of what was asked for."""
     from allconv_cli.datasets import ImageData
 
-    def load_split(name, split, data_dir, input_size):
+    def load_split(name, split, data_dir, input_size, fit):
+        assert fit == ("bilinear", 1.0)  # the model's registered fitting
         calls.append((name, data_dir, split, tuple(input_size)))
         generator = torch.Generator().manual_seed(0)
         images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8, generator=generator)
