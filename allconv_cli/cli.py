@@ -215,7 +215,11 @@ def train(
     warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help="Linear warm-up, in epochs. Default: 1.", show_default=False)] = None,
     crop: Annotated[Optional[int], typer.Option(help="Train on random crops of this side (px) in the first --crop-epochs epochs: cheaper steps, e.g. 24 of 32 px costs half. Default: 0, off.", show_default=False)] = None,
     crop_epochs: Annotated[Optional[int], typer.Option("--crop-epochs", help="How many of the first epochs train on --crop windows; the rest train at full size. Default: 0.", show_default=False)] = None,
-    weight_init: Annotated[Optional[str], typer.Option("--weight-init", help="How the convs start: xavier (Xavier-uniform, biases 0.1; the default), kaiming (He normal, biases 0) or lsuv (orthogonal, then each conv scaled to unit output variance on training images).", show_default=False)] = None,
+    flips: Annotated[Optional[str], typer.Option(help="random (a coin per image and step; the default) or alternate (each image mirrored in every other epoch, from a random start).", show_default=False)] = None,
+    weight_init: Annotated[Optional[str], typer.Option("--weight-init", help="How the convs start: xavier-open (the default: Xavier-uniform, biases 0.1, the class conv's 1.0 so that its ReLU starts open), xavier (biases 0.1 everywhere), kaiming (He normal, biases 0) or lsuv (orthogonal, then each conv scaled to unit output variance on training images).", show_default=False)] = None,
+    whiten: Annotated[Optional[str], typer.Option(help="off (the default), init (the first conv starts as the whitening of the training images' patches) or frozen (and is never trained).", show_default=False)] = None,
+    dirac: Annotated[Optional[bool], typer.Option("--dirac/--no-dirac", metavar="", help="Start the convs after the first (not the class conv) with identity filters. Default: off.", show_default=False)] = None,
+    decay_all: Annotated[Optional[bool], typer.Option("--decay-all/--decay-weights-only", metavar="", help="Weight decay on every parameter (the default), or on conv weights only (not biases and BatchNorm).", show_default=False)] = None,
     init: Annotated[Optional[str], typer.Option(help="Start from these weights (a run folder or allconv .safetensors) and their preprocessing, with a fresh optimizer and schedule: fine-tuning, or a further cycle.", show_default=False)] = None,
     label_smoothing: Annotated[Optional[float], typer.Option("--label-smoothing", help="Label smoothing. Default: 0.", show_default=False)] = None,
     ema_decay: Annotated[Optional[float], typer.Option("--ema-decay", help="Per-step weight EMA decay, e.g. 0.999. Default: 0, off.", show_default=False)] = None,
@@ -237,6 +241,8 @@ def train(
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", metavar="", help="torch.compile the training step. Default: off.", show_default=False)] = None,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader workers for large image folders. Default: 4.", show_default=False)] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Evaluate every N epochs; the last is always evaluated. Default: 1.", show_default=False)] = None,
+    tta: Annotated[Optional[str], typer.Option(help="Test-time augmentation of the last epoch's evaluation and the final test, reported beside the plain figures: none (the default), flip or flip-shift (see allconv eval --tta).", show_default=False)] = None,
+    target: Annotated[Optional[float], typer.Option(help="Stop once the evaluated top-1 accuracy (%, validation split if held out, else test) reaches this; every epoch is then evaluated, and the epoch and time are reported.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder. Default: runs/MODEL-DATASET-TIME.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", metavar="", help="Replace the run that --out already holds (otherwise refused).")] = False,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder exactly where it stopped; only --device and --workers may change.", show_default=False)] = None,
@@ -310,8 +316,17 @@ def _print_summary(console, summary: dict):
         if f"{split}_top1_error" in last:
             table.add_row(f"{split} top-1 error %", f"{last[f'{split}_top1_error']:.2f}")
             table.add_row(f"{split} top-5 error %", f"{last[f'{split}_top5_error']:.2f}")
+    for split in ("val_tta", "test_tta"):
+        if f"{split}_top1_error" in last:
+            table.add_row(f"{split.replace('_', ' with ')} top-1 error %", f"{last[f'{split}_top1_error']:.2f}")
     if "test" in summary:
         table.add_row("test top-1 error % (final)", f"{summary['test']['top1_error']:.2f}")
+    if "test_tta" in summary:
+        table.add_row("test with tta top-1 error % (final)", f"{summary['test_tta']['top1_error']:.2f}")
+    if "target" in summary:
+        reached = summary["target"]
+        table.add_row(f"{reached['accuracy']:g} % reached at epoch", f"{reached['epoch']} "
+                      f"({_duration(reached['wall_seconds'])})")
     if summary["paper_error"] is not None:
         table.add_row("paper's error %", f"{summary['paper_error']:.2f}")
     console.print(table)
@@ -325,7 +340,7 @@ def evaluate(
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Data set. Default: the one it was trained on.", show_default=False)] = None,
     data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Folder of the data set. Default: the training run's.", show_default=False)] = None,
     split: Annotated[str, typer.Option(help="test or train.")] = "test",
-    tta: Annotated[bool, typer.Option("--tta", metavar="", help="Average the predictions of each image and its mirror.")] = False,
+    tta: Annotated[str, typer.Option("--tta", help="Test-time augmentation: none, flip (average the predictions of each image and its mirror) or flip-shift (also both moved by one pixel down-right and up-left, weighted half).")] = "none",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch.")] = 256,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate at most this many images (a fixed subset).", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -336,7 +351,7 @@ def evaluate(
 ):
     """Evaluate a trained model: top-1 and top-5 error, loss, per-class accuracy, a confusion-matrix PNG, and the paper's error for that model and data set where it has one. Writes only the PNG (see --out).
 
-    Example: [bold]allconv eval runs/all-cnn-c-cifar10-20261123-101500 --tta[/bold]
+    Example: [bold]allconv eval runs/all-cnn-c-cifar10-20261123-101500 --tta flip[/bold]
     """
     with user_errors():
         from allconv_cli.charts import confusion_matrix
@@ -362,7 +377,7 @@ def evaluate(
 
     console = _console(False)
     table = Table(title=f"{result['model']} (epoch {result['epoch']}) on {result['dataset']} {split}, "
-                  f"{result['count']:,} images{' with TTA' if tta else ''}, {result['precision']}",
+                  f"{result['count']:,} images{f' with {tta} TTA' if tta != 'none' else ''}, {result['precision']}",
                   box=box.SIMPLE_HEAD)
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -15,6 +15,8 @@ from importlib import resources
 from pathlib import Path
 
 SCHEDULES = ("paper", "cosine", "onecycle", "constant")
+FLIPS = ("random", "alternate")
+WHITEN = ("off", "init", "frozen")
 
 
 @dataclass
@@ -35,6 +37,7 @@ class TrainConfig:
     augment: str = "paper"  # none | paper (flips, translations <= 5 px) | strong (+ CutMix/Mixup)
     crop: int = 0  # train on random crop x crop windows (px) in the first crop_epochs epochs; 0: off
     crop_epochs: int = 0  # the rest train at full size, so BatchNorm statistics match test images
+    flips: str = "random"  # random | alternate: each image flipped in every other epoch (airbench)
     val_fraction: float = 0.0  # held out of train for model selection; 0: evaluate on test
     train_limit: int | None = None  # use at most this many training images (quick runs)
     test_limit: int | None = None
@@ -51,9 +54,14 @@ class TrainConfig:
     gamma: float = 0.1
     warmup_epochs: float = 1.0  # linear warm-up from lr / 10 (cosine); a fraction is allowed
     label_smoothing: float = 0.0
-    weight_init: str = "xavier"  # xavier (Xavier-uniform, biases 0.1) | kaiming | lsuv: see initialization.py
+    weight_init: str = "xavier-open"  # xavier-open | xavier (Xavier-uniform, biases 0.1) | kaiming | lsuv: see initialization.py
+    whiten: str = "off"  # off | init | frozen: the first conv from the training patches' whitening
+    dirac: bool = False  # later convs start with identity filters
+    decay_all: bool = True  # weight decay on every parameter; False: on conv weights only, not biases or BatchNorm
     init: str | None = None  # start from these weights (run folder or allconv .safetensors); fresh optimizer
     ema_decay: float = 0.0  # 0: off; else weights averaged per step (timm's ModelEmaV3)
+    tta: str = "none"  # none | flip | flip-shift: test-time augmentation of the last epoch's evaluation
+    target: float | None = None  # stop once the evaluated top-1 accuracy (%) reaches this; None: run every epoch
     # machinery
     seed: int = 0
     deterministic: bool = False
@@ -196,6 +204,7 @@ RANGES: dict[str, tuple] = {
     "warmup_epochs": (lambda v: v >= 0, "of at least 0 (epochs)"),
     "label_smoothing": _UNIT,
     "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1) (0 turns EMA off)"),
+    "target": (lambda v: 0 < v <= 100, "in (0, 100] (top-1 accuracy, %)"),
     "val_fraction": _UNIT,
     "drop_input": (lambda v: 0 <= v < 1, "in [0, 1) (0 turns that dropout off)"),
     "drop_rate": (lambda v: 0 <= v < 1, "in [0, 1) (0 turns that dropout off)"),
@@ -208,11 +217,12 @@ def choices() -> dict[str, tuple[str, ...]]:
     """The settings that name one of a fixed set (the model's registry is checked on its own)."""
     from allconv_cli.datasets import AUGMENTATIONS, DATASETS
     from allconv_cli.device import PRECISIONS
+    from allconv_cli.evaluation import TTA
     from allconv_cli.initialization import WEIGHT_INITS
     from allconv_cli.preprocess import KINDS
 
     return {"dataset": DATASETS, "augment": AUGMENTATIONS, "preprocess": KINDS, "schedule": SCHEDULES,
-            "precision": PRECISIONS, "weight_init": WEIGHT_INITS}
+            "precision": PRECISIONS, "weight_init": WEIGHT_INITS, "flips": FLIPS, "whiten": WHITEN, "tta": TTA}
 
 
 def _convert(hint, value):

@@ -494,7 +494,7 @@ class Batches:
 
 
 def augment(images: torch.Tensor, kind: str, generator: torch.Generator, shift: int = 5,
-            size: int | None = None) -> torch.Tensor:
+            size: int | None = None, flips: torch.Tensor | None = None) -> torch.Tensor:
     """Batch-wise augmentation of uint8 (B, C, H, W) on their device.
 
     ``paper``: a random horizontal flip and a random translation of up to ``shift`` pixels in
@@ -502,6 +502,7 @@ def augment(images: torch.Tensor, kind: str, generator: torch.Generator, shift: 
     border is filled by reflection. ``strong`` adds CutMix/Mixup in the trainer (timm's Mixup).
     ``size``: cut a random ``size`` x ``size`` window out of each image instead of translating it
     (the window moves the content up to (side - size) / 2 px each way), giving (B, C, size, size).
+    ``flips``: (B,) bool, the images to mirror (e.g. alternating by epoch) instead of a coin each.
     Flip, shift, crop and reflection only choose source pixels, so they are one uint8 gather.
     """
     if kind not in AUGMENTATIONS:
@@ -518,7 +519,7 @@ def augment(images: torch.Tensor, kind: str, generator: torch.Generator, shift: 
     flip = torch.zeros(batch, dtype=torch.bool, device=device)
     dy = dx = torch.zeros(batch, 1, dtype=torch.long, device=device)
     if kind != "none":
-        flip = torch.rand(batch, generator=generator, device=device) < 0.5
+        flip = torch.rand(batch, generator=generator, device=device) < 0.5 if flips is None else flips
         if size is None:
             dy, dx = offsets(2 * shift) - shift, offsets(2 * shift) - shift
     if size is not None:

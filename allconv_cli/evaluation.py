@@ -15,14 +15,32 @@ from allconv_cli.device import autocast, resolve_device, resolve_precision
 from allconv_cli.images import fit_options
 from allconv_cli.models import CIFAR10_CLASSES, PAPER, default_config, resolve_name
 
+# Test-time augmentation: the views whose softmax is averaged. flip-shift adds the image and its
+# mirror moved by one pixel down-right and up-left (reflected borders), weighted half as much.
+TTA = ("none", "flip", "flip-shift")
+
+
+def predict(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """Float (B, C, H, W) model inputs -> (B, classes) fp32 logits; with ``tta``, the log of the
+    weighted mean softmax of the views."""
+    if tta == "none":
+        return model(x).float()
+    views = [(x, 1.0), (x.flip(3), 1.0)]
+    if tta == "flip-shift":
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        height, width = x.shape[2:]
+        for shifted in (padded[:, :, :height, :width], padded[:, :, 2:, 2:]):
+            views += [(shifted, 0.5), (shifted.flip(3), 0.5)]
+    total = sum(weight for _, weight in views)
+    return sum(model(view).float().softmax(1) * (weight / total) for view, weight in views).log()
+
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: datasets.Batches, prep: nn.Module, num_classes: int,
-             tta: bool = False, precision: str = "fp32", memory_format=torch.channels_last,
+             tta: str = "none", precision: str = "fp32", memory_format=torch.channels_last,
              progress: Callable[[int, int], None] | None = None) -> dict:
     """Top-1 / top-5 error (%), mean loss, per-class accuracy (%) and the confusion matrix
-    (rows: true class, columns: predicted). ``tta`` averages the softmax of the image and its
-    mirror; ``precision`` is a resolved name (fp32, bf16, fp16). Under DDP the counts are summed
+    (rows: true class, columns: predicted). ``tta`` is one of TTA (see ``predict``); ``precision`` is a resolved name (fp32, bf16, fp16). Under DDP the counts are summed
     over all processes. ``progress(batches done, batches)`` is called after each batch is queued
     (on CUDA, before it has run: the loop never waits for the device)."""
     was_training = model.training
@@ -33,9 +51,7 @@ def evaluate(model: nn.Module, batches: datasets.Batches, prep: nn.Module, num_c
     for step, (images, labels) in enumerate(batches.epoch(0), 1):
         x = prep(images.float() / 255).contiguous(memory_format=memory_format)
         with autocast(device, precision):
-            logits = model(x).float()
-            if tta:
-                logits = (logits.softmax(1) + model(x.flip(3)).float().softmax(1)).div(2).log()
+            logits = predict(model, x, tta)
         totals[0] += F.cross_entropy(logits, labels, reduction="sum").double()
         top = logits.topk(min(5, num_classes), dim=1).indices
         totals[1] += (top == labels[:, None]).any(1).sum()
@@ -73,10 +89,12 @@ def paper_error(model: str, dataset: str, classes: list[str], augment: str) -> f
 
 
 def evaluate_checkpoint(path: str | Path, dataset: str | None = None, data_dir: str | None = None,
-                        split: str = "test", tta: bool = False, batch_size: int = 256,
+                        split: str = "test", tta: str = "none", batch_size: int = 256,
                         device: str = "auto", limit: int | None = None, workers: int = 2,
                         precision: str = "auto", progress: Callable[[int, int], None] | None = None) -> dict:
     """Evaluate a run folder or checkpoint on a split -> metrics, classes and the paper's error."""
+    if tta not in TTA:
+        raise ValueError(f"unknown --tta {tta!r}: use one of {', '.join(TTA)}")
     dev = resolve_device(device)
     arithmetic = resolve_precision(precision, dev)
     model, meta, tensors = checkpoint.load_model(path, dev)

@@ -32,7 +32,7 @@ from allconv_cli.config import TrainConfig, from_json
 from allconv_cli.device import autocast, resolve_device, resolve_precision, tune_cpu_allocator
 from allconv_cli.evaluation import evaluate, paper_error
 from allconv_cli.images import fit_options
-from allconv_cli.initialization import initialize
+from allconv_cli.initialization import WHITEN_IMAGES, dirac, initialize, whiten_first_conv
 from allconv_cli.models import create_model, default_config, resolve_name
 
 CONFIG_NAME, STATE_NAME, METRICS_NAME, CURVES_NAME, LOCK_NAME = (
@@ -115,9 +115,14 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
     else:
         images = _fit_images(train, config.seed)
         prep = preprocessing.fit(config.preprocess, images)
-        if config.weight_init != "xavier":  # xavier is the model's own
-            batch = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))[:LSUV_IMAGES]]
-            initialize(model, config.weight_init, prep(batch.float() / 255))
+        shuffled = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))]
+        initialize(model, config.weight_init, prep(shuffled[:LSUV_IMAGES].float() / 255))
+        if config.whiten != "off":
+            whiten_first_conv(model, prep(shuffled[:WHITEN_IMAGES].float() / 255))
+        if config.dirac:
+            dirac(model)
+    if config.whiten == "frozen":  # on resume too: the rebuilt model must not train it either
+        first_conv(model).requires_grad_(False)
     model = model.to(device, memory_format=_memory_format(config))
     per_rank = max(1, config.batch_size // world)
 
@@ -128,6 +133,10 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
     evaluate_on = validation if validation is not None else test
     return Setup(model, prep.to(device), train.classes, input_size, batches(train, True),
                  batches(evaluate_on, False), batches(test, False) if validation is not None else None)
+
+
+def first_conv(model: nn.Module) -> nn.Conv2d:
+    return next(m for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
 def _fit_images(split: datasets.Split, seed: int, most: int = 10_000) -> torch.Tensor:
@@ -151,8 +160,15 @@ def model_kwargs(config: TrainConfig, num_classes: int) -> dict:
 # --- optimizer, schedule, the step ----------------------------------------------------------
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with the run's momentum, Nesterov and weight decay (Section 3.2's optimizer)."""
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+    """SGD with the run's momentum, Nesterov and weight decay (Section 3.2's optimizer); with
+    ``decay_all`` off, biases and BatchNorm parameters (every parameter of fewer than 2
+    dimensions) are not decayed. A frozen parameter is left out."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": params}]
+    if not config.decay_all:
+        groups = [{"params": [p for p in params if p.ndim > 1]},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
                            nesterov=config.nesterov, weight_decay=config.weight_decay)
 
 
@@ -239,21 +255,37 @@ def step_seed(seed: int, rank: int, epoch: int, step: int) -> int:
     return (((seed * 1_000_003 + rank) * 10_007 + epoch) * 1_000_003 + step) % 2**63
 
 
+def flip_plan(count: int, seed: int) -> torch.Tensor:
+    """(count,) bool: which images are mirrored in even epochs with ``flips = "alternate"``; odd
+    epochs mirror the others, so every image is seen both ways every two epochs."""
+    return torch.rand(count, generator=torch.Generator().manual_seed(seed)) < 0.5
+
+
+def step_flips(plan: torch.Tensor | None, batches: datasets.Batches, epoch: int, step: int) -> torch.Tensor | None:
+    """The mirroring of one step's images under ``plan`` (None: random flips)."""
+    if plan is None:
+        return None
+    index = batches.order(epoch)[step * batches.batch_size:(step + 1) * batches.batch_size]
+    return plan[index] ^ bool(epoch % 2)
+
+
 def batch_inputs(config: TrainConfig, preprocess: nn.Module, images: torch.Tensor, epoch: int, step: int,
-                 generator: torch.Generator, rank: int = 0) -> torch.Tensor:
-    """The data path of a step: uint8 (B, C, H, W) -> augmented (seeded by the step), scaled to
-    [0, 1], preprocessed float input in the run's memory format."""
+                 generator: torch.Generator, rank: int = 0, flips: torch.Tensor | None = None) -> torch.Tensor:
+    """The data path of a step: uint8 (B, C, H, W) -> augmented (seeded by the step; ``flips``,
+    (B,) bool, chooses the mirrored images instead of chance), scaled to [0, 1], preprocessed
+    float input in the run's memory format."""
     generator.manual_seed(step_seed(config.seed, rank, epoch, step))
-    x = datasets.augment(images, config.augment, generator, size=config.crop if epoch < config.crop_epochs else None)
+    x = datasets.augment(images, config.augment, generator, size=config.crop if epoch < config.crop_epochs else None,
+                         flips=None if flips is None else flips.to(images.device))
     return preprocess(x.float() / 255).contiguous(memory_format=_memory_format(config))
 
 
 def train_step(learner: Learner, images: torch.Tensor, labels: torch.Tensor, epoch: int, step: int,
-               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+               generator: torch.Generator, flips: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One step on a uint8 (B, C, H, W) batch -> (loss, correct count), both still on the device:
     reading them is left to the caller, so the step itself never waits for the device."""
     config = learner.config
-    x = batch_inputs(config, learner.preprocess, images, epoch, step, generator, learner.rank)
+    x = batch_inputs(config, learner.preprocess, images, epoch, step, generator, learner.rank, flips)
     target = labels
     if learner.mixup is not None:
         np.random.seed(step_seed(config.seed, learner.rank, epoch, step) % 2**32)  # timm's Mixup uses numpy's
@@ -489,7 +521,10 @@ def fit(learner: Learner, batches: datasets.Batches, position: Position, epochs:
     checkpoints (at the end of every epoch, and at a stop); ``stop`` is the list a signal handler
     appends to. A stop is taken at a step boundary that every rank agrees on, and a stop during an
     epoch's last step waits for the epoch's end, so no checkpoint sits between an epoch's last
-    step and its evaluation. ``stop_after`` ends the call after that many epochs.
+    step and its evaluation. ``stop_after`` ends the call after that many epochs. The run ends
+    early after an evaluated epoch whose top-1 accuracy reaches ``config.target`` (%); every
+    epoch's metrics give ``wall_seconds``, the run's time so far with evaluations (not counting
+    the part of an epoch lost to a stop).
     """
     progress = progress or (lambda event, **fields: None)
     save = save or (lambda position: None)
@@ -499,6 +534,9 @@ def fit(learner: Learner, batches: datasets.Batches, position: Position, epochs:
     if position.sums is None:
         position.sums = torch.zeros(3, dtype=torch.float64, device=device)
     sums, steps = position.sums, len(batches)
+    plan = flip_plan(len(batches.data), learner.config.seed) if learner.config.flips == "alternate" else None
+    fit_started = time.perf_counter()
+    wall_before = position.history[-1].get("wall_seconds", 0.0) if position.history else 0.0
     for epoch in range(position.epoch, min(epochs, position.epoch + (stop_after or epochs))):
         learner.model.train()
         started, seen_before = time.perf_counter(), sums[2].item()  # host sync, once an epoch
@@ -506,7 +544,8 @@ def fit(learner: Learner, batches: datasets.Batches, position: Position, epochs:
         losses = []  # this window's losses, read at the next check
         for step, (images, labels) in enumerate(batches.epoch(epoch, position.step), start=position.step):
             lr = learner.optimizer.param_groups[0]["lr"]  # the rate this step uses, before the schedule moves on
-            loss, correct = train_step(learner, images, labels, epoch, step, generator)
+            loss, correct = train_step(learner, images, labels, epoch, step, generator,
+                                       step_flips(plan, batches, epoch, step))
             sums += torch.stack([loss.double() * len(labels), correct.double(),
                                  torch.full((), float(len(labels)), dtype=torch.float64, device=device)])
             losses.append(loss)
@@ -524,14 +563,31 @@ def fit(learner: Learner, batches: datasets.Batches, position: Position, epochs:
                     raise TrainingStopped(stop[0] if stop else signal.SIGTERM, run_dir)
         metrics = _epoch_metrics(epoch, sums, world, time.perf_counter() - started, lr, learner.config.precision)
         metrics.update(evaluate_epoch(epoch) if evaluate_epoch is not None else {})
+        metrics["wall_seconds"] = wall_before + time.perf_counter() - fit_started
+        reached = target_reached(metrics, learner.config.target)
+        if reached:
+            metrics["target_reached"] = True
         sums.zero_()
         position.history.append(metrics)
         position.epoch, position.step = epoch + 1, 0
         save(position)
         progress("epoch", metrics=metrics, epochs=epochs)
+        if reached:
+            break
         if position.epoch < epochs and _agreed(bool(stop), world, device):
             raise TrainingStopped(stop[0] if stop else signal.SIGTERM, run_dir)
     return position
+
+
+def target_reached(metrics: dict, target: float | None) -> bool:
+    """Whether an epoch's evaluation (validation, else test) reached ``target`` % top-1 accuracy."""
+    error = metrics.get("val_top1_error", metrics.get("test_top1_error"))
+    return target is not None and error is not None and 100 - error >= target
+
+
+def finished(history: list[dict], epochs: int) -> bool:
+    """Whether a run is over: every epoch done, or its target reached."""
+    return len(history) >= epochs or bool(history and history[-1].get("target_reached"))
 
 
 def _check(losses: list[torch.Tensor], sums: torch.Tensor, epoch: int, step: int, history: list,
@@ -581,9 +637,9 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
     try:
         with run.lock() if rank == 0 else contextlib.nullcontext():
             state = run.read_state(config) if resume else None
-            if state is not None and state["epoch"] >= config.epochs and not finished_ok:
-                raise ValueError(f"{run.path} already finished all {config.epochs} epochs; nothing to resume "
-                                 "(start a new run, e.g. with --epochs)")
+            if state is not None and finished(json.loads(state["history"]), config.epochs) and not finished_ok:
+                raise ValueError(f"{run.path} already finished (all {config.epochs} epochs, or its --target); "
+                                 "nothing to resume (start a new run, e.g. with --epochs)")
             if state is None and rank == 0:
                 run.refuse_a_run(replace or resume)  # before loading data, which can take minutes
             _seed(config, rank)
@@ -634,15 +690,21 @@ def _start(config: TrainConfig, world: int, local_rank: int) -> torch.device:
 
 
 def _evaluator(learner: Learner, setup: Setup, config: TrainConfig) -> Callable[[int], dict]:
-    """After an epoch: the evaluation split's loss and errors, every eval_every epochs and at the end."""
+    """After an epoch: the evaluation split's loss and errors, every eval_every epochs and at the
+    end (every epoch with a target); the last epoch's also with the run's test-time augmentation."""
     split = "val" if setup.test is not None else "test"
 
     def after(epoch: int) -> dict:
-        if (epoch + 1) % config.eval_every and epoch + 1 != config.epochs:
+        last = epoch + 1 == config.epochs
+        if (epoch + 1) % config.eval_every and not last and config.target is None:
             return {}
-        result = evaluate(learner.eval_model, setup.evaluate, setup.preprocess, len(setup.classes),
-                          precision=config.precision, memory_format=_memory_format(config))
-        return {f"{split}_{key}": result[key] for key in ("loss", "top1_error", "top5_error")}
+        metrics = {}
+        for tta in ("none", config.tta) if last and config.tta != "none" else ("none",):
+            result = evaluate(learner.eval_model, setup.evaluate, setup.preprocess, len(setup.classes), tta=tta,
+                              precision=config.precision, memory_format=_memory_format(config))
+            name = split if tta == "none" else f"{split}_tta"
+            metrics.update({f"{name}_{key}": result[key] for key in ("loss", "top1_error", "top5_error")})
+        return metrics
 
     return after
 
@@ -651,15 +713,19 @@ def _summary(learner: Learner, setup: Setup, config: TrainConfig, run: RunFolder
              seconds: float) -> dict:
     """What the run reached; the test split is read once, at the end of a run that held out a
     validation split."""
-    finished = position.epoch >= config.epochs
+    done = finished(position.history, config.epochs)
     summary = {"run_dir": str(run.path), "model": resolve_name(config.model), "dataset": config.dataset,
-               "epochs_done": position.epoch, "epochs": config.epochs, "finished": finished, "seconds": seconds,
+               "epochs_done": position.epoch, "epochs": config.epochs, "finished": done, "seconds": seconds,
                "precision": config.precision, "last": position.history[-1] if position.history else {},
                "paper_error": paper_error(config.model, config.dataset, setup.classes, config.augment)}
-    if setup.test is not None and finished:
-        result = evaluate(learner.eval_model, setup.test, setup.preprocess, len(setup.classes),
-                          precision=config.precision, memory_format=_memory_format(config))
-        summary["test"] = {k: result[k] for k in ("loss", "top1_error", "top5_error")}
+    if config.target is not None and done and position.history[-1].get("target_reached"):
+        summary["target"] = {"accuracy": config.target, "epoch": position.epoch,
+                             "wall_seconds": position.history[-1]["wall_seconds"]}
+    if setup.test is not None and done:
+        for tta in ("none", config.tta) if config.tta != "none" else ("none",):
+            result = evaluate(learner.eval_model, setup.test, setup.preprocess, len(setup.classes), tta=tta,
+                              precision=config.precision, memory_format=_memory_format(config))
+            summary["test" if tta == "none" else "test_tta"] = {k: result[k] for k in ("loss", "top1_error", "top5_error")}
     return summary
 
 

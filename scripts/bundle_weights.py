@@ -49,7 +49,7 @@ def main():
     checkpoint.save_weights(unmeasured, model, {**meta, "metrics": {}}, preprocess, dtype=torch.float16)
     try:
         single, mirrored = (evaluate_checkpoint(unmeasured, "imagefolder", args.data_dir, tta=tta, precision="fp32")
-                            for tta in (False, True))
+                            for tta in ("none", "flip"))
     finally:
         unmeasured.unlink()  # evaluated below or not at all: never left beside the real file
     metrics = {"test_top1_error": round(single["top1_error"], 2), "test_top5_error": round(single["top5_error"], 2),

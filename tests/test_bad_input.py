@@ -101,6 +101,7 @@ OUT_OF_RANGE = {
     "drop_input": ["1"], "drop_rate": ["-0.5"], "milestones": ["[0]", "[250, 200]", "[200, 200]"],
     "model": ['"all-cnn-x"', '""'], "dataset": ['"cifar11"'], "augment": ['"paperr"'], "preprocess": ['"pca"'],
     "schedule": ['"step"'], "precision": ['"fp8"'], "weight_init": ['"he"'],
+    "target": ["0", "100.5"], "tta": ['"mirror"'], "flips": ['"always"'], "whiten": ['"yes"'],
 }
 
 

@@ -1,10 +1,11 @@
-"""weight_init: xavier (the model's own), kaiming and lsuv, on tiny models and data."""
+"""weight_init (xavier-open, xavier, kaiming, lsuv), the whitening and Dirac starts, on tiny models and data."""
 
 import pytest
 import torch
 
 from allconv_cli import config as configuration, train as trainer
-from allconv_cli.initialization import convs, initialize, unit_variance
+from allconv_cli.initialization import (CLASS_BIAS, WHITEN_EPS, convs, dirac, initialize, patch_whitening,
+                                       unit_variance, whiten_first_conv)
 from allconv_cli.models import create_model
 
 
@@ -17,6 +18,14 @@ def output_variances(model, x):
     for handle in handles:
         handle.remove()
     return seen
+
+
+def started(scheme: str, seed: int):
+    """A fresh All-CNN-C initialized by ``scheme`` from ``seed``."""
+    torch.manual_seed(seed)
+    model = create_model("all_cnn_c")
+    initialize(model, scheme)
+    return model
 
 
 def test_kaiming_draws_variance_two_over_fan_in_and_zero_biases():
@@ -57,9 +66,7 @@ def test_xavier_leaves_the_signal_small_and_kaiming_keeps_it():
     x = torch.randn(16, 3, 32, 32)
     variances = {}
     for scheme in ("xavier", "kaiming"):
-        torch.manual_seed(2)
-        model = create_model("all_cnn_c")
-        initialize(model, scheme)
+        model = started(scheme, seed=2)
         variances[scheme] = output_variances(model, x)[-2]  # conv8, the last before the class conv
     assert variances["xavier"] < 0.2 < 1 < variances["kaiming"]
 
@@ -93,3 +100,66 @@ def test_unit_variance_reports_what_it_reached():
     model = create_model("all_cnn_a", batch_norm=True)
     reached = unit_variance(model, torch.randn(8, 3, 32, 32))
     assert len(reached) == len(convs(model)) and all(abs(v - 1) < 0.05 for v in reached)
+
+
+def test_xavier_open_starts_the_class_relu_open_on_every_image():
+    x = torch.randn(32, 3, 32, 32)
+    passed = {}
+    for scheme in ("xavier", "xavier-open"):
+        model = started(scheme, seed=5)
+        head = convs(model)[-1]
+        assert torch.all(head.bias == (CLASS_BIAS if scheme == "xavier-open" else 0.1))
+        assert all(torch.all(c.bias == 0.1) for c in convs(model)[:-1])
+        model.eval()
+        with torch.no_grad():
+            scores = model.features(x)  # after the class ReLU
+        passed[scheme] = (scores > 0).float().mean().item()
+    assert passed["xavier-open"] == 1.0 > passed["xavier"]
+
+
+def test_patch_whitening_whitens_the_patches():
+    torch.manual_seed(6)
+    mixing = torch.randn(3, 3)  # correlated colour channels, smoothed: strongly correlated patches
+    images = torch.einsum("ij,njhw->nihw", mixing, torch.randn(64, 3, 16, 16))
+    images = torch.nn.functional.avg_pool2d(images, 3, 1, 1)
+    filters = patch_whitening(images, 3)
+    assert filters.shape == (54, 3, 3, 3) and torch.equal(filters[27:], -filters[:27])
+    out = torch.nn.functional.conv2d(images.double(), filters[:27].double())  # (N, 27, h, w)
+    covariance = torch.cov(out.permute(1, 0, 2, 3).flatten(1))
+    eigenvalues = torch.linalg.eigvalsh(torch.cov(torch.nn.functional.unfold(images.double(), 3)
+                                                  .transpose(1, 2).reshape(-1, 27).T))
+    # unit variance and no correlation, but for the eps's damping of the faintest directions
+    assert torch.allclose(covariance, torch.diag(eigenvalues / (eigenvalues + WHITEN_EPS)), atol=0.02)
+    assert covariance.diagonal()[-20:].min() > 0.95
+
+
+def test_whiten_first_conv_and_dirac_set_only_their_filters():
+    torch.manual_seed(7)
+    model = create_model("all_cnn_c", batch_norm=True)
+    before = [c.weight.detach().clone() for c in convs(model)]
+    images = torch.randn(8, 3, 32, 32)
+    whiten_first_conv(model, images)
+    first = convs(model)[0].weight
+    assert torch.allclose(first[:54], patch_whitening(images, 3)) and torch.equal(first[54:], before[0][54:])
+    dirac(model)
+    for conv, old in zip(convs(model)[1:-1], before[1:-1]):
+        inputs = conv.in_channels
+        identity = torch.zeros_like(conv.weight[:inputs])
+        torch.nn.init.dirac_(identity)
+        assert torch.equal(conv.weight[:inputs], identity) and torch.equal(conv.weight[inputs:], old[inputs:])
+    assert torch.equal(convs(model)[-1].weight, before[-1])  # the class conv keeps its start
+
+
+def test_whiten_frozen_is_never_trained_and_dirac_reaches_the_run(tmp_path):
+    config = configuration.resolve(None, train_limit=64, test_limit=32, batch_size=32, epochs=1, batch_norm=True,
+                                   whiten="frozen", dirac=True, precision="fp32")
+    trainer._seed(config, 0)
+    setup = trainer.build(config, torch.device("cpu"))
+    start = trainer.first_conv(setup.model).weight.detach().clone()
+    trainer.train(config, tmp_path / "run")
+    from allconv_cli.checkpoint import load_model
+
+    model = load_model(tmp_path / "run")[0]
+    assert torch.equal(trainer.first_conv(model).weight, start)  # same seed, same start, never moved
+    conv2 = model.features.conv2.conv.weight
+    assert conv2[0, 0, 1, 1] != 0  # trained from the identity, still there

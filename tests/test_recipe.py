@@ -1,0 +1,114 @@
+"""The fast recipe's options on tiny data: alternating flips, weight decay groups, test-time
+augmentation and the --target stop."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from allconv_cli import config as configuration, datasets, train as trainer
+from allconv_cli.cli import app
+from allconv_cli.evaluation import predict
+from allconv_cli.models import create_model
+
+TINY = dict(train_limit=64, test_limit=32, batch_size=32, epochs=1, precision="fp32")
+
+
+def test_alternating_flips_mirror_each_image_every_other_epoch():
+    data = datasets.ImageData(torch.zeros(40, 3, 4, 4, dtype=torch.uint8), torch.zeros(40, dtype=torch.long), ["a", "b"])
+    batches = datasets.Batches(data, 8, shuffle=True, drop_last=True, seed=3)
+    plan = trainer.flip_plan(len(data), seed=3)
+    assert torch.equal(plan, trainer.flip_plan(len(data), seed=3)) and 0 < plan.sum() < len(data)
+    for epoch in (0, 1, 2):
+        seen = torch.zeros(len(data), dtype=torch.bool)
+        for step in range(len(batches)):
+            index = batches.order(epoch)[step * 8:(step + 1) * 8]
+            seen[index] = trainer.step_flips(plan, batches, epoch, step)
+        assert torch.equal(seen, plan ^ bool(epoch % 2))  # epoch 1 mirrors exactly the others
+    assert trainer.step_flips(None, batches, 0, 0) is None
+
+
+def test_given_flips_replace_the_coin():
+    images = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4)
+    out = datasets.augment(images, "paper", torch.Generator().manual_seed(0), shift=0,
+                           flips=torch.tensor([True, False]))
+    assert torch.equal(out[0], images[0].flip(2)) and torch.equal(out[1], images[1])
+
+
+@pytest.mark.parametrize("decay_all", [True, False])
+def test_weight_decay_on_weights_only(decay_all):
+    config = configuration.resolve(None, batch_norm=True, decay_all=decay_all, weight_decay=5e-4)
+    model = create_model("all_cnn_c", batch_norm=True)
+    groups = trainer.make_optimizer(model, config).param_groups
+    decayed = [p for g in groups if g["weight_decay"] > 0 for p in g["params"]]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    if decay_all:
+        assert len(decayed) == len(list(model.parameters()))
+    else:
+        assert decayed and all(p.ndim == 4 for p in decayed)  # conv weights; BatchNorm and biases not
+
+
+@pytest.mark.parametrize("tta, views", [("none", 1), ("flip", 2), ("flip-shift", 6)])
+def test_predict_averages_the_views(tta, views):
+    calls = []
+
+    def model(x):
+        calls.append(x)
+        return torch.zeros(len(x), 3)
+
+    logits = predict(model, torch.randn(2, 3, 8, 8), tta)
+    assert len(calls) == views and logits.shape == (2, 3)
+    if tta != "none":  # equal scores in every view: the mean softmax is uniform
+        assert torch.allclose(logits.exp(), torch.full((2, 3), 1 / 3))
+
+
+def test_shifted_views_are_the_image_moved_by_one_pixel():
+    x = torch.randn(1, 1, 5, 5)
+    calls = []
+    predict(lambda v: calls.append(v) or torch.zeros(1, 2), x, "flip-shift")
+    assert torch.equal(calls[2][..., 1:, 1:], x[..., :-1, :-1])  # moved down-right
+    assert torch.equal(calls[4][..., :-1, :-1], x[..., 1:, 1:])  # moved up-left
+    assert torch.equal(calls[3], calls[2].flip(3))
+
+
+def test_target_stops_the_run_and_reports_epoch_and_time(tmp_path):
+    config = configuration.resolve(None, **{**TINY, "epochs": 3}, target=1.0, tta="flip")
+    summary = trainer.train(config, tmp_path / "run")
+    assert summary["finished"] and summary["epochs_done"] == 1  # any net reaches 1 % accuracy
+    assert summary["target"]["epoch"] == 1 and summary["target"]["wall_seconds"] > 0
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["target_reached"] and history[-1]["wall_seconds"] == summary["target"]["wall_seconds"]
+    with pytest.raises(ValueError, match="already finished"):
+        trainer.resume(tmp_path / "run")
+
+
+def test_unreached_target_runs_every_epoch_with_tta_at_the_end(tmp_path):
+    config = configuration.resolve(None, **{**TINY, "epochs": 2}, target=100.0, eval_every=5, tta="flip-shift",
+                                   val_fraction=0.25)
+    summary = trainer.train(config, tmp_path / "run")
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["epochs_done"] == 2 and "target" not in summary
+    assert "val_top1_error" in history[0] and "val_tta_top1_error" not in history[0]  # every epoch, for the target
+    assert "val_tta_top1_error" in history[1] and "test_tta" in summary and "test" in summary
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--target", "0", "--target 0.0 is not allowed"), ("--target", "101", "--target 101.0 is not allowed"),
+    ("--tta", "mirror", "--tta mirror is not allowed"), ("--flips", "always", "--flips always is not allowed"),
+    ("--whiten", "yes", "--whiten yes is not allowed")])
+def test_bad_recipe_options_get_one_line(option, value, message, tmp_path):
+    result = CliRunner().invoke(app, ["train", option, value, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_tta_modes(tmp_path):
+    trainer.train(configuration.resolve(None, **TINY), tmp_path / "run")
+    runner = CliRunner()
+    for mode in ("none", "flip", "flip-shift"):
+        result = runner.invoke(app, ["eval", str(tmp_path / "run"), "--tta", mode, "--limit", "16", "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output[result.output.index("{"):])["tta"] == mode
+    result = runner.invoke(app, ["eval", str(tmp_path / "run"), "--tta", "mirror", "--limit", "16"])
+    assert result.exit_code == 2 and "unknown --tta 'mirror'" in result.output
