@@ -329,8 +329,9 @@ def test_sigkill_at_random_moments_never_loses_a_run(tmp_path):
         assert "Traceback" not in stderr, stderr
         _every_file_loads(run)
     for run in runs:
-        if not _finished(run, epochs):
-            done = subprocess.run([ALLCONV, "train", "--resume", str(run), "--json"], capture_output=True, text=True)
+        if not _finished(run, epochs):  # every kill may have come before the run wrote its config (a slow machine)
+            args = [ALLCONV, "train", "--resume", str(run)] if (run / "config.json").exists() else [*start, "--out", str(run)]
+            done = subprocess.run([*args, "--json"], capture_output=True, text=True)
             assert done.returncode == 0, done.stderr
         _every_file_loads(run)
         assert len((run / "metrics.jsonl").read_text().splitlines()) == epochs
