@@ -164,10 +164,9 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     ``decay_all`` off, biases and BatchNorm parameters (every parameter of fewer than 2
     dimensions) are not decayed. A frozen parameter is left out."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": params}]
-    if not config.decay_all:
-        groups = [{"params": [p for p in params if p.ndim > 1]},
-                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    groups = [{"params": params}] if config.decay_all else [
+        {"params": [p for p in params if p.ndim > 1]},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
                            nesterov=config.nesterov, weight_decay=config.weight_decay)
 
@@ -261,12 +260,12 @@ def flip_plan(count: int, seed: int) -> torch.Tensor:
     return torch.rand(count, generator=torch.Generator().manual_seed(seed)) < 0.5
 
 
-def step_flips(plan: torch.Tensor | None, batches: datasets.Batches, epoch: int, step: int) -> torch.Tensor | None:
-    """The mirroring of one step's images under ``plan`` (None: random flips)."""
+def epoch_flips(plan: torch.Tensor | None, batches: datasets.Batches, epoch: int) -> torch.Tensor | None:
+    """The mirroring of this rank's images in ``epoch``, in batch order, under ``plan`` (None:
+    random flips); step k's images are entries k * batch_size onwards."""
     if plan is None:
         return None
-    index = batches.order(epoch)[step * batches.batch_size:(step + 1) * batches.batch_size]
-    return plan[index] ^ bool(epoch % 2)
+    return plan[batches.order(epoch)] ^ bool(epoch % 2)
 
 
 def batch_inputs(config: TrainConfig, preprocess: nn.Module, images: torch.Tensor, epoch: int, step: int,
@@ -542,10 +541,11 @@ def fit(learner: Learner, batches: datasets.Batches, position: Position, epochs:
         started, seen_before = time.perf_counter(), sums[2].item()  # host sync, once an epoch
         lr = learner.optimizer.param_groups[0]["lr"]
         losses = []  # this window's losses, read at the next check
+        flips = epoch_flips(plan, batches, epoch)  # once an epoch: the order is a permutation of the split
         for step, (images, labels) in enumerate(batches.epoch(epoch, position.step), start=position.step):
             lr = learner.optimizer.param_groups[0]["lr"]  # the rate this step uses, before the schedule moves on
-            loss, correct = train_step(learner, images, labels, epoch, step, generator,
-                                       step_flips(plan, batches, epoch, step))
+            loss, correct = train_step(learner, images, labels, epoch, step, generator, None if flips is None
+                                       else flips[step * batches.batch_size:(step + 1) * batches.batch_size])
             sums += torch.stack([loss.double() * len(labels), correct.double(),
                                  torch.full((), float(len(labels)), dtype=torch.float64, device=device)])
             losses.append(loss)

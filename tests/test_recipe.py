@@ -22,11 +22,9 @@ def test_alternating_flips_mirror_each_image_every_other_epoch():
     assert torch.equal(plan, trainer.flip_plan(len(data), seed=3)) and 0 < plan.sum() < len(data)
     for epoch in (0, 1, 2):
         seen = torch.zeros(len(data), dtype=torch.bool)
-        for step in range(len(batches)):
-            index = batches.order(epoch)[step * 8:(step + 1) * 8]
-            seen[index] = trainer.step_flips(plan, batches, epoch, step)
+        seen[batches.order(epoch)] = trainer.epoch_flips(plan, batches, epoch)
         assert torch.equal(seen, plan ^ bool(epoch % 2))  # epoch 1 mirrors exactly the others
-    assert trainer.step_flips(None, batches, 0, 0) is None
+    assert trainer.epoch_flips(None, batches, 0) is None
 
 
 def test_given_flips_replace_the_coin():
