@@ -249,7 +249,7 @@ def train(
     stop_after: Annotated[Optional[int], typer.Option("--stop-after", help="Stop, resumably, after this many epochs of this call.", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the summary as JSON on stdout; progress goes to stderr.")] = False,
 ):
-    """Train a model of the paper: the paper's protocol (presets paper-*), a fast modern recipe (fast-cifar10) or your own settings. Writes a run folder with safetensors weights, the resolved settings, per-epoch metrics, learning curves and a resumable state, and holds a lock on it while it runs. Ctrl-C stops with a resumable checkpoint (exit 130; SIGTERM 143).
+    """Train a model of the paper: the paper's protocol (presets paper-*), the ten-epoch fast recipe (fast-cifar10) or your own settings. Writes a run folder with safetensors weights, the resolved settings, per-epoch metrics, learning curves and a resumable state, and holds a lock on it while it runs. Ctrl-C stops with a resumable checkpoint (exit 130; SIGTERM 143).
 
     Examples: [bold]allconv train --model all-cnn-c --dataset cifar100[/bold] ·
     [bold]allconv train --preset paper-cifar10 --data-dir data[/bold] ·

@@ -52,7 +52,7 @@ class TrainConfig:
     schedule: str = "cosine"  # paper (x gamma at milestones) | cosine | onecycle | constant
     milestones: list[int] = field(default_factory=lambda: [200, 250, 300])  # epochs, for "paper"
     gamma: float = 0.1
-    warmup_epochs: float = 1.0  # linear warm-up from lr / 10 (cosine); a fraction is allowed
+    warmup_epochs: float = 1.0  # linear warm-up from lr / 10 before any schedule; a fraction is allowed, 0 for none
     label_smoothing: float = 0.0
     weight_init: str = "xavier-open"  # xavier-open | xavier (Xavier-uniform, biases 0.1) | kaiming | lsuv: see initialization.py
     whiten: str = "off"  # off | init | frozen: the first conv from the training patches' whitening

@@ -172,15 +172,16 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 
 
 def make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
-    """A per-step learning-rate schedule from torch's schedulers."""
+    """A per-step learning-rate schedule from torch's schedulers: a linear warm-up from lr / 10
+    over ``warmup_epochs`` (none where that rounds to no step), then the schedule's main part.
+    ``onecycle`` is that warm-up and a linear decay to lr / 1000 at the run's last step, for any
+    number of steps (torch's OneCycleLR divides by zero with a warm-up of under two)."""
     sched = torch.optim.lr_scheduler
     total = config.epochs * steps_per_epoch
     warmup = min(total - 1, round(config.warmup_epochs * steps_per_epoch))
     if config.schedule == "onecycle":
-        return sched.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total,
-                                pct_start=max(warmup, 1) / total, anneal_strategy="linear",
-                                cycle_momentum=False, div_factor=10, final_div_factor=100)
-    if config.schedule == "paper":
+        main = sched.LinearLR(optimizer, start_factor=1.0, end_factor=1e-3, total_iters=max(1, total - 1 - warmup))
+    elif config.schedule == "paper":
         main = sched.MultiStepLR(optimizer, [m * steps_per_epoch - warmup for m in config.milestones],
                                  gamma=config.gamma)
     elif config.schedule == "cosine":

@@ -72,15 +72,18 @@ def test_xavier_leaves_the_signal_small_and_kaiming_keeps_it():
 
 
 def test_inits_are_deterministic_and_reach_the_run(tmp_path):
-    def first_conv(scheme, seed):
+    def start(seed, **settings):
+        """(conv1, conv2) weights of a run built from ``seed``."""
         config = configuration.resolve(None, train_limit=64, test_limit=32, batch_size=32, epochs=1,
-                                       weight_init=scheme, seed=seed, precision="fp32")
+                                       seed=seed, precision="fp32", **settings)
         trainer._seed(config, 0)
-        return trainer.build(config, torch.device("cpu")).model.features.conv1.conv.weight.detach().clone()
+        features = trainer.build(config, torch.device("cpu")).model.features
+        return torch.cat([features.conv1.conv.weight.flatten(), features.conv2.conv.weight.flatten()]).detach()
 
-    for scheme in ("kaiming", "lsuv"):
-        assert torch.equal(first_conv(scheme, 0), first_conv(scheme, 0))
-        assert not torch.equal(first_conv(scheme, 0), first_conv(scheme, 1))
+    for settings in ({"weight_init": "kaiming"}, {"weight_init": "lsuv"},
+                     {"whiten": "init", "batch_norm": True}, {"dirac": True, "batch_norm": True}):
+        assert torch.equal(start(0, **settings), start(0, **settings)), settings
+        assert not torch.equal(start(0, **settings), start(1, **settings)), settings
     config = configuration.resolve(None, train_limit=64, test_limit=32, batch_size=32, epochs=1, weight_init="kaiming")
     trainer.train(config, tmp_path / "run")
     assert trainer.load_run_config(tmp_path / "run").weight_init == "kaiming"

@@ -110,3 +110,45 @@ def test_eval_tta_modes(tmp_path):
         assert json.loads(result.output[result.output.index("{"):])["tta"] == mode
     result = runner.invoke(app, ["eval", str(tmp_path / "run"), "--tta", "mirror", "--limit", "16"])
     assert result.exit_code == 2 and "unknown --tta 'mirror'" in result.output
+
+
+def test_fast_recipe_preset_trains_without_dropout_and_reports_tta(tmp_path):
+    config = configuration.resolve("fast-cifar10", dataset="sample", train_limit=64, test_limit=32, epochs=1,
+                                   warmup_epochs=0.5, batch_size=32, precision="fp32")
+    summary = trainer.train(config, tmp_path / "run")
+    from allconv_cli.checkpoint import load_model
+
+    model, meta, _ = load_model(tmp_path / "run")
+    assert meta["model_kwargs"]["batch_norm"] and meta["model_kwargs"]["drop_input"] == 0.0
+    assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+    assert summary["finished"] and "test_tta_top1_error" in summary["last"]
+
+
+def rates(config, steps_per_epoch: int) -> list[float]:
+    """The learning rate each step of a run uses."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
+    scheduler = trainer.make_scheduler(optimizer, config, steps_per_epoch)
+    seen = []
+    for _ in range(config.epochs * steps_per_epoch):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return seen
+
+
+@pytest.mark.parametrize("schedule", configuration.SCHEDULES)
+@pytest.mark.parametrize("epochs, steps, warmup", [(1, 1, 0.0), (1, 2, 0.0), (1, 2, 0.5), (1, 3, 1.0), (10, 5, 1.5)])
+def test_every_schedule_takes_any_warm_up_and_step_count(schedule, epochs, steps, warmup):
+    config = configuration.resolve(None, schedule=schedule, epochs=epochs, warmup_epochs=warmup, lr=0.2)
+    seen = rates(config, steps)
+    assert len(seen) == epochs * steps and all(0 < lr <= 0.2 + 1e-12 for lr in seen)
+
+
+def test_onecycle_warms_up_to_the_peak_then_decays_to_a_thousandth():
+    config = configuration.resolve(None, schedule="onecycle", epochs=10, warmup_epochs=1.5, lr=0.2)
+    seen = rates(config, 20)  # 200 steps, 30 of warm-up
+    assert seen[0] == pytest.approx(0.02) and seen[30] == pytest.approx(0.2) and max(seen) == pytest.approx(0.2)
+    assert seen[-1] == pytest.approx(0.2e-3)
+    assert all(a < b for a, b in zip(seen[:30], seen[1:31])) and all(a > b for a, b in zip(seen[30:], seen[31:]))
+    no_warm_up = rates(configuration.resolve(None, schedule="onecycle", epochs=1, warmup_epochs=0, lr=0.2), 4)
+    assert no_warm_up[0] == pytest.approx(0.2) and no_warm_up[-1] == pytest.approx(0.2e-3)
