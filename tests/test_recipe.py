@@ -1,5 +1,5 @@
-"""The fast recipe's options on tiny data: alternating flips, weight decay groups, test-time
-augmentation and the --target stop."""
+"""The fast recipe on tiny data: its preset, alternating flips, weight decay groups, test-time
+augmentation, the --target stop and the learning-rate schedules."""
 
 import json
 
@@ -8,6 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from allconv_cli import config as configuration, datasets, train as trainer
+from allconv_cli.checkpoint import load_model
 from allconv_cli.cli import app
 from allconv_cli.evaluation import predict
 from allconv_cli.models import create_model
@@ -116,8 +117,6 @@ def test_fast_recipe_preset_trains_without_dropout_and_reports_tta(tmp_path):
     config = configuration.resolve("fast-cifar10", dataset="sample", train_limit=64, test_limit=32, epochs=1,
                                    warmup_epochs=0.5, batch_size=32, precision="fp32")
     summary = trainer.train(config, tmp_path / "run")
-    from allconv_cli.checkpoint import load_model
-
     model, meta, _ = load_model(tmp_path / "run")
     assert meta["model_kwargs"]["batch_norm"] and meta["model_kwargs"]["drop_input"] == 0.0
     assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
