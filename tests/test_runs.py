@@ -141,7 +141,8 @@ def test_two_runs_started_together_into_one_folder(tmp_path):
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 2], outputs
     loser = outputs[[p.returncode for p in procs].index(2)]
-    assert ("in use by allconv train" in loser or "holds a run already" in loser) and "Traceback" not in loser
+    # the holder's line may not be written yet when the loser reads it: then it names "another process"
+    assert ("is in use by" in loser or "holds a run already" in loser) and "Traceback" not in loser
     assert json.loads((run / "config.json").read_text())["train_limit"] == 64
     checkpoint.load_model(run)
 
@@ -366,21 +367,23 @@ def _worker(parent: int, rank: int) -> int | None:
 
 @pytest.mark.slow
 def test_ddp_stop_on_one_rank_stops_both_and_resumes_to_the_same_weights(tmp_path):
-    settings = ["--preset", "smoke", "--train-limit", "320", "--test-limit", "32", "--batch-size", "16",
+    settings = ["--preset", "smoke", "--train-limit", "640", "--test-limit", "32", "--batch-size", "16",
                 "--epochs", "2", "--device", "cpu", "--precision", "fp32"]
     straight = _torchrun(tmp_path / "straight", *settings, "--out", str(tmp_path / "straight"), "--json")
     assert straight.returncode == 0, straight.stderr[-3000:]
     summary = json.loads(straight.stdout[straight.stdout.index("{"):])  # only rank 0 prints
     assert straight.stdout.count('"finished"') == 1 and summary["finished"]
     metrics = json.loads((tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[0])
-    assert metrics["images_per_s"] * metrics["seconds"] == pytest.approx(320)  # rank 0 counts both ranks' images
+    assert metrics["images_per_s"] * metrics["seconds"] == pytest.approx(640)  # rank 0 counts both ranks' images
 
     run = tmp_path / "split"
     proc = _torchrun(run, *settings, "--out", str(run), wait=False)
     deadline = time.time() + 120
-    while not (run / "config.json").exists() and time.time() < deadline:
-        time.sleep(0.1)
-    time.sleep(4)  # into the steps (20 of 8 images per rank an epoch)
+    while not (run / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    # into the second epoch's steps (20 of 16 images per rank, 0.1 s (AMX) or more each), however
+    # fast or slow the CPU: a fixed wait from the start raced the end of the run on AMX
+    time.sleep(0.5)
     worker = _worker(proc.pid, 1)
     assert worker is not None
     os.kill(worker, signal.SIGTERM)  # rank 1 alone: rank 0 must stop at the same step
