@@ -34,7 +34,8 @@ class TrainConfig:
     dataset: str = "sample"
     data_dir: str | None = None
     preprocess: str = "standardize"  # or "zca": the paper's GCN (scale 55) + ZCA (bias 0.1)
-    augment: str = "paper"  # none | paper (flips, translations <= 5 px) | strong (+ CutMix/Mixup)
+    augment: str = "paper"  # none | paper (flips, translations <= shift px) | strong (+ CutMix/Mixup)
+    shift: int = 5  # the translations' reach (px each way); the paper's is 5
     crop: int = 0  # train on random crop x crop windows (px) in the first crop_epochs epochs; 0: off
     crop_epochs: int = 0  # the rest train at full size, so BatchNorm statistics match test images
     flips: str = "random"  # random | alternate: each image flipped in every other epoch (airbench)
@@ -193,6 +194,7 @@ RANGES: dict[str, tuple] = {
     "workers": (lambda v: v >= 0, "of at least 0"),
     "crop": (lambda v: v >= 0, "of at least 0 (px; 0 turns crops off)"),
     "crop_epochs": (lambda v: v >= 0, "of at least 0"),
+    "shift": (lambda v: v >= 0, "of at least 0 (px; 0 turns translations off)"),
     "train_limit": (lambda v: v >= 1, "of at least 1 (leave it out to use every image)"),
     "test_limit": (lambda v: v >= 1, "of at least 1 (leave it out to use every image)"),
     # torch's generators take 64 bits; the per-epoch and per-step seeds made from this one stay below 2^63
@@ -306,16 +308,16 @@ def validate(config: TrainConfig, origin: dict[str, str] | None = None):
         raise ValueError(f"{where('crop', 'crop_epochs', 'epochs')}: crop {config.crop} px for crop_epochs "
                          f"{config.crop_epochs}: give both, a crop side smaller than the input and at most "
                          f"epochs ({config.epochs}) epochs, or neither")
-    if config.crop > 0:
-        from timm.models import get_pretrained_cfg_value
+    from timm.models import get_pretrained_cfg_value
 
-        from allconv_cli.models import resolve_name
+    from allconv_cli.models import resolve_name
 
-        name = resolve_name(config.model)
-        _, height, width = get_pretrained_cfg_value(name, "input_size")  # the registry's, as training uses
-        if config.crop >= min(height, width):
-            raise ValueError(f"{where('crop', 'model')}: crop {config.crop} px is not smaller than {name}'s "
-                             f"{height}x{width} input: give a smaller {_flag('crop', origin.get('crop', OPTIONS))}")
+    name = resolve_name(config.model)
+    _, height, width = get_pretrained_cfg_value(name, "input_size")  # the registry's, as training uses
+    for key in ("crop", "shift"):  # a reflected border reaches at most side - 1 px
+        if getattr(config, key) >= min(height, width):
+            raise ValueError(f"{where(key, 'model')}: {key} {getattr(config, key)} px is not smaller than "
+                             f"{name}'s {height}x{width} input: give a smaller {_flag(key, origin.get(key, OPTIONS))}")
     if config.nesterov and config.momentum == 0:
         raise ValueError(f"{where('nesterov', 'momentum')}: nesterov needs a momentum above 0: "
                          "give a momentum or turn nesterov off")

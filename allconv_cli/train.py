@@ -275,7 +275,8 @@ def batch_inputs(config: TrainConfig, preprocess: nn.Module, images: torch.Tenso
     (B,) bool, chooses the mirrored images instead of chance), scaled to [0, 1], preprocessed
     float input in the run's memory format."""
     generator.manual_seed(step_seed(config.seed, rank, epoch, step))
-    x = datasets.augment(images, config.augment, generator, size=config.crop if epoch < config.crop_epochs else None,
+    x = datasets.augment(images, config.augment, generator, config.shift,
+                         size=config.crop if epoch < config.crop_epochs else None,
                          flips=None if flips is None else flips.to(images.device))
     return preprocess(x.float() / 255).contiguous(memory_format=_memory_format(config))
 
@@ -491,6 +492,7 @@ class RunFolder:
 
 def _check_same(saved: dict, config: TrainConfig, run_dir: Path):
     given = json.loads(config.to_json())
+    saved = {**json.loads(TrainConfig().to_json()), **saved}  # a setting added since the run began: its default
     changed = sorted(k for k in given if k not in RESUME_MAY_CHANGE and saved.get(k) != given[k])
     if changed:
         raise ValueError(f"{run_dir} was started with other settings ({', '.join(changed)}); resume it "

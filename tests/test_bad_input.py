@@ -94,7 +94,7 @@ WRONG_TYPE = {
 }
 # Values of the right type out of each setting's range, or not among its choices.
 OUT_OF_RANGE = {
-    "epochs": ["0", "-3"], "batch_size": ["0"], "eval_every": ["0"], "workers": ["-1"], "crop": ["-1"],
+    "epochs": ["0", "-3"], "batch_size": ["0"], "eval_every": ["0"], "workers": ["-1"], "crop": ["-1"], "shift": ["-1"],
     "crop_epochs": ["-1"], "train_limit": ["-5", "0"], "test_limit": ["0"], "seed": ["-1"],
     "lr": ["0", "-0.1"], "momentum": ["1.0", "-0.5"], "weight_decay": ["-0.001"], "gamma": ["0"],
     "warmup_epochs": ["-1"], "label_smoothing": ["1"], "ema_decay": ["1.0"], "val_fraction": ["1", "-0.1"],
@@ -124,6 +124,7 @@ PRESET_FILES = [
     ("crop = 24", "crop_epochs"),
     ("crop_epochs = 3", "crop_epochs"),
     ("crop = 8\ncrop_epochs = 3", "at most epochs (1)"),  # TINY gives --epochs 1
+    ("shift = 32", "shift 32 px is not smaller than all_cnn_c's 32x32 input"),
     ('schedule = "cosine"\nmilestones = [200]', "milestones"),
     ("milestones = [10]", "only schedule \"paper\""),
     ('schedule = "paper"\nmilestones = "1"', "milestones"),

@@ -257,6 +257,33 @@ def test_augment_keeps_shapes_and_is_seeded():
     assert torch.equal(datasets.augment(images, "none", torch.Generator()), images)
 
 
+@pytest.mark.parametrize("shift", [0, 2, 5])
+def test_translations_reach_shift_pixels_each_way(shift):
+    images = torch.arange(16 * 16, dtype=torch.uint8).view(1, 1, 16, 16)  # every pixel value unique
+    moved = datasets.augment(images.repeat(600, 1, 1, 1), "paper", torch.Generator().manual_seed(2), shift)
+    offsets = set()
+    for view in moved[:, 0]:
+        if view[8, 8] > view[8, 9]:  # values fall left to right: mirrored
+            view = view.flip(-1)
+        y, x = divmod(int(view[8, 8]), 16)  # no border reaches the centre for shifts below 8
+        assert torch.equal(view[5:11, 5:11], images[0, 0, y - 3:y + 3, x - 3:x + 3])
+        offsets.add((y - 8, x - 8))
+    assert offsets == {(dy, dx) for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)}
+
+
+def test_a_setting_added_since_a_run_began_resumes_at_its_default(tmp_path):
+    """A state saved before ``shift`` existed ran with its default (5 px); it resumes."""
+    run = tmp_path / "run"
+    train(_tiny_config(), run, stop_after=1)
+    state = torch.load(run / "state.pt", weights_only=True)
+    older = json.loads(state["config"])
+    del older["shift"]
+    torch.save({**state, "config": json.dumps(older)}, run / "state.pt")
+    assert train(_tiny_config(), run, resume=True)["finished"]
+    with pytest.raises(ValueError, match=r"other settings \(shift\)"):
+        train(_tiny_config(shift=2), tmp_path / "run", resume=True)
+
+
 def test_crop_epochs_train_on_windows_then_on_whole_images(tmp_path, monkeypatch):
     sides = []
 
