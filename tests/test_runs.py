@@ -381,7 +381,7 @@ def test_ddp_stop_on_one_rank_stops_both_and_resumes_to_the_same_weights(tmp_pat
     deadline = time.time() + 120
     while not (run / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.05)
-    # into the second epoch's steps (20 of 16 images per rank, 0.1 s (AMX) or more each), however
+    # into the second epoch's steps (40 of 8 images per rank, 0.05 s (AMX) or more each), however
     # fast or slow the CPU: a fixed wait from the start raced the end of the run on AMX
     time.sleep(0.5)
     worker = _worker(proc.pid, 1)
