@@ -59,8 +59,10 @@ class TrainConfig:
     whiten: str = "off"  # off | init | frozen: the first conv from the training patches' whitening
     dirac: bool = False  # later convs start with identity filters
     decay_all: bool = True  # weight decay on every parameter; False: on conv weights only, not biases or BatchNorm
+    bias_lr_scale: float = 1.0  # the biases' (BatchNorm shifts', conv biases') lr is lr x this (airbench's 64)
     init: str | None = None  # start from these weights (run folder or allconv .safetensors); fresh optimizer
     ema_decay: float = 0.0  # 0: off; else weights averaged per step (timm's ModelEmaV3)
+    lookahead_decay: float = 0.0  # 0: off; else airbench's lookahead, its per-step decay at the end (0.95)
     tta: str = "none"  # none | flip | flip-shift: test-time augmentation of the last epoch's evaluation
     target: float | None = None  # stop once the evaluated top-1 accuracy (%) reaches this; None: run every epoch
     # machinery
@@ -205,7 +207,9 @@ RANGES: dict[str, tuple] = {
     "gamma": (lambda v: v > 0, "above 0"),
     "warmup_epochs": (lambda v: v >= 0, "of at least 0 (epochs)"),
     "label_smoothing": _UNIT,
+    "bias_lr_scale": (lambda v: v > 0, "above 0 (1 gives biases the weights' learning rate)"),
     "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1) (0 turns EMA off)"),
+    "lookahead_decay": (lambda v: 0 <= v < 1, "in [0, 1) (0 turns lookahead off)"),
     "target": (lambda v: 0 < v <= 100, "in (0, 100] (top-1 accuracy, %)"),
     "val_fraction": _UNIT,
     "drop_input": (lambda v: 0 <= v < 1, "in [0, 1) (0 turns that dropout off)"),

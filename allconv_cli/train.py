@@ -160,15 +160,25 @@ def model_kwargs(config: TrainConfig, num_classes: int) -> dict:
 # --- optimizer, schedule, the step ----------------------------------------------------------
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with the run's momentum, Nesterov and weight decay (Section 3.2's optimizer); with
+    """SGD with the run's momentum, Nesterov and weight decay (Section 3.2's optimizer). With
     ``decay_all`` off, biases and BatchNorm parameters (every parameter of fewer than 2
-    dimensions) are not decayed. A frozen parameter is left out."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": params}] if config.decay_all else [
-        {"params": [p for p in params if p.ndim > 1]},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
-                           nesterov=config.nesterov, weight_decay=config.weight_decay)
+    dimensions) are not decayed. Biases (BatchNorm shifts, conv biases) learn at
+    ``lr * bias_lr_scale``; where they are decayed, their decay is divided by the same factor,
+    so that the decay per step (lr x weight decay) stays the weights' (airbench's bias scaling).
+
+    One group per distinct (lr, decay), parameters in the model's order, the weights first (the
+    group whose rate the log reports): with a scale of 1 the groups are those of runs saved
+    before the scale existed, so their optimizer states still load. A frozen parameter is left out."""
+    groups: dict[tuple[float, bool], list] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            lr_scale = config.bias_lr_scale if param.ndim <= 1 and name.endswith("bias") else 1.0
+            groups.setdefault((lr_scale, param.ndim > 1 or config.decay_all), []).append(param)
+    return torch.optim.SGD(
+        [{"params": params, "lr": config.lr * lr_scale,
+          "weight_decay": config.weight_decay / lr_scale if decayed else 0.0}
+         for (lr_scale, decayed), params in groups.items()],
+        lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
 
 
 def make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
@@ -204,6 +214,7 @@ class Learner:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ema: nn.Module | None  # timm's ModelEmaV3: evaluated and saved instead of the raw weights
+    lookahead: "Lookahead | None"
     scaler: torch.amp.GradScaler | None  # fp16 only
     criterion: nn.Module
     mixup: Callable | None  # timm's Mixup for augment = "strong"
@@ -226,6 +237,8 @@ def make_learner(config: TrainConfig, model: nn.Module, preprocess: nn.Module, n
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=config.ema_decay)
+    lookahead = (Lookahead(model, config.lookahead_decay, steps_per_epoch, config.epochs * steps_per_epoch)
+                 if config.lookahead_decay > 0 else None)
     step_model = model
     if world > 1:
         step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -233,8 +246,39 @@ def make_learner(config: TrainConfig, model: nn.Module, preprocess: nn.Module, n
         step_model = torch.compile(step_model)
     scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
     mixup, criterion = _loss(config, num_classes)
-    return Learner(model, step_model, optimizer, make_scheduler(optimizer, config, steps_per_epoch), ema, scaler,
+    return Learner(model, step_model, optimizer, make_scheduler(optimizer, config, steps_per_epoch), ema, lookahead, scaler,
                    criterion, mixup, preprocess, config, rank)
+
+
+class Lookahead:
+    """airbench's lookahead (from hlb-cifar10): a slow copy of the model's floating-point state
+    (weights, BatchNorm statistics). Every ``EVERY`` steps, and at the run's last, the copy moves
+    toward the trained state by 1 - rho and training goes on from the copy. rho = decay^EVERY x
+    progress^3 rises from 0: early steps run free, the last ones are averaged."""
+
+    EVERY = 5
+
+    def __init__(self, model: nn.Module, decay: float, steps_per_epoch: int, total_steps: int):
+        self.decay, self.steps_per_epoch, self.total_steps = decay, steps_per_epoch, total_steps
+        self.slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, epoch: int, step: int):
+        done = epoch * self.steps_per_epoch + step + 1  # steps taken in the run
+        if done % self.EVERY and done != self.total_steps:
+            return
+        rho = self.decay ** self.EVERY * (done / self.total_steps) ** 3
+        trained = model.state_dict()  # shares storage with the model: copying into it moves the model
+        for name, slow in self.slow.items():
+            slow.lerp_(trained[name], 1 - rho)
+            trained[name].copy_(slow)
+
+    def state_dict(self) -> dict:
+        return self.slow
+
+    def load_state_dict(self, state: dict):
+        for name, slow in self.slow.items():
+            slow.copy_(state[name])
 
 
 def _loss(config: TrainConfig, num_classes: int):
@@ -303,6 +347,8 @@ def train_step(learner: Learner, images: torch.Tensor, labels: torch.Tensor, epo
         loss.backward()
         learner.optimizer.step()
     learner.scheduler.step()
+    if learner.lookahead is not None:
+        learner.lookahead.update(learner.model, epoch, step)
     if learner.ema is not None:
         learner.ema.update(learner.model)
     return loss.detach(), (logits.detach().argmax(1) == labels).sum()
@@ -325,6 +371,7 @@ class Position:
 _STATE_TYPES = {
     "format": int, "config": str, "epoch": int, "step": int, "sums": torch.Tensor, "history": str,
     "model": dict, "optimizer": dict, "scheduler": dict, "ema": (dict, type(None)), "world": int,
+    "lookahead": (dict, type(None)),
     "rng_cpu": torch.Tensor, "rng_cuda": (torch.Tensor, type(None)),
     "preprocess_meta": dict, "preprocess_tensors": dict,
 }
@@ -436,6 +483,8 @@ class RunFolder:
             learner.scheduler.load_state_dict(state["scheduler"])
             if learner.ema is not None:
                 learner.ema.load_state_dict(state["ema"])
+            if learner.lookahead is not None:
+                learner.lookahead.load_state_dict(state["lookahead"])
             torch.set_rng_state(state["rng_cpu"][rank].clone())  # a row of its own: torch reads from offset 0
             history = json.loads(state["history"])
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
@@ -478,6 +527,7 @@ class RunFolder:
             "model": learner.model.state_dict(), "optimizer": learner.optimizer.state_dict(),
             "scheduler": learner.scheduler.state_dict(),
             "ema": learner.ema.state_dict() if learner.ema is not None else None,
+            "lookahead": learner.lookahead.state_dict() if learner.lookahead is not None else None,
             "rng_cpu": rng_cpu.cpu(), "rng_cuda": None if rng_cuda is None else rng_cuda.cpu(),
             "preprocess_meta": prep_meta, "preprocess_tensors": prep_tensors,
         }

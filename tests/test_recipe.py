@@ -46,6 +46,64 @@ def test_weight_decay_on_weights_only(decay_all):
         assert len(decayed) == len(list(model.parameters()))
     else:
         assert decayed and all(p.ndim == 4 for p in decayed)  # conv weights; BatchNorm and biases not
+    # the layout of runs saved before --bias-lr-scale, so their optimizer states load: one group,
+    # or the weights then every 1-d parameter, each in the model's order
+    layout = [list(model.parameters())] if decay_all else [
+        [p for p in model.parameters() if p.ndim > 1], [p for p in model.parameters() if p.ndim <= 1]]
+    assert [g["params"] for g in groups] == layout
+
+
+@pytest.mark.parametrize("decay_all", [True, False])
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_bias_lr_scale_speeds_up_the_biases_only(decay_all, batch_norm):
+    config = configuration.resolve(None, batch_norm=batch_norm, decay_all=decay_all, weight_decay=5e-4,
+                                   lr=0.1, bias_lr_scale=64, nesterov=True)
+    model = create_model("all_cnn_c", batch_norm=batch_norm, num_classes=4)
+    optimizer = trainer.make_optimizer(model, config)
+    biases = {id(p) for name, p in model.named_parameters() if name.endswith("bias")}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    assert optimizer.param_groups[0]["lr"] == 0.1 and optimizer.param_groups[0]["params"][0].ndim == 4
+    for g in optimizer.param_groups:
+        fast = {id(p) in biases for p in g["params"]}
+        assert len(fast) == 1 and g["lr"] == pytest.approx(0.1 * (64 if fast.pop() else 1))
+        if g["weight_decay"]:  # decayed biases lose what the weights lose per step: lr x decay
+            assert g["lr"] * g["weight_decay"] == pytest.approx(0.1 * 5e-4)
+    # one step from rest: every bias moves 64 times as far as it does at a scale of 1
+    x = torch.randn(4, 3, 32, 32)
+    moves = []
+    for scale in (1, 64):
+        torch.manual_seed(0)  # the same start and the same dropout masks for both scales
+        model = create_model("all_cnn_c", batch_norm=batch_norm, num_classes=4)
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        optimizer = trainer.make_optimizer(model, configuration.resolve(
+            None, batch_norm=batch_norm, lr=0.1, bias_lr_scale=scale, weight_decay=0.0, nesterov=True))
+        model(x).logsumexp(1).mean().backward()
+        optimizer.step()
+        moves.append({name: p.detach() - before[name] for name, p in model.named_parameters()})
+    for name, move in moves[1].items():
+        expected = moves[0][name] * (64 if name.endswith("bias") else 1)
+        assert torch.allclose(move, expected, rtol=1e-4, atol=1e-6)  # atol: fp32 rounding of p + move
+
+
+def test_lookahead_pulls_every_fifth_step_and_at_the_last():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    lookahead = trainer.Lookahead(model, decay=0.9, steps_per_epoch=4, total_steps=7)
+    floats = {k for k, v in model.state_dict().items() if v.is_floating_point()}
+    assert set(lookahead.state_dict()) == floats and "1.num_batches_tracked" not in floats
+    for done in range(1, 8):  # the run's steps 1-7: epoch 0 holds steps 1-4, epoch 1 steps 5-7
+        with torch.no_grad():  # a stand-in for the optimizer's step
+            for v in model.state_dict().values():
+                v += done
+        trained = {k: v.clone() for k, v in model.state_dict().items()}
+        slow = {k: v.clone() for k, v in lookahead.state_dict().items()}
+        lookahead.update(model, *divmod(done - 1, 4))
+        if done in (5, 7):  # the fifth step and the run's last: pulled toward the slow copy
+            rho = 0.9 ** 5 * (done / 7) ** 3
+            for k, v in lookahead.state_dict().items():
+                assert torch.allclose(v, slow[k] + (1 - rho) * (trained[k] - slow[k]))
+                assert torch.equal(model.state_dict()[k], v)  # training goes on from the slow copy
+        else:
+            assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("tta, views", [("none", 1), ("flip", 2), ("flip-shift", 6)])

@@ -83,6 +83,19 @@ def test_a_stop_at_any_step_resumes_to_the_uninterrupted_weights(tmp_path, monke
     assert summary["finished"] and same_weights(straight, tmp_path / "split")
 
 
+def test_a_stop_between_lookahead_syncs_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    """The slow copy is part of the state: a stop at step 3 of 5 (before the first sync) resumes exactly."""
+    monkeypatch.setattr(trainer, "CHECK_EVERY", 1)
+    config = tiny(**FIVE_STEPS, lookahead_decay=0.95)
+    train(config, tmp_path / "straight")
+    with pytest.raises(TrainingStopped):
+        train(config, tmp_path / "split", progress=stop_at(0, 3))
+    assert trainer.resume(tmp_path / "split")["finished"]
+    assert same_weights(tmp_path / "straight", tmp_path / "split")
+    train(tiny(**FIVE_STEPS), tmp_path / "free")
+    assert not same_weights(tmp_path / "straight", tmp_path / "free")  # the lookahead changed the run
+
+
 def test_a_stop_in_the_very_last_step_finishes_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "CHECK_EVERY", 1)
     summary = train(tiny(), tmp_path / "run", progress=stop_at(1, 2))

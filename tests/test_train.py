@@ -271,17 +271,18 @@ def test_translations_reach_shift_pixels_each_way(shift):
     assert offsets == {(dy, dx) for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)}
 
 
-def test_a_setting_added_since_a_run_began_resumes_at_its_default(tmp_path):
-    """A state saved before ``shift`` existed ran with its default (5 px); it resumes."""
+@pytest.mark.parametrize("key, other", [("shift", 2), ("bias_lr_scale", 8.0)])
+def test_a_setting_added_since_a_run_began_resumes_at_its_default(tmp_path, key, other):
+    """A state saved before ``shift`` or ``bias_lr_scale`` existed ran with its default; it resumes."""
     run = tmp_path / "run"
-    train(_tiny_config(), run, stop_after=1)
+    train(_tiny_config(decay_all=False), run, stop_after=1)
     state = torch.load(run / "state.pt", weights_only=True)
     older = json.loads(state["config"])
-    del older["shift"]
+    del older[key]
     torch.save({**state, "config": json.dumps(older)}, run / "state.pt")
-    assert train(_tiny_config(), run, resume=True)["finished"]
-    with pytest.raises(ValueError, match=r"other settings \(shift\)"):
-        train(_tiny_config(shift=2), tmp_path / "run", resume=True)
+    assert train(_tiny_config(decay_all=False), run, resume=True)["finished"]
+    with pytest.raises(ValueError, match=rf"other settings \({key}\)"):
+        train(_tiny_config(decay_all=False, **{key: other}), tmp_path / "run", resume=True)
 
 
 def test_crop_epochs_train_on_windows_then_on_whole_images(tmp_path, monkeypatch):
