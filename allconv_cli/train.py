@@ -214,7 +214,7 @@ class Learner:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ema: nn.Module | None  # timm's ModelEmaV3: evaluated and saved instead of the raw weights
-    lookahead: "Lookahead | None"
+    lookahead: "Lookahead | None"  # airbench's lookahead; its slow copy is saved in state.pt
     scaler: torch.amp.GradScaler | None  # fp16 only
     criterion: nn.Module
     mixup: Callable | None  # timm's Mixup for augment = "strong"
