@@ -59,6 +59,7 @@ class TrainConfig:
     whiten: str = "off"  # off | init | frozen: the first conv from the training patches' whitening
     dirac: bool = False  # later convs start with identity filters
     decay_all: bool = True  # weight decay on every parameter; False: on conv weights only, not biases or BatchNorm
+    bn_momentum: float = 0.1  # weight of each batch in BatchNorm's running statistics (torch's 0.1; airbench's 0.4)
     bias_lr_scale: float = 1.0  # the biases' (BatchNorm shifts', conv biases') lr is lr x this (airbench's 64)
     init: str | None = None  # start from these weights (run folder or allconv .safetensors); fresh optimizer
     ema_decay: float = 0.0  # 0: off; else weights averaged per step (timm's ModelEmaV3)
@@ -207,6 +208,7 @@ RANGES: dict[str, tuple] = {
     "gamma": (lambda v: v > 0, "above 0"),
     "warmup_epochs": (lambda v: v >= 0, "of at least 0 (epochs)"),
     "label_smoothing": _UNIT,
+    "bn_momentum": (lambda v: 0 < v <= 1, "in (0, 1] (the weight of each batch in the running statistics)"),
     "bias_lr_scale": (lambda v: v > 0, "above 0 (1 gives biases the weights' learning rate)"),
     "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1) (0 turns EMA off)"),
     "lookahead_decay": (lambda v: 0 <= v < 1, "in [0, 1) (0 turns lookahead off)"),

@@ -102,6 +102,9 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
         train = dataclasses.replace(train, labels=train.labels[order])
     model = create_model(name, **model_kwargs(config, len(train.classes)))
+    for norm in model.modules():  # a training setting, not the model's: set on every build, resumes included
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            norm.momentum = config.bn_momentum
     if config.init is not None and preprocess_state is None:  # a resumed run restores its own state
         state, meta, tensors = checkpoint.load_weights(config.init)
         checkpoint.load_state(model, state, f"--init {config.init} holds {meta['model']} with "

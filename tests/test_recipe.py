@@ -85,6 +85,19 @@ def test_bias_lr_scale_speeds_up_the_biases_only(decay_all, batch_norm):
         assert torch.allclose(move, expected, rtol=1e-4, atol=1e-6)  # atol: fp32 rounding of p + move
 
 
+def test_bn_momentum_sets_how_fast_the_running_statistics_follow():
+    config = configuration.resolve(None, batch_norm=True, bn_momentum=0.4, drop_input=0.0, **TINY)
+    model = trainer.build(config, torch.device("cpu")).model
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 9 and all(m.momentum == 0.4 for m in norms)
+    x = torch.randn(8, 3, 32, 32) * 3 + 1
+    model.train()
+    model(x)
+    first = norms[0]  # its input is conv1's output, recomputed here
+    batch_mean = torch.nn.functional.conv2d(x, model.features.conv1.conv.weight, padding=1).mean((0, 2, 3))
+    assert torch.allclose(first.running_mean, 0.4 * batch_mean, atol=1e-5)  # from 0: 0.6 x 0 + 0.4 x batch
+
+
 def test_lookahead_pulls_every_fifth_step_and_at_the_last():
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
     lookahead = trainer.Lookahead(model, decay=0.9, steps_per_epoch=4, total_steps=7)

@@ -271,9 +271,9 @@ def test_translations_reach_shift_pixels_each_way(shift):
     assert offsets == {(dy, dx) for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)}
 
 
-@pytest.mark.parametrize("key, other", [("shift", 2), ("bias_lr_scale", 8.0)])
+@pytest.mark.parametrize("key, other", [("shift", 2), ("bias_lr_scale", 8.0), ("bn_momentum", 0.4)])
 def test_a_setting_added_since_a_run_began_resumes_at_its_default(tmp_path, key, other):
-    """A state saved before ``shift`` or ``bias_lr_scale`` existed ran with its default; it resumes."""
+    """A state saved before ``shift``, ``bias_lr_scale`` or ``bn_momentum`` existed ran with its default; it resumes."""
     run = tmp_path / "run"
     train(_tiny_config(decay_all=False), run, stop_after=1)
     state = torch.load(run / "state.pt", weights_only=True)
