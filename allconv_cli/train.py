@@ -177,10 +177,12 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
         if param.requires_grad:
             lr_scale = config.bias_lr_scale if param.ndim <= 1 and name.endswith("bias") else 1.0
             groups.setdefault((lr_scale, param.ndim > 1 or config.decay_all), []).append(param)
+    # the weights' group first even where the first conv is frozen and a BatchNorm comes first
+    ordered = sorted(groups.items(), key=lambda group: not any(p.ndim > 1 for p in group[1]))
     return torch.optim.SGD(
         [{"params": params, "lr": config.lr * lr_scale,
           "weight_decay": config.weight_decay / lr_scale if decayed else 0.0}
-         for (lr_scale, decayed), params in groups.items()],
+         for (lr_scale, decayed), params in ordered],
         lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
 
 

@@ -35,21 +35,23 @@ def test_given_flips_replace_the_coin():
     assert torch.equal(out[0], images[0].flip(2)) and torch.equal(out[1], images[1])
 
 
+@pytest.mark.parametrize("frozen_first", [False, True])
 @pytest.mark.parametrize("decay_all", [True, False])
-def test_weight_decay_on_weights_only(decay_all):
+def test_weight_decay_on_weights_only(decay_all, frozen_first):
     config = configuration.resolve(None, batch_norm=True, decay_all=decay_all, weight_decay=5e-4)
     model = create_model("all_cnn_c", batch_norm=True)
+    trainer.first_conv(model).requires_grad_(not frozen_first)  # --whiten frozen: a BatchNorm comes first
     groups = trainer.make_optimizer(model, config).param_groups
     decayed = [p for g in groups if g["weight_decay"] > 0 for p in g["params"]]
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in groups) == len(trained)
     if decay_all:
-        assert len(decayed) == len(list(model.parameters()))
+        assert len(decayed) == len(trained)
     else:
         assert decayed and all(p.ndim == 4 for p in decayed)  # conv weights; BatchNorm and biases not
     # the layout of runs saved before --bias-lr-scale, so their optimizer states load: one group,
     # or the weights then every 1-d parameter, each in the model's order
-    layout = [list(model.parameters())] if decay_all else [
-        [p for p in model.parameters() if p.ndim > 1], [p for p in model.parameters() if p.ndim <= 1]]
+    layout = [trained] if decay_all else [[p for p in trained if p.ndim > 1], [p for p in trained if p.ndim <= 1]]
     assert [g["params"] for g in groups] == layout
 
 
