@@ -17,6 +17,7 @@ from pathlib import Path
 SCHEDULES = ("paper", "cosine", "onecycle", "constant")
 FLIPS = ("random", "alternate")
 WHITEN = ("off", "init", "frozen")
+OPTIMIZERS = ("sgd", "muon")
 
 
 @dataclass
@@ -60,6 +61,9 @@ class TrainConfig:
     dirac: bool = False  # later convs start with identity filters
     decay_all: bool = True  # weight decay on every parameter; False: on conv weights only, not biases or BatchNorm
     bn_momentum: float = 0.1  # weight of each batch in BatchNorm's running statistics (torch's 0.1; airbench's 0.4)
+    optimizer: str = "sgd"  # sgd | muon: conv weights take Muon's orthogonalized steps, the rest SGD's (needs batch_norm)
+    muon_lr: float = 0.02  # muon: the peak share of a conv's weight norm that one step moves
+    muon_momentum: float = 0.6  # muon: its Nesterov momentum (airbench's 0.6)
     bias_lr_scale: float = 1.0  # the biases' (BatchNorm shifts', conv biases') lr is lr x this (airbench's 64)
     init: str | None = None  # start from these weights (run folder or allconv .safetensors); fresh optimizer
     ema_decay: float = 0.0  # 0: off; else weights averaged per step (timm's ModelEmaV3)
@@ -209,6 +213,8 @@ RANGES: dict[str, tuple] = {
     "warmup_epochs": (lambda v: v >= 0, "of at least 0 (epochs)"),
     "label_smoothing": _UNIT,
     "bn_momentum": (lambda v: 0 < v <= 1, "in (0, 1] (the weight of each batch in the running statistics)"),
+    "muon_lr": (lambda v: v > 0, "above 0"),
+    "muon_momentum": _UNIT,
     "bias_lr_scale": (lambda v: v > 0, "above 0 (1 gives biases the weights' learning rate)"),
     "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1) (0 turns EMA off)"),
     "lookahead_decay": (lambda v: 0 <= v < 1, "in [0, 1) (0 turns lookahead off)"),
@@ -230,7 +236,8 @@ def choices() -> dict[str, tuple[str, ...]]:
     from allconv_cli.preprocess import KINDS
 
     return {"dataset": DATASETS, "augment": AUGMENTATIONS, "preprocess": KINDS, "schedule": SCHEDULES,
-            "precision": PRECISIONS, "weight_init": WEIGHT_INITS, "flips": FLIPS, "whiten": WHITEN, "tta": TTA}
+            "precision": PRECISIONS, "weight_init": WEIGHT_INITS, "flips": FLIPS, "whiten": WHITEN, "tta": TTA,
+            "optimizer": OPTIMIZERS}
 
 
 def _convert(hint, value):
@@ -327,6 +334,10 @@ def validate(config: TrainConfig, origin: dict[str, str] | None = None):
     if config.nesterov and config.momentum == 0:
         raise ValueError(f"{where('nesterov', 'momentum')}: nesterov needs a momentum above 0: "
                          "give a momentum or turn nesterov off")
+    if config.optimizer == "muon" and not config.batch_norm:
+        raise ValueError(f"{where('optimizer', 'batch_norm')}: optimizer muon needs batch_norm: it rescales every "
+                         "conv's weights, which only a BatchNorm after the conv makes harmless; "
+                         "turn batch_norm on or use optimizer sgd")
     from allconv_cli.datasets import check_folder, check_source
 
     try:

@@ -87,6 +87,58 @@ def test_bias_lr_scale_speeds_up_the_biases_only(decay_all, batch_norm):
         assert torch.allclose(move, expected, rtol=1e-4, atol=1e-6)  # atol: fp32 rounding of p + move
 
 
+@pytest.mark.parametrize("shape", [(96, 864), (864, 96), (10, 192)])
+def test_orthogonalize_sets_every_singular_value_near_one_in_the_same_directions(shape):
+    torch.manual_seed(0)
+    matrix = torch.randn(shape) * torch.logspace(0, -1, shape[1])  # singular values spread over 10x
+    result = trainer.orthogonalize(matrix)
+    assert result.shape == matrix.shape and result.dtype == matrix.dtype
+    singular = torch.linalg.svdvals(result)
+    assert singular.min() > 0.6 and singular.max() < 1.3
+    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    polar = u @ vh  # the exact orthogonal factor: the same directions, every singular value 1
+    assert torch.nn.functional.cosine_similarity(result.flatten(), polar.flatten(), dim=0) > 0.95
+
+
+def test_muon_steps_conv_weights_by_orthogonalized_momentum_and_the_rest_by_sgd():
+    settings = dict(batch_norm=True, lr=0.1, nesterov=True, weight_decay=5e-4, decay_all=False, bias_lr_scale=4)
+    config = configuration.resolve(None, **settings, optimizer="muon", muon_lr=0.05, muon_momentum=0.6)
+    torch.manual_seed(0)
+    model = create_model("all_cnn_c", batch_norm=True, num_classes=4)
+    twin = create_model("all_cnn_c", batch_norm=True, num_classes=4)
+    twin.load_state_dict(model.state_dict())
+    optimizer = trainer.make_optimizer(model, config)
+    sgd = trainer.make_optimizer(twin, configuration.resolve(None, **settings))  # the plain recipe
+    weights = [p for p in model.parameters() if p.ndim > 1]
+    first = optimizer.param_groups[0]
+    assert first["params"] == weights and first["lr"] == 0.05 and first["weight_decay"] == 0
+    assert [g["lr"] for g in optimizer.param_groups[1:]] == [g["lr"] for g in sgd.param_groups[1:]]
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    expected = [w.detach().clone() for w in weights]
+    buffers = [torch.zeros_like(w) for w in weights]
+    for _ in range(2):  # the same gradients twice: the second step also shows the momentum
+        for (a, b), g in zip(zip(model.parameters(), twin.parameters()), grads):
+            a.grad, b.grad = g.clone(), g.clone()
+        optimizer.step()
+        sgd.step()
+        for w, buffer, g in zip(expected, buffers, [g for p, g in zip(model.parameters(), grads) if p.ndim > 1]):
+            buffer.mul_(0.6).add_(g)
+            direction = g.add(buffer, alpha=0.6)  # Nesterov, as the step computes it: bf16 rounds alike
+            update = trainer.orthogonalize(direction.flatten(1)) * max(1, w.shape[0] / w[0].numel()) ** 0.5
+            w.mul_(w.shape[0] ** 0.5 / w.norm()).add_(update.view_as(w), alpha=-0.05)
+    assert all(torch.allclose(w, e, rtol=0, atol=1e-6) for w, e in zip(weights, expected))
+    for a, b in zip(model.parameters(), twin.parameters()):
+        if a.ndim <= 1:  # BatchNorm scales and shifts: exactly the SGD of the plain recipe
+            assert torch.equal(a, b)
+    # a step moves every bank by about muon_lr of its norm, whatever its shape (10 to 192 x 27 to 1,728)
+    rescaled = [w.detach() * w.shape[0] ** 0.5 / w.detach().norm() for w in weights]
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    optimizer.step()
+    moves = [float((w.detach() - r).norm() / r.norm()) for w, r in zip(weights, rescaled)]
+    assert all(0.6 * 0.05 < move < 1.3 * 0.05 for move in moves), moves
+
+
 def test_bn_momentum_sets_how_fast_the_running_statistics_follow():
     config = configuration.resolve(None, batch_norm=True, bn_momentum=0.4, drop_input=0.0, **TINY)
     model = trainer.build(config, torch.device("cpu")).model

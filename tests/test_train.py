@@ -148,11 +148,12 @@ def _tiny_config(**kwargs):
 
 
 @pytest.mark.slow
-def test_resume_is_bit_identical(tmp_path):
-    straight = train(_tiny_config(), tmp_path / "straight")
-    first = train(_tiny_config(), tmp_path / "split", stop_after=1)
+@pytest.mark.parametrize("optimizer", ["sgd", "muon"])
+def test_resume_is_bit_identical(tmp_path, optimizer):
+    straight = train(_tiny_config(optimizer=optimizer), tmp_path / "straight")
+    first = train(_tiny_config(optimizer=optimizer), tmp_path / "split", stop_after=1)
     assert not first["finished"] and first["epochs_done"] == 1
-    resumed = train(_tiny_config(), tmp_path / "split", resume=True)
+    resumed = train(_tiny_config(optimizer=optimizer), tmp_path / "split", resume=True)
     assert resumed["finished"]
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "split" / "model.safetensors"))
@@ -216,6 +217,8 @@ def test_resume_of_a_finished_run(tmp_path):
     (["--crop", "32", "--crop-epochs", "1"], "smaller --crop"),
     (["--drop-rate", "1"], "--drop-rate 1.0 is not allowed; --drop-rate takes a finite number in [0, 1)"),
     (["--drop-input", "-0.1"], "--drop-input -0.1 is not allowed"),
+    (["--optimizer", "muon"], "optimizer muon needs batch_norm"),
+    (["--optimizer", "mun"], "did you mean 'muon'"),
 ])
 def test_bad_options(args, needle):
     one_line_error(invoke("train", *args, *TINY), 2, needle)
