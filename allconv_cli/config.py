@@ -62,7 +62,7 @@ class TrainConfig:
     decay_all: bool = True  # weight decay on every parameter; False: on conv weights only, not biases or BatchNorm
     bn_momentum: float = 0.1  # weight of each batch in BatchNorm's running statistics (torch's 0.1; airbench's 0.4)
     optimizer: str = "sgd"  # sgd | muon: conv weights take Muon's orthogonalized steps, the rest SGD's (needs batch_norm)
-    muon_lr: float = 0.02  # muon: the peak share of a conv's weight norm that one step moves
+    muon_lr: float = 0.05  # muon: the peak share of a conv's weight norm that one step moves
     muon_momentum: float = 0.6  # muon: its Nesterov momentum (airbench's 0.6)
     bias_lr_scale: float = 1.0  # the biases' (BatchNorm shifts', conv biases') lr is lr x this (airbench's 64)
     init: str | None = None  # start from these weights (run folder or allconv .safetensors); fresh optimizer

@@ -87,11 +87,12 @@ def test_bias_lr_scale_speeds_up_the_biases_only(decay_all, batch_norm):
         assert torch.allclose(move, expected, rtol=1e-4, atol=1e-6)  # atol: fp32 rounding of p + move
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(96, 864), (864, 96), (10, 192)])
-def test_orthogonalize_sets_every_singular_value_near_one_in_the_same_directions(shape):
+def test_orthogonalize_sets_every_singular_value_near_one_in_the_same_directions(shape, dtype):
     torch.manual_seed(0)
     matrix = torch.randn(shape) * torch.logspace(0, -1, shape[1])  # singular values spread over 10x
-    result = trainer.orthogonalize(matrix)
+    result = trainer.orthogonalize(matrix, dtype)
     assert result.shape == matrix.shape and result.dtype == matrix.dtype
     singular = torch.linalg.svdvals(result)
     assert singular.min() > 0.6 and singular.max() < 1.3
@@ -100,9 +101,11 @@ def test_orthogonalize_sets_every_singular_value_near_one_in_the_same_directions
     assert torch.nn.functional.cosine_similarity(result.flatten(), polar.flatten(), dim=0) > 0.95
 
 
-def test_muon_steps_conv_weights_by_orthogonalized_momentum_and_the_rest_by_sgd():
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_muon_steps_conv_weights_by_orthogonalized_momentum_and_the_rest_by_sgd(precision, dtype):
     settings = dict(batch_norm=True, lr=0.1, nesterov=True, weight_decay=5e-4, decay_all=False, bias_lr_scale=4)
-    config = configuration.resolve(None, **settings, optimizer="muon", muon_lr=0.05, muon_momentum=0.6)
+    config = configuration.resolve(None, **settings, optimizer="muon", muon_lr=0.05, muon_momentum=0.6,
+                                   precision=precision)
     torch.manual_seed(0)
     model = create_model("all_cnn_c", batch_norm=True, num_classes=4)
     twin = create_model("all_cnn_c", batch_norm=True, num_classes=4)
@@ -112,6 +115,7 @@ def test_muon_steps_conv_weights_by_orthogonalized_momentum_and_the_rest_by_sgd(
     weights = [p for p in model.parameters() if p.ndim > 1]
     first = optimizer.param_groups[0]
     assert first["params"] == weights and first["lr"] == 0.05 and first["weight_decay"] == 0
+    assert optimizer.dtype == dtype  # the run's precision: fp32 runs never meet slow emulated bf16
     assert [g["lr"] for g in optimizer.param_groups[1:]] == [g["lr"] for g in sgd.param_groups[1:]]
     grads = [torch.randn_like(p) for p in model.parameters()]
     expected = [w.detach().clone() for w in weights]
@@ -124,7 +128,7 @@ def test_muon_steps_conv_weights_by_orthogonalized_momentum_and_the_rest_by_sgd(
         for w, buffer, g in zip(expected, buffers, [g for p, g in zip(model.parameters(), grads) if p.ndim > 1]):
             buffer.mul_(0.6).add_(g)
             direction = g.add(buffer, alpha=0.6)  # Nesterov, as the step computes it: bf16 rounds alike
-            update = trainer.orthogonalize(direction.flatten(1)) * max(1, w.shape[0] / w[0].numel()) ** 0.5
+            update = trainer.orthogonalize(direction.flatten(1), optimizer.dtype) * max(1, w.shape[0] / w[0].numel()) ** 0.5
             w.mul_(w.shape[0] ** 0.5 / w.norm()).add_(update.view_as(w), alpha=-0.05)
     assert all(torch.allclose(w, e, rtol=0, atol=1e-6) for w, e in zip(weights, expected))
     for a, b in zip(model.parameters(), twin.parameters()):
