@@ -26,9 +26,16 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-from allconv_cli import checkpoint
-from allconv_cli.config import TrainConfig, from_json
-from allconv_cli.models import PAPER, list_models, resolve_name
+import torch
+
+from allconv_cli import benchmark
+from allconv_cli.charts import ablation_bars
+from allconv_cli.data import datasets
+from allconv_cli.models.registry import PAPER, create_model, list_models, resolve_name
+from allconv_cli.train.run import train
+from allconv_cli.train.run_folder import RunFolder
+from allconv_cli.train.settings import TrainConfig, from_json
+from allconv_cli.util import atomic_write_text
 
 PAPER_GRID = (0.25, 0.1, 0.05, 0.01)  # Section 3.2
 # (train, test) images of the data sets whose size is fixed: a dry run counts without reading them
@@ -84,7 +91,6 @@ def split_sizes(config: TrainConfig) -> dict[str, int]:
     """Images one run trains on (an epoch), evaluates on (over the whole run) and the test
     images among those, without reading any: the known sizes of sample and CIFAR, or the files
     of an image folder, counted. Limits and the validation split are applied as training does."""
-    from allconv_cli import datasets
 
     datasets.check_source(config.dataset, config.data_dir)
     if config.dataset in SPLIT_IMAGES:
@@ -110,11 +116,10 @@ def estimate_seconds(config: TrainConfig, models: list[str], grid: list[float], 
     (``allconv benchmark``'s train mode, after one warm-up step, on synthetic data) at the run's
     batch size, device and precision; evaluation at that speed scaled by the forward pass's share
     of a training step's FLOPs. Assumes full-size images (--crop epochs are cheaper)."""
-    from allconv_cli.benchmark import run as benchmark
 
     per_model, total = {}, 0.0
     for model in models:
-        measured = benchmark(model, "train", min(config.batch_size, max(1, sizes["train"])), steps=1, warmup=1,
+        measured = benchmark.run(model, "train", min(config.batch_size, max(1, sizes["train"])), steps=1, warmup=1,
                              device=config.device, precision=config.precision, channels_last=config.channels_last)
         train_speed = measured["results"]["train"]["images_per_s"]
         flops = measured["gflop_per_image"]
@@ -134,7 +139,6 @@ def run_config(base: TrainConfig, run: Run) -> TrainConfig:
 
 def _train_one(config_json: str, folder: str, device: str | None) -> dict:
     """Train (or resume) one run to the end and record its result; a worker process's job."""
-    from allconv_cli.train import RunFolder, train
 
     config = from_json(config_json)
     if device is not None:
@@ -147,12 +151,11 @@ def _train_one(config_json: str, folder: str, device: str | None) -> dict:
     result = {"model": config.model, "lr": config.lr, "seed": config.seed,
               "val_error": summary["last"].get("val_top1_error"), "test_error": test["top1_error"],
               "seconds": summary["seconds"], "epochs": summary["epochs_done"]}
-    checkpoint.atomic_write_text(folder / RESULT_NAME, json.dumps(result, indent=2))
+    atomic_write_text(folder / RESULT_NAME, json.dumps(result, indent=2))
     return result
 
 
 def _worker_init(threads: int):
-    import torch
 
     torch.set_num_threads(threads)
 
@@ -169,7 +172,7 @@ def ablate(base: TrainConfig, models: list[str], grid: list[float], seeds: list[
     if previous.is_file() and json.loads(previous.read_text()) != plan_record:
         raise ValueError(f"{out} holds an ablation with other settings ({PLAN_NAME}); "
                          "choose another --out, or repeat that ablation's command to continue it")
-    checkpoint.atomic_write_text(previous, json.dumps(plan_record, indent=2))
+    atomic_write_text(previous, json.dumps(plan_record, indent=2))
 
     results: dict[Run, dict] = {}
     phase_one = [Run(m, lr, seeds[0]) for m in models for lr in grid]
@@ -218,7 +221,6 @@ def _execute(base: TrainConfig, runs: list[Run], out: Path, jobs: int, results: 
 
 def _devices(base: TrainConfig, jobs: int) -> list[str | None]:
     """One GPU per parallel job when there are several; otherwise the run's own device."""
-    import torch
 
     if base.device in ("auto", "cuda") and torch.cuda.device_count() > 1:
         return [f"cuda:{i}" for i in range(min(jobs, torch.cuda.device_count()))]
@@ -226,7 +228,6 @@ def _devices(base: TrainConfig, jobs: int) -> list[str | None]:
 
 
 def table_rows(models, chosen, seeds, results, base: TrainConfig) -> list[dict]:
-    from allconv_cli.models import create_model
 
     key = "cifar10" if base.augment == "none" else "cifar10-aug"
     key = "cifar100" if base.dataset == "cifar100" else key
@@ -252,7 +253,6 @@ def table_rows(models, chosen, seeds, results, base: TrainConfig) -> list[dict]:
 
 def write_tables(rows: list[dict], out: Path):
     """table.md, table.csv, table.json and chart.png in ``out``."""
-    from allconv_cli.charts import ablation_bars
 
     lines = ["| model | params | paper's params | lr | test error % (mean ± std, n) | paper's error % | difference |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -261,12 +261,12 @@ def write_tables(rows: list[dict], out: Path):
         diff = "" if r["difference"] is None else f"{r['difference']:+.2f}"
         lines.append(f"| {r['model']} | {r['params']:,} | {r['paper_params']} | {r['lr']:g} | "
                      f"{r['test_error_mean']:.2f} ± {r['test_error_std']:.2f} ({r['seeds']}) | {paper} | {diff} |")
-    checkpoint.atomic_write_text(out / "table.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "table.md", "\n".join(lines) + "\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    checkpoint.atomic_write_text(out / "table.csv", buffer.getvalue())
-    checkpoint.atomic_write_text(out / "table.json", json.dumps(rows, indent=2))
+    atomic_write_text(out / "table.csv", buffer.getvalue())
+    atomic_write_text(out / "table.json", json.dumps(rows, indent=2))
     ablation_bars(rows, out / "chart.png")
 

@@ -42,12 +42,21 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from allconv_cli import datasets
-from allconv_cli.config import TrainConfig
-from allconv_cli.device import (AUTOCAST_DTYPES, autocast, cpu_bf16_kernels, prepare_model, resolve_device,
-                                resolve_precision, tune_cpu_allocator)
-from allconv_cli.models import create_model, resolve_name
-from allconv_cli.preprocess import Standardize
+from allconv_cli.data import datasets
+from allconv_cli.data.preprocess import Standardize
+from allconv_cli.device import (
+    AUTOCAST_DTYPES,
+    autocast,
+    cpu_bf16_kernels,
+    prepare_model,
+    resolve_device,
+    resolve_precision,
+    tune_cpu_allocator,
+)
+from allconv_cli.models.registry import create_model, resolve_name
+from allconv_cli.train.learner import make_learner
+from allconv_cli.train.settings import TrainConfig
+from allconv_cli.train.step import batch_inputs, train_step
 
 MODES = ("train", "infer", "data", "all")
 SYNTHETIC_IMAGES = 50_000  # CIFAR-10's training split
@@ -291,7 +300,6 @@ class _Bench:
         self.peak, self.matmul = peak, matmul
 
     def data(self, config: TrainConfig, data: datasets.ImageData, prep: nn.Module) -> dict:
-        from allconv_cli.train import batch_inputs
 
         batches = _stream(data, self.batch_size, self.device)
         generator = torch.Generator(device=self.device)
@@ -319,7 +327,6 @@ class _Bench:
 
     def train(self, config: TrainConfig, net: nn.Module, data: datasets.ImageData, prep: nn.Module,
               flops: int) -> dict:
-        from allconv_cli.train import make_learner, train_step
 
         net.train()
         learner = make_learner(config, net, prep, net.num_classes, steps_per_epoch=self.warmup + self.steps + 1)

@@ -1,6 +1,6 @@
 """PNG charts (matplotlib, Agg): learning curves, confusion matrices, ablation bars.
 
-Each chart is written through ``checkpoint.atomic_write``, so a kill never leaves half a PNG.
+Each chart is written through ``atomic_write``, so a kill never leaves half a PNG.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+import numpy as np
 
-from allconv_cli.checkpoint import atomic_write  # noqa: E402
+from allconv_cli.util import atomic_write
 
 
 def _save(fig, path: Path) -> Path:
@@ -43,7 +44,6 @@ def learning_curves(history: list[dict], path: str | Path) -> Path:
 
 def confusion_matrix(confusion: list[list[int]], classes: list[str], path: str | Path, title: str = "") -> Path:
     """Row-normalized confusion matrix (rows: true class, columns: predicted), in %."""
-    import numpy as np
 
     counts = np.asarray(confusion, dtype=float)
     share = 100 * counts / counts.sum(1, keepdims=True).clip(min=1)
@@ -65,7 +65,6 @@ def confusion_matrix(confusion: list[list[int]], classes: list[str], path: str |
 
 def ablation_bars(rows: list[dict], path: str | Path) -> Path:
     """Test error per model: ours (mean, with the spread over seeds) beside the paper's."""
-    import numpy as np
 
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows)), 3.6))

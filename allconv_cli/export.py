@@ -18,13 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 from safetensors.torch import save_file
 
 from allconv_cli import __version__
-from allconv_cli.checkpoint import WEIGHTS_NAME, atomic_write, load_model, resolve_weights
-from allconv_cli.models import resolve_name
-from allconv_cli.preprocess import from_meta
+from allconv_cli.data.preprocess import from_meta
+from allconv_cli.files.weights import WEIGHTS_NAME, load_model, resolve_weights
+from allconv_cli.models.registry import resolve_name
+from allconv_cli.util import atomic_write
 
 FORMATS = ("onnx", "pt2", "safetensors")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -347,7 +349,6 @@ def _write_timm_folder(model: torch.nn.Module, info: dict, preprocess_tensors: d
 
 
 def _timm_runner(folder: Path, dtype: str) -> tuple[Callable, str]:
-    import timm
 
     # timm builds an fp32 model and copies the stored (possibly fp16/bf16) weights into it
     model = timm.create_model(f"local-dir:{folder.resolve()}", pretrained=True).eval()

@@ -90,7 +90,7 @@ def baseline_side(options: argparse.Namespace) -> dict:
     from torchvision import transforms
 
     from allconv_cli import benchmark
-    from allconv_cli.config import TrainConfig
+    from allconv_cli.train.settings import TrainConfig
     from allconv_cli.device import resolve_device
     from allconv_cli.models import create_model
 

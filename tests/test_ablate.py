@@ -57,7 +57,7 @@ def test_rate_is_picked_on_validation_not_test(tmp_path, monkeypatch):
         return result
 
     monkeypatch.setattr(ablate, "_train_one", fake_train_one)
-    from allconv_cli.config import resolve
+    from allconv_cli.train.settings import resolve
 
     base = resolve("smoke", val_fraction=0.1)
     rows = ablate.ablate(base, ["all-cnn-c"], [0.1, 0.01], [0, 1, 2], tmp_path)
@@ -98,7 +98,7 @@ def test_selection_and_dry_run(monkeypatch):
 
 
 def test_other_settings_in_the_same_folder_are_refused(tmp_path):
-    from allconv_cli.config import resolve
+    from allconv_cli.train.settings import resolve
 
     (tmp_path / ablate.PLAN_NAME).write_text(json.dumps({"config": {}, "models": [], "grid": [], "seeds": []}))
     with pytest.raises(ValueError, match="other settings"):
@@ -135,7 +135,7 @@ def test_dry_run_counts_an_image_folder_without_decoding(tmp_path, monkeypatch):
 
 
 def test_known_sizes_are_the_bundled_samples():
-    from allconv_cli.datasets import load_split
+    from allconv_cli.data.datasets import load_split
 
     assert ablate.SPLIT_IMAGES["sample"] == tuple(len(load_split("sample", s)) for s in ("train", "test"))
 

@@ -21,14 +21,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from allconv_cli import checkpoint, config as configuration, datasets
 from allconv_cli.cli import app
+from allconv_cli.data import datasets
+from allconv_cli.files import weights as checkpoint
 from allconv_cli.models import AllConvNet, create_model
+from allconv_cli.train import settings as configuration
 
 runner = CliRunner()
 TINY = ["--train-limit", "8", "--test-limit", "4", "--batch-size", "4", "--epochs", "1", "--device", "cpu"]
@@ -297,7 +300,7 @@ def good_state() -> dict:
 
 def zca_checkpoint() -> tuple[dict, dict]:
     """A 1-channel 16x16 model with GCN + ZCA (D = 256): small preprocessing tensors."""
-    from allconv_cli.preprocess import fit_zca
+    from allconv_cli.data.preprocess import fit_zca
 
     zca_meta, tensors = fit_zca(torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(0))).to_meta()
     model = create_model("all-cnn-c", num_classes=3, in_chans=1)
@@ -466,8 +469,8 @@ def test_a_checkpoint_claiming_millions_of_classes_fails_without_allocating(tmp_
     """The issue's 5.5 MB files: the class conv alone would take 2.3 GB (3 M classes), 23 GB (30 M)."""
     paths = [write_checkpoint(tmp_path / f"{classes}.safetensors", good_meta(model_kwargs={"num_classes": classes}))
              for classes in (3_000_000, 30_000_000)]
-    script = ("import resource, sys\nfrom allconv_cli.checkpoint import load_model\n"
-              "import allconv_cli.config, allconv_cli.datasets, allconv_cli.models  # imports are not the point\n"
+    script = ("import resource, sys\nfrom allconv_cli.files.weights import load_model\n"
+              "import allconv_cli.train.settings, allconv_cli.data.datasets, allconv_cli.models  # imports are not the point\n"
               "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
               "for path in sys.argv[1:]:\n    try:\n        load_model(path)\n    except ValueError as err:\n"
               "        print(err)\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
@@ -508,7 +511,7 @@ def test_generated_metadata_loads_or_fails_in_one_line(changes):
         except ValueError as err:
             assert str(file) in str(err) and "\n" not in str(err), str(err)
             return
-    from allconv_cli.preprocess import from_meta
+    from allconv_cli.data.preprocess import from_meta
 
     channels, height, width = loaded["input_size"]  # accepted: it runs, one score per class
     x = from_meta(loaded["preprocess"], preprocess)(torch.rand(1, channels, height, width))

@@ -2,10 +2,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from allconv_cli.checkpoint import (atomic_write_text, average_weights, load_model, load_state, load_weights,
-                                    save_weights)
+from allconv_cli.data.preprocess import fit_zca
+from allconv_cli.files.weights import (
+    average_weights,
+    load_model,
+    load_state,
+    load_weights,
+    save_weights,
+)
 from allconv_cli.models import create_model
-from allconv_cli.preprocess import fit_zca
+from allconv_cli.util import atomic_write_text
 
 STANDARDIZE = {"kind": "standardize", "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 
@@ -98,7 +104,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         tmp.write_text("half")
         raise OSError(28, "No space left on device")
 
-    from allconv_cli.checkpoint import atomic_write
+    from allconv_cli.util import atomic_write
 
     with pytest.raises(OSError):
         atomic_write(target, fail)
@@ -120,7 +126,7 @@ def test_plain_state_dicts_with_bad_values_are_refused(change, needle):
 
 
 def test_header_check_reads_no_tensor(tmp_path, monkeypatch):
-    import allconv_cli.checkpoint as checkpoint
+    import allconv_cli.files.weights as checkpoint
 
     path = save_weights(tmp_path / "m.safetensors", create_model("model-a"), full_meta("model_a"))
     monkeypatch.setattr(checkpoint, "load_file", lambda *a, **k: pytest.fail("tensors were read"))

@@ -112,6 +112,6 @@ def test_models_piped_to_a_file_is_not_wrapped(tmp_path):
 @pytest.mark.parametrize("seconds, text", [(12.4, "12 s"), (200, "3 min 20 s"), (3725, "1 h 02 min"),
                                            (90_000, "1 d 1 h")])
 def test_durations(seconds, text):
-    from allconv_cli.cli import _duration
+    from allconv_cli.cli.common import duration as _duration
 
     assert _duration(seconds) == text

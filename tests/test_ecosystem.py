@@ -14,9 +14,9 @@ import timm
 import torch
 from typer.testing import CliRunner
 
-from allconv_cli.checkpoint import load_model, save_weights
 from allconv_cli.cli import app
-from allconv_cli.evaluation import evaluate_checkpoint
+from allconv_cli.evaluate import evaluate_checkpoint
+from allconv_cli.files.weights import load_model, save_weights
 from allconv_cli.models import BUNDLED_WEIGHTS, CIFAR10_CLASSES, create_model
 
 ALLCONV = str(Path(sys.executable).parent / "allconv")

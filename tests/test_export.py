@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 from allconv_cli import __version__
 from allconv_cli import export as export_lib
-from allconv_cli.checkpoint import load_model, save_weights
 from allconv_cli.cli import app
+from allconv_cli.data.preprocess import fit_zca
+from allconv_cli.files.weights import load_model, save_weights
 from allconv_cli.models import create_model
-from allconv_cli.preprocess import fit_zca
 
 runner = CliRunner()
 CLASSES = ["cat", "dog", "ship", "frog"]

@@ -1,9 +1,9 @@
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image
 
-from allconv_cli.images import open_image
+from allconv_cli.data.images import open_image
 
 
 def test_modes_are_converted(tmp_path):
@@ -52,8 +52,8 @@ def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
 def test_fit_image_scales_to_cover_then_center_crops():
     import torch
 
-    from allconv_cli import datasets
-    from allconv_cli.images import fit_image, fit_options
+    from allconv_cli.data import datasets
+    from allconv_cli.data.images import fit_image, fit_options
 
     rng = np.random.default_rng(1)
     img = Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8))
@@ -80,8 +80,8 @@ def test_fit_image_scales_to_cover_then_center_crops():
 def test_the_registered_configuration_sets_the_fitting(tmp_path):
     import torch
 
-    from allconv_cli.checkpoint import save_weights
-    from allconv_cli.loading import load_for_saliency
+    from allconv_cli.files.loading import load_for_saliency
+    from allconv_cli.files.weights import save_weights
     from allconv_cli.models import create_model
 
     meta = {"model": "all_cnn_imagenet", "model_kwargs": {"num_classes": 4}, "input_size": [3, 224, 224],
@@ -100,10 +100,11 @@ def test_training_and_evaluation_fit_images_by_the_models_configuration(tmp_path
     and evaluation give it the model's registered ones."""
     from PIL import Image as PILImage
 
-    from allconv_cli import datasets, train as trainer
-    from allconv_cli import config as configuration
-    from allconv_cli.images import fit_image, fit_options, open_image
+    from allconv_cli import train as trainer
+    from allconv_cli.data import datasets
+    from allconv_cli.data.images import fit_image, fit_options, open_image
     from allconv_cli.models import default_config
+    from allconv_cli.train import settings as configuration
 
     rng = np.random.default_rng(0)
     for split in ("train", "val"):

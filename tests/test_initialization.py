@@ -3,10 +3,20 @@
 import pytest
 import torch
 
-from allconv_cli import config as configuration, train as trainer
-from allconv_cli.initialization import (CLASS_BIAS, WHITEN_EPS, convs, dirac, initialize, patch_whitening,
-                                       unit_variance, whiten_first_conv)
+from allconv_cli import train as trainer
 from allconv_cli.models import create_model
+from allconv_cli.models.initialization import (
+    CLASS_BIAS,
+    WHITEN_EPS,
+    convs,
+    dirac,
+    initialize,
+    patch_whitening,
+    unit_variance,
+    whiten_first_conv,
+)
+from allconv_cli.train import run as train_run
+from allconv_cli.train import settings as configuration
 
 
 def output_variances(model, x):
@@ -76,7 +86,7 @@ def test_inits_are_deterministic_and_reach_the_run(tmp_path):
         """(conv1, conv2) weights of a run built from ``seed``."""
         config = configuration.resolve(None, train_limit=64, test_limit=32, batch_size=32, epochs=1,
                                        seed=seed, precision="fp32", **settings)
-        trainer._seed(config, 0)
+        train_run._seed(config, 0)
         features = trainer.build(config, torch.device("cpu")).model.features
         return torch.cat([features.conv1.conv.weight.flatten(), features.conv2.conv.weight.flatten()]).detach()
 
@@ -156,13 +166,13 @@ def test_whiten_first_conv_and_dirac_set_only_their_filters():
 def test_whiten_frozen_is_never_trained_and_dirac_reaches_the_run(tmp_path):
     config = configuration.resolve(None, train_limit=64, test_limit=32, batch_size=32, epochs=1, batch_norm=True,
                                    whiten="frozen", dirac=True, precision="fp32")
-    trainer._seed(config, 0)
+    train_run._seed(config, 0)
     setup = trainer.build(config, torch.device("cpu"))
-    start = trainer.first_conv(setup.model).weight.detach().clone()
+    start = train_run.first_conv(setup.model).weight.detach().clone()
     trainer.train(config, tmp_path / "run")
-    from allconv_cli.checkpoint import load_model
+    from allconv_cli.files.weights import load_model
 
     model = load_model(tmp_path / "run")[0]
-    assert torch.equal(trainer.first_conv(model).weight, start)  # same seed, same start, never moved
+    assert torch.equal(train_run.first_conv(model).weight, start)  # same seed, same start, never moved
     conv2 = model.features.conv2.conv.weight
     assert conv2[0, 0, 1, 1] != 0  # trained from the identity, still there

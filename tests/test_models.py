@@ -6,9 +6,19 @@ import timm
 import torch
 
 import allconv_cli
-from allconv_cli.checkpoint import load_weights
-from allconv_cli.models import (BUNDLED_MEAN, BUNDLED_STD, BUNDLED_WEIGHTS, LAYERS, VARIANTS, create_model,
-                                default_config, describe, list_models, resolve_name)
+from allconv_cli.files.weights import load_weights
+from allconv_cli.models import (
+    BUNDLED_MEAN,
+    BUNDLED_STD,
+    BUNDLED_WEIGHTS,
+    LAYERS,
+    VARIANTS,
+    create_model,
+    default_config,
+    describe,
+    list_models,
+    resolve_name,
+)
 
 # Exact weights + biases, worked out by hand from PAPER.md's layer lists.
 EXACT_PARAMS = {
@@ -199,9 +209,9 @@ def test_pretrained_with_other_classes_keeps_all_but_the_class_block():
 
 
 def test_default_config_builds_no_model(monkeypatch):
-    import allconv_cli.models as models
+    import allconv_cli.models.registry as registry
 
-    monkeypatch.setattr(models, "AllConvNet", None)  # building one would now fail
+    monkeypatch.setattr(registry, "AllConvNet", None)  # building one would now fail
     assert default_config("all-cnn-imagenet")["input_size"] == (3, 224, 224)
     assert default_config("all_cnn_c")["interpolation"] == "bilinear"
     assert default_config("all_cnn_c_bn")["mean"] == BUNDLED_MEAN

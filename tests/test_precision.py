@@ -6,8 +6,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from allconv_cli import benchmark, config as configuration, device as devices, train as trainer
+from allconv_cli import benchmark
+from allconv_cli import device as devices
+from allconv_cli import train as trainer
 from allconv_cli.cli import app
+from allconv_cli.train import settings as configuration
 
 runner = CliRunner()
 CPU = torch.device("cpu")
@@ -75,7 +78,7 @@ def test_both_paths_train_on_any_cpu_and_are_recorded(tmp_path, precision):
 
     summary = trainer.train(config, tmp_path / "run")
     assert summary["precision"] == precision
-    from allconv_cli import checkpoint
+    from allconv_cli.files import weights as checkpoint
 
     meta = checkpoint.load_weights(tmp_path / "run")[1]
     assert meta["precision"] == precision
@@ -94,7 +97,7 @@ def test_auto_is_resolved_once_and_recorded(tmp_path):
 def test_benchmark_times_the_trainers_own_step(monkeypatch):
     calls = []
     real = trainer.train_step
-    monkeypatch.setattr(trainer, "train_step", lambda *args: calls.append(args[3:5]) or real(*args))
+    monkeypatch.setattr("allconv_cli.benchmark.train_step", lambda *args: calls.append(args[3:5]) or real(*args))
     monkeypatch.setitem(benchmark.MATMUL_SIZE, "cpu", 256)
     result = benchmark.run(mode="train", batch_size=4, steps=2, warmup=1, device="cpu", precision="bf16")
     assert calls == [(0, 0), (0, 1), (0, 2)] and result["precision"] == "bf16"

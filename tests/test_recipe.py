@@ -7,11 +7,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from allconv_cli import config as configuration, datasets, train as trainer
-from allconv_cli.checkpoint import load_model
+from allconv_cli import train as trainer
 from allconv_cli.cli import app
-from allconv_cli.evaluation import predict
+from allconv_cli.data import datasets
+from allconv_cli.evaluate import predict
+from allconv_cli.files.weights import load_model
 from allconv_cli.models import create_model
+from allconv_cli.train import learner as train_learner
+from allconv_cli.train import optim as train_optim
+from allconv_cli.train import run as train_run
+from allconv_cli.train import settings as configuration
+from allconv_cli.train import step as train_step
 
 TINY = dict(train_limit=64, test_limit=32, batch_size=32, epochs=1, precision="fp32")
 
@@ -19,13 +25,13 @@ TINY = dict(train_limit=64, test_limit=32, batch_size=32, epochs=1, precision="f
 def test_alternating_flips_mirror_each_image_every_other_epoch():
     data = datasets.ImageData(torch.zeros(40, 3, 4, 4, dtype=torch.uint8), torch.zeros(40, dtype=torch.long), ["a", "b"])
     batches = datasets.Batches(data, 8, shuffle=True, drop_last=True, seed=3)
-    plan = trainer.flip_plan(len(data), seed=3)
-    assert torch.equal(plan, trainer.flip_plan(len(data), seed=3)) and 0 < plan.sum() < len(data)
+    plan = train_step.flip_plan(len(data), seed=3)
+    assert torch.equal(plan, train_step.flip_plan(len(data), seed=3)) and 0 < plan.sum() < len(data)
     for epoch in (0, 1, 2):
         seen = torch.zeros(len(data), dtype=torch.bool)
-        seen[batches.order(epoch)] = trainer.epoch_flips(plan, batches, epoch)
+        seen[batches.order(epoch)] = train_step.epoch_flips(plan, batches, epoch)
         assert torch.equal(seen, plan ^ bool(epoch % 2))  # epoch 1 mirrors exactly the others
-    assert trainer.epoch_flips(None, batches, 0) is None
+    assert train_step.epoch_flips(None, batches, 0) is None
 
 
 def test_given_flips_replace_the_coin():
@@ -40,8 +46,8 @@ def test_given_flips_replace_the_coin():
 def test_weight_decay_on_weights_only(decay_all, frozen_first):
     config = configuration.resolve(None, batch_norm=True, decay_all=decay_all, weight_decay=5e-4)
     model = create_model("all_cnn_c", batch_norm=True)
-    trainer.first_conv(model).requires_grad_(not frozen_first)  # --whiten frozen: a BatchNorm comes first
-    groups = trainer.make_optimizer(model, config).param_groups
+    train_run.first_conv(model).requires_grad_(not frozen_first)  # --whiten frozen: a BatchNorm comes first
+    groups = train_optim.make_optimizer(model, config).param_groups
     decayed = [p for g in groups if g["weight_decay"] > 0 for p in g["params"]]
     trained = [p for p in model.parameters() if p.requires_grad]
     assert sum(len(g["params"]) for g in groups) == len(trained)
@@ -61,7 +67,7 @@ def test_bias_lr_scale_speeds_up_the_biases_only(decay_all, batch_norm):
     config = configuration.resolve(None, batch_norm=batch_norm, decay_all=decay_all, weight_decay=5e-4,
                                    lr=0.1, bias_lr_scale=64, nesterov=True)
     model = create_model("all_cnn_c", batch_norm=batch_norm, num_classes=4)
-    optimizer = trainer.make_optimizer(model, config)
+    optimizer = train_optim.make_optimizer(model, config)
     biases = {id(p) for name, p in model.named_parameters() if name.endswith("bias")}
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
     assert optimizer.param_groups[0]["lr"] == 0.1 and optimizer.param_groups[0]["params"][0].ndim == 4
@@ -77,7 +83,7 @@ def test_bias_lr_scale_speeds_up_the_biases_only(decay_all, batch_norm):
         torch.manual_seed(0)  # the same start and the same dropout masks for both scales
         model = create_model("all_cnn_c", batch_norm=batch_norm, num_classes=4)
         before = {name: p.detach().clone() for name, p in model.named_parameters()}
-        optimizer = trainer.make_optimizer(model, configuration.resolve(
+        optimizer = train_optim.make_optimizer(model, configuration.resolve(
             None, batch_norm=batch_norm, lr=0.1, bias_lr_scale=scale, weight_decay=0.0, nesterov=True))
         model(x).logsumexp(1).mean().backward()
         optimizer.step()
@@ -92,7 +98,7 @@ def test_bias_lr_scale_speeds_up_the_biases_only(decay_all, batch_norm):
 def test_orthogonalize_sets_every_singular_value_near_one_in_the_same_directions(shape, dtype):
     torch.manual_seed(0)
     matrix = torch.randn(shape) * torch.logspace(0, -1, shape[1])  # singular values spread over 10x
-    result = trainer.orthogonalize(matrix, dtype)
+    result = train_optim.orthogonalize(matrix, dtype)
     assert result.shape == matrix.shape and result.dtype == matrix.dtype
     singular = torch.linalg.svdvals(result)
     assert singular.min() > 0.6 and singular.max() < 1.3
@@ -110,8 +116,8 @@ def test_muon_steps_conv_weights_by_orthogonalized_momentum_and_the_rest_by_sgd(
     model = create_model("all_cnn_c", batch_norm=True, num_classes=4)
     twin = create_model("all_cnn_c", batch_norm=True, num_classes=4)
     twin.load_state_dict(model.state_dict())
-    optimizer = trainer.make_optimizer(model, config)
-    sgd = trainer.make_optimizer(twin, configuration.resolve(None, **settings))  # the plain recipe
+    optimizer = train_optim.make_optimizer(model, config)
+    sgd = train_optim.make_optimizer(twin, configuration.resolve(None, **settings))  # the plain recipe
     weights = [p for p in model.parameters() if p.ndim > 1]
     first = optimizer.param_groups[0]
     assert first["params"] == weights and first["lr"] == 0.05 and first["weight_decay"] == 0
@@ -128,7 +134,7 @@ def test_muon_steps_conv_weights_by_orthogonalized_momentum_and_the_rest_by_sgd(
         for w, buffer, g in zip(expected, buffers, [g for p, g in zip(model.parameters(), grads) if p.ndim > 1]):
             buffer.mul_(0.6).add_(g)
             direction = g.add(buffer, alpha=0.6)  # Nesterov, as the step computes it: bf16 rounds alike
-            update = trainer.orthogonalize(direction.flatten(1), optimizer.dtype) * max(1, w.shape[0] / w[0].numel()) ** 0.5
+            update = train_optim.orthogonalize(direction.flatten(1), optimizer.dtype) * max(1, w.shape[0] / w[0].numel()) ** 0.5
             w.mul_(w.shape[0] ** 0.5 / w.norm()).add_(update.view_as(w), alpha=-0.05)
     assert all(torch.allclose(w, e, rtol=0, atol=1e-6) for w, e in zip(weights, expected))
     for a, b in zip(model.parameters(), twin.parameters()):
@@ -158,7 +164,7 @@ def test_bn_momentum_sets_how_fast_the_running_statistics_follow():
 
 def test_lookahead_pulls_every_fifth_step_and_at_the_last():
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
-    lookahead = trainer.Lookahead(model, decay=0.9, steps_per_epoch=4, total_steps=7)
+    lookahead = train_learner.Lookahead(model, decay=0.9, steps_per_epoch=4, total_steps=7)
     floats = {k for k, v in model.state_dict().items() if v.is_floating_point()}
     assert set(lookahead.state_dict()) == floats and "1.num_batches_tracked" not in floats
     for done in range(1, 8):  # the run's steps 1-7: epoch 0 holds steps 1-4, epoch 1 steps 5-7
@@ -255,7 +261,7 @@ def test_fast_recipe_preset_trains_without_dropout_and_reports_tta(tmp_path):
 def rates(config, steps_per_epoch: int) -> list[float]:
     """The learning rate each step of a run uses."""
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
-    scheduler = trainer.make_scheduler(optimizer, config, steps_per_epoch)
+    scheduler = train_optim.make_scheduler(optimizer, config, steps_per_epoch)
     seen = []
     for _ in range(config.epochs * steps_per_epoch):
         seen.append(optimizer.param_groups[0]["lr"])

@@ -17,9 +17,12 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from allconv_cli import checkpoint, config as configuration, train as trainer
+from allconv_cli import train as trainer
 from allconv_cli.cli import app
+from allconv_cli.files import weights as checkpoint
 from allconv_cli.train import RunFolder, TrainingDiverged, TrainingStopped, train
+from allconv_cli.train import settings as configuration
+from allconv_cli.train import step as train_step
 
 runner = CliRunner()
 ALLCONV = str(Path(sys.executable).parent / "allconv")
@@ -72,7 +75,7 @@ def straight(tmp_path_factory):
 
 @pytest.mark.parametrize("epoch, step", [(0, 3), (0, 5), (1, 1)], ids=["middle", "last-step", "first-step"])
 def test_a_stop_at_any_step_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch, straight, epoch, step):
-    monkeypatch.setattr(trainer, "CHECK_EVERY", 1)  # report (and so stop) after every step
+    monkeypatch.setattr("allconv_cli.train.loop.CHECK_EVERY", 1)  # report (and so stop) after every step
     config = tiny(**FIVE_STEPS)
     with pytest.raises(TrainingStopped):
         train(config, tmp_path / "split", progress=stop_at(epoch, step))
@@ -85,7 +88,7 @@ def test_a_stop_at_any_step_resumes_to_the_uninterrupted_weights(tmp_path, monke
 
 def test_a_stop_between_lookahead_syncs_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
     """The slow copy is part of the state: a stop at step 3 of 5 (before the first sync) resumes exactly."""
-    monkeypatch.setattr(trainer, "CHECK_EVERY", 1)
+    monkeypatch.setattr("allconv_cli.train.loop.CHECK_EVERY", 1)
     config = tiny(**FIVE_STEPS, lookahead_decay=0.95)
     train(config, tmp_path / "straight")
     with pytest.raises(TrainingStopped):
@@ -97,7 +100,7 @@ def test_a_stop_between_lookahead_syncs_resumes_to_the_uninterrupted_weights(tmp
 
 
 def test_a_stop_in_the_very_last_step_finishes_the_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer, "CHECK_EVERY", 1)
+    monkeypatch.setattr("allconv_cli.train.loop.CHECK_EVERY", 1)
     summary = train(tiny(), tmp_path / "run", progress=stop_at(1, 2))
     assert summary["finished"] and summary["epochs_done"] == 2
 
@@ -122,9 +125,9 @@ def test_syncs_with_the_host_are_rare(monkeypatch):
 
 def test_fit_takes_the_batches_it_is_given():
     """Synthetic batches, no data set: the loop needs only a Learner and Batches."""
-    from allconv_cli import datasets
+    from allconv_cli.data import datasets
+    from allconv_cli.data.preprocess import Standardize
     from allconv_cli.models import create_model
-    from allconv_cli.preprocess import Standardize
 
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (64, 3, 32, 32), generator=generator, dtype=torch.uint8)
@@ -196,7 +199,7 @@ def test_seeds_are_validated_and_step_seeds_never_overflow(tmp_path, seed, ok):
         assert result.exit_code == 0, result.output
     else:
         one_line_error(result, 2, "seed")
-    assert 0 <= trainer.step_seed(2**63 - 1, 7, 10**6, 10**9) < 2**63
+    assert 0 <= train_step.step_seed(2**63 - 1, 7, 10**6, 10**9) < 2**63
 
 
 def test_a_nan_in_the_first_epoch_says_no_checkpoint_was_written(tmp_path, monkeypatch):

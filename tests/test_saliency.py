@@ -13,14 +13,15 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from allconv_cli import loading, saliency
-from allconv_cli.images import load_images
-from allconv_cli.loading import load_for_saliency
+from allconv_cli.data.images import load_images
+from allconv_cli.data.preprocess import Standardize
+from allconv_cli.explain import saliency
+from allconv_cli.explain.saliency import PAPER_METHODS, saliency_maps
+from allconv_cli.explain.scan import ReceptiveField, receptive_field, top_patches
+from allconv_cli.explain.targets import Target, select_targets
+from allconv_cli.files import loading
+from allconv_cli.files.loading import load_for_saliency
 from allconv_cli.models import AllConvNet, create_model
-from allconv_cli.preprocess import Standardize
-from allconv_cli.saliency import PAPER_METHODS, saliency_maps
-from allconv_cli.scan import ReceptiveField, receptive_field, top_patches
-from allconv_cli.targets import Target, select_targets
 
 
 def tiny(pool=False):
@@ -377,7 +378,7 @@ def test_top_patches_match_brute_force():
 
 
 def test_top_patches_read_the_real_iter_batches():
-    from allconv_cli.datasets import iter_batches
+    from allconv_cli.data.datasets import iter_batches
 
     model = tiny().eval()
     pre = Standardize([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
@@ -540,7 +541,7 @@ def test_precision_fp32_by_default_and_bf16_on_request(tmp_path):
 
 
 def test_images_are_fitted_as_the_model_is_configured(tmp_path):
-    from allconv_cli.images import fit_image, open_image
+    from allconv_cli.data.images import fit_image, open_image
 
     pixels = np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "photo.png")

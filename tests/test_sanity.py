@@ -11,11 +11,18 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from allconv_cli import loading
-from allconv_cli.checkpoint import save_weights
 from allconv_cli.cli import app
+from allconv_cli.explain.sanity import (
+    randomized,
+    sanity_check,
+    similarity,
+    spearman,
+    ssim,
+    stages,
+)
+from allconv_cli.files import loading
+from allconv_cli.files.weights import save_weights
 from allconv_cli.models import create_model
-from allconv_cli.sanity import randomized, sanity_check, similarity, spearman, ssim, stages
 
 runner = CliRunner()
 CLASSES = ["cat", "dog", "ship"]
@@ -126,7 +133,7 @@ def test_sanity_check_stages_scores_and_an_untouched_model(workdir):
     assert result.stage_names == [f"conv{i}" for i in range(9, 0, -1)]
     assert result.maps["guided"].shape == (10, 2, 3, 16, 16) and result.maps["gradcam"].shape == (10, 2, 1, 16, 16)
     assert all(t.layer is None for t in result.targets)  # the trained model's predicted classes
-    from allconv_cli.saliency import explain
+    from allconv_cli.explain.saliency import explain
 
     trained = explain(loaded, images, None, ["guided"], target_class="predicted")
     assert [t.channel for t in trained.targets] == [t.channel for t in result.targets]

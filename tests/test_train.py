@@ -16,10 +16,12 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from allconv_cli import checkpoint, config as configuration, datasets
 from allconv_cli.cli import app
-from allconv_cli.evaluation import evaluate_checkpoint
+from allconv_cli.data import datasets
+from allconv_cli.evaluate import evaluate_checkpoint
+from allconv_cli.files import weights as checkpoint
 from allconv_cli.train import TrainingDiverged, build, train
+from allconv_cli.train import settings as configuration
 
 runner = CliRunner()
 ALLCONV = str(Path(sys.executable).parent / "allconv")
@@ -389,7 +391,7 @@ def test_presets_resolve_and_flags_override():
 
 
 def test_the_bundled_model_measures_the_error_its_metadata_states(cifar10_test_folder):
-    from allconv_cli.loading import BUNDLED_CHECKPOINT
+    from allconv_cli.files.loading import BUNDLED_CHECKPOINT
 
     meta = checkpoint.load_weights(BUNDLED_CHECKPOINT)[1]
     measured = evaluate_checkpoint(BUNDLED_CHECKPOINT, "imagefolder", str(cifar10_test_folder), precision="fp32")

@@ -11,9 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from allconv_cli import loading
-from allconv_cli.checkpoint import save_weights
 from allconv_cli.cli import app
+from allconv_cli.files import loading
+from allconv_cli.files.weights import save_weights
 from allconv_cli.models import create_model
 
 runner = CliRunner()
@@ -86,7 +86,7 @@ def test_class_gradcam_and_every_neuron_mode(workdir, tmp_path):
 
 def _fake_split(calls):
     """load_split's stand-in: 12 random 16x16 images, and a record of what was asked for."""
-    from allconv_cli.datasets import ImageData
+    from allconv_cli.data.datasets import ImageData
 
     def load_split(name, split, data_dir, input_size, fit):
         assert fit == ("bilinear", 1.0)  # the model's registered fitting
@@ -99,7 +99,7 @@ def _fake_split(calls):
 
 
 def test_the_dataset_scan(workdir, tmp_path, monkeypatch):
-    from allconv_cli import datasets
+    from allconv_cli.data import datasets
 
     calls = []
     monkeypatch.setattr(datasets, "load_split", _fake_split(calls))
@@ -122,11 +122,13 @@ def test_the_scan_progress_bar_on_a_terminal(workdir, tmp_path, monkeypatch):
 
     from rich.console import Console
 
-    from allconv_cli import cli, datasets, scan
+    from allconv_cli.cli import common as cli
+    from allconv_cli.data import datasets
+    from allconv_cli.explain import scan
 
     monkeypatch.setattr(datasets, "load_split", _fake_split([]))
     stream = io.StringIO()
-    monkeypatch.setattr(cli, "_console", lambda to_stderr: Console(file=stream, force_terminal=to_stderr))
+    monkeypatch.setattr(cli, "make_console", lambda to_stderr: Console(file=stream, force_terminal=to_stderr))
     seen = []
     real = scan.top_patches
 
@@ -169,7 +171,7 @@ def test_json_and_no_silent_overwrite(workdir, tmp_path):
 @pytest.mark.parametrize("columns", [1, 2, 5, 12])
 def test_the_caption_is_never_cut_off(columns):
     """Every text of the figure lies inside it, for narrow and wide grids and a long caption."""
-    from allconv_cli import grid
+    from allconv_cli.explain import figures as grid
 
     cell = np.zeros((32, 32, 3))
     caption = " · ".join(["all-cnn-c, weights /a/rather/long/path/to/a/run/folder/model.safetensors"] * 3
@@ -188,7 +190,7 @@ def test_the_caption_is_never_cut_off(columns):
 
 
 def test_precision_defaults_to_fp32(workdir, tmp_path, monkeypatch):
-    from allconv_cli import saliency
+    from allconv_cli.explain import saliency
 
     seen = []
     real = saliency.explain
@@ -232,7 +234,7 @@ def test_the_bundled_model_out_of_the_box(workdir, tmp_path):
 
 
 def test_normalizations():
-    from allconv_cli.grid import normalize
+    from allconv_cli.explain.figures import normalize
 
     m = torch.tensor([[[-2.0, 0.0, 1.0, 4.0]]])  # (1, 1, 4)
     signed = normalize(m, "signed")

@@ -30,10 +30,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from allconv_cli.device import autocast, resolve_precision
-from allconv_cli.loading import LoadedModel
-from allconv_cli.models import AllConvNet
-from allconv_cli.saliency import CLASS_METHODS, METHODS, PAPER_METHODS, check_methods, saliency_maps
-from allconv_cli.targets import Target, class_index, class_label, default_layer, get_layer, select_targets
+from allconv_cli.explain.saliency import (
+    CLASS_METHODS,
+    METHODS,
+    PAPER_METHODS,
+    check_methods,
+    saliency_maps,
+)
+from allconv_cli.explain.targets import (
+    Target,
+    class_index,
+    class_label,
+    default_layer,
+    get_layer,
+    select_targets,
+)
+from allconv_cli.files.loading import LoadedModel
+from allconv_cli.models.net import AllConvNet
 
 __all__ = ["METRICS", "MODES", "SanityResult", "randomized", "sanity_check", "similarity", "spearman", "ssim",
            "stages"]

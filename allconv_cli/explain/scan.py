@@ -11,12 +11,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
-from allconv_cli.checkpoint import atomic_write
-from allconv_cli.models import AllConvNet, ConvBlock
-from allconv_cli.saliency import CLASS_METHODS, check_methods, saliency_maps
-from allconv_cli.targets import Target, check_range, eval_mode, run_to
+from allconv_cli.explain.saliency import CLASS_METHODS, check_methods, saliency_maps
+from allconv_cli.explain.targets import Target, check_range, eval_mode, run_to
+from allconv_cli.models.net import AllConvNet, ConvBlock
+from allconv_cli.util import atomic_write
 
 __all__ = ["ReceptiveField", "TopPatches", "receptive_field", "top_patches"]
 
@@ -80,7 +81,6 @@ class TopPatches:
 
     def save(self, path: str | Path) -> Path:
         """Write every tensor as safetensors (atomically)."""
-        from safetensors.torch import save_file
 
         tensors = {"values": self.values, "indices": self.indices, "labels": self.labels,
                    "positions": self.positions, "patches": self.patches,

@@ -12,13 +12,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import timm
 import torch
+import torchvision
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from timm.data import resolve_data_config
 from torch import nn
+from torchvision.models import get_model_weights
 
-from allconv_cli import preprocess as preprocessing
-from allconv_cli.checkpoint import load_model, load_state, resolve_weights
-from allconv_cli.images import fit_options, load_images
-from allconv_cli.models import BUNDLED_WEIGHTS, LAYERS, create_model, did_you_mean, resolve_name
+from allconv_cli.data import preprocess as preprocessing
+from allconv_cli.data.images import fit_options, load_images
+from allconv_cli.files.weights import load_model, load_state, resolve_weights
+from allconv_cli.models.registry import (
+    BUNDLED_WEIGHTS,
+    LAYERS,
+    create_model,
+    resolve_name,
+)
+from allconv_cli.util import did_you_mean
 
 __all__ = ["BUNDLED_CHECKPOINT", "LoadedModel", "load_for_saliency"]
 
@@ -90,8 +102,6 @@ def load_for_saliency(
 
 
 def _load_foreign(name: str, checkpoint: str | Path, device) -> LoadedModel:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     path = resolve_weights(checkpoint)
     try:
@@ -103,13 +113,11 @@ def _load_foreign(name: str, checkpoint: str | Path, device) -> LoadedModel:
     else:
         model = _build_by_name(name)
     if hasattr(model, "pretrained_cfg"):  # timm nets, ours included
-        from timm.data import resolve_data_config
 
         config = resolve_data_config({}, model=model)
         mean, std, input_size = config["mean"], config["std"], tuple(config["input_size"])
         interpolation, crop_pct = fit_options(config)
     else:  # torchvision: the size, statistics and resizing its own pretrained weights expect
-        from torchvision.models import get_model_weights
 
         transform = get_model_weights(name).DEFAULT.transforms()
         mean, std = transform.mean, transform.std
@@ -125,8 +133,6 @@ def _load_foreign(name: str, checkpoint: str | Path, device) -> LoadedModel:
 
 def _build_by_name(name: str) -> nn.Module:
     """A timm net by name, else a torchvision one; both with random weights."""
-    import timm
-    import torchvision
 
     if timm.is_model(name):
         return timm.create_model(name)

@@ -14,9 +14,31 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from timm.models import get_pretrained_cfg_value
+
+from allconv_cli.data.datasets import (
+    AUGMENTATIONS,
+    DATASETS,
+    check_folder,
+    check_source,
+)
+from allconv_cli.data.preprocess import KINDS
+from allconv_cli.device import PRECISIONS
+from allconv_cli.evaluate import TTA
+from allconv_cli.files.weights import check_weights_file
+from allconv_cli.models.initialization import WEIGHT_INITS
+from allconv_cli.models.registry import list_models, resolve_name
+from allconv_cli.util import did_you_mean, show_value
+
 SCHEDULES = ("paper", "cosine", "onecycle", "constant")
+
+
 FLIPS = ("random", "alternate")
+
+
 WHITEN = ("off", "init", "frozen")
+
+
 OPTIMIZERS = ("sgd", "muon")
 
 
@@ -81,6 +103,11 @@ class TrainConfig:
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     preset: str | None = None
 
+    def model_kwargs(self, num_classes: int) -> dict:
+        """The model's options; a dropout left at None keeps the model's own (the paper's) rate."""
+        dropout = {k: getattr(self, k) for k in ("drop_input", "drop_rate") if getattr(self, k) is not None}
+        return {"num_classes": num_classes, "batch_norm": self.batch_norm, "class_relu": self.class_relu, **dropout}
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
@@ -93,7 +120,7 @@ def preset_dir():
     bundled = resources.files("allconv_cli") / "presets"
     if bundled.is_dir():
         return bundled
-    return Path(__file__).resolve().parents[1] / "presets"
+    return Path(__file__).resolve().parents[2] / "presets"
 
 
 def list_presets() -> list[str]:
@@ -102,7 +129,6 @@ def list_presets() -> list[str]:
 
 def preset_path(name_or_path: str) -> Path:
     """A preset's file: a bundled name (``paper-cifar10``) or a path to a .toml file."""
-    from allconv_cli.models import did_you_mean
 
     path = Path(name_or_path)
     if path.suffix == ".toml" or len(path.parts) > 1:  # a path, not a name: say what is wrong with it
@@ -132,7 +158,6 @@ def read_preset(name_or_path: str) -> dict:
 
 
 def check_keys(settings: dict, where: str):
-    from allconv_cli.models import did_you_mean
 
     for key in settings:
         if key not in FIELDS or key == "preset":
@@ -156,7 +181,6 @@ def resolve(preset: str | None = None, **overrides) -> TrainConfig:
     config = TrainConfig(**settings, preset=preset)
     validate(config, origin)
     if config.init is not None:  # a new run only: a resumed one restores its own weights, not these
-        from allconv_cli.checkpoint import check_weights_file
 
         check_weights_file(config.init)
     # Milestones act only in the paper schedule: given in a layer at or after the one that set
@@ -190,9 +214,17 @@ def from_json(text: str, where: str = "config.json") -> TrainConfig:
 
 
 OPTIONS = "the options"
+
+
 _TYPES = typing.get_type_hints(TrainConfig)
+
+
 _WHOLE, _NUMBER = "a whole number", "a finite number"
+
+
 _UNIT = (lambda v: 0 <= v < 1, "in [0, 1)")
+
+
 # The range of each numeric setting: (test, words after the type's own, e.g. "a whole number ...").
 RANGES: dict[str, tuple] = {
     "epochs": (lambda v: v >= 1, "of at least 1"),
@@ -229,11 +261,6 @@ RANGES: dict[str, tuple] = {
 
 def choices() -> dict[str, tuple[str, ...]]:
     """The settings that name one of a fixed set (the model's registry is checked on its own)."""
-    from allconv_cli.datasets import AUGMENTATIONS, DATASETS
-    from allconv_cli.device import PRECISIONS
-    from allconv_cli.evaluation import TTA
-    from allconv_cli.initialization import WEIGHT_INITS
-    from allconv_cli.preprocess import KINDS
 
     return {"dataset": DATASETS, "augment": AUGMENTATIONS, "preprocess": KINDS, "schedule": SCHEDULES,
             "precision": PRECISIONS, "weight_init": WEIGHT_INITS, "flips": FLIPS, "whiten": WHITEN, "tta": TTA,
@@ -278,7 +305,6 @@ def check_values(settings: dict, origin: dict[str, str]) -> dict:
 
     Raises one ValueError listing every problem, each naming where the value came from
     (``origin[key]``, "the defaults" when absent), the key, the value and what is allowed."""
-    from allconv_cli.models import did_you_mean, list_models, resolve_name
 
     values, problems = {}, []
     allowed_names = choices()
@@ -321,9 +347,7 @@ def validate(config: TrainConfig, origin: dict[str, str] | None = None):
         raise ValueError(f"{where('crop', 'crop_epochs', 'epochs')}: crop {config.crop} px for crop_epochs "
                          f"{config.crop_epochs}: give both, a crop side smaller than the input and at most "
                          f"epochs ({config.epochs}) epochs, or neither")
-    from timm.models import get_pretrained_cfg_value
 
-    from allconv_cli.models import resolve_name
 
     name = resolve_name(config.model)
     _, height, width = get_pretrained_cfg_value(name, "input_size")  # the registry's, as training uses
@@ -338,7 +362,6 @@ def validate(config: TrainConfig, origin: dict[str, str] | None = None):
         raise ValueError(f"{where('optimizer', 'batch_norm')}: optimizer muon needs batch_norm: it rescales every "
                          "conv's weights, which only a BatchNorm after the conv makes harmless; "
                          "turn batch_norm on or use optimizer sgd")
-    from allconv_cli.datasets import check_folder, check_source
 
     try:
         check_source(config.dataset, config.data_dir)
@@ -360,13 +383,3 @@ def _show(key: str, value, where: str) -> str:
 
 def _flag(key: str, where: str) -> str:
     return f"--{key.replace('_', '-')}" if where == OPTIONS else key
-
-
-def show_value(value, quote: bool = True, most: int = 60) -> str:
-    """A value as TOML / JSON would write it, on one line and at most ``most`` characters."""
-    try:
-        text = json.dumps(value) if quote or not isinstance(value, str) else value
-    except (TypeError, ValueError):  # a TOML date or time
-        text = str(value)
-    text = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
-    return text if len(text) <= most else text[: most - 3] + "..."

@@ -10,10 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from allconv_cli import checkpoint, datasets, preprocess as preprocessing
+from allconv_cli.data import datasets
+from allconv_cli.data import preprocess as preprocessing
+from allconv_cli.data.images import fit_options
 from allconv_cli.device import autocast, resolve_device, resolve_precision
-from allconv_cli.images import fit_options
-from allconv_cli.models import CIFAR10_CLASSES, PAPER, default_config, resolve_name
+from allconv_cli.files.weights import load_model
+from allconv_cli.models.registry import (
+    CIFAR10_CLASSES,
+    PAPER,
+    default_config,
+    resolve_name,
+)
 
 # Test-time augmentation: the views whose softmax is averaged. flip-shift adds the image and its
 # mirror moved by one pixel down-right and up-left (reflected borders), weighted half as much.
@@ -97,7 +104,7 @@ def evaluate_checkpoint(path: str | Path, dataset: str | None = None, data_dir: 
         raise ValueError(f"unknown --tta {tta!r}: use one of {', '.join(TTA)}")
     dev = resolve_device(device)
     arithmetic = resolve_precision(precision, dev)
-    model, meta, tensors = checkpoint.load_model(path, dev)
+    model, meta, tensors = load_model(path, dev)
     dataset = dataset or meta.get("dataset")
     if dataset is None:
         raise ValueError(f"{path} does not say which data set it was trained on: give --dataset")

@@ -11,8 +11,6 @@ preprocessing, with the shape of that input (B, C, H, W).
 
 Typical use::
 
-    from allconv_cli.loading import load_for_saliency
-    from allconv_cli.saliency import explain
 
     loaded = load_for_saliency()        # the bundled All-CNN-C trained on CIFAR-10
     result = explain(loaded, ["cat.jpg"], layer="conv6", methods=["guided"])
@@ -28,14 +26,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
-from allconv_cli.checkpoint import atomic_write
 from allconv_cli.device import autocast, resolve_precision
-from allconv_cli.loading import LoadedModel
-from allconv_cli.models import did_you_mean
-from allconv_cli.rules import ReLURules, check_graph
-from allconv_cli.targets import (
+from allconv_cli.explain.rules import ReLURules, check_graph
+from allconv_cli.explain.targets import (
     Target,
     class_index,
     class_label,
@@ -45,6 +41,8 @@ from allconv_cli.targets import (
     run_to,
     select_targets,
 )
+from allconv_cli.files.loading import LoadedModel
+from allconv_cli.util import atomic_write, did_you_mean
 
 __all__ = ["CLASS_METHODS", "METHODS", "PAPER_METHODS", "Explanation", "check_methods", "explain",
            "saliency_maps"]
@@ -156,7 +154,6 @@ class Explanation:
 
     def save(self, path: str | Path) -> Path:
         """Write the raw maps, images, inputs and targets as safetensors (atomically)."""
-        from safetensors.torch import save_file
 
         tensors = {"image": self.images, "input": self.inputs,
                    "targets": torch.tensor([[t.image, t.channel, -1 if t.y is None else t.y,

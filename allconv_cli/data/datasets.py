@@ -29,8 +29,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torchvision.datasets import utils as torchvision_utils
 
-from allconv_cli.images import open_image
+from allconv_cli.data.images import fit_image, open_image
+from allconv_cli.util import atomic_write, did_you_mean
 
 DATASETS = ("sample", "cifar10", "cifar100", "imagefolder")
 AUGMENTATIONS = ("none", "paper", "strong")
@@ -111,7 +115,6 @@ def load_split(name: str, split: str, data_dir: str | Path | None = None,
 def check_source(name: str, data_dir: str | Path | None):
     """Refuse a data set name that is not one, and a --data-dir that the data set would ignore."""
     if name not in DATASETS:
-        from allconv_cli.models import did_you_mean
 
         raise ValueError(f"unknown data set {name!r}{did_you_mean(name, DATASETS)}; use one of {', '.join(DATASETS)}")
     if name == "sample" and data_dir is not None:
@@ -150,7 +153,6 @@ def iter_batches(name: str, data_dir: str | Path | None, split: str,
 def _load_sample(split: str, input_size: tuple[int, int, int], fit: tuple[str, float]) -> ImageData:
     """The bundled split, decoded once per process (4,000 or 1,000 JPEGs: seconds on a CPU); callers take
     subsets and never change it in place."""
-    from safetensors import safe_open
 
     path = resources.files("allconv_cli") / "assets" / SAMPLE_FILE
     with resources.as_file(path) as file, safe_open(str(file), framework="pt") as f:
@@ -166,9 +168,7 @@ def _load_sample(split: str, input_size: tuple[int, int, int], fit: tuple[str, f
 def write_sample(source: Path, out: Path, per_class: dict[str, int]) -> Path:
     """Pack the first ``per_class[split]`` JPEGs of each class of an ImageFolder copy of CIFAR-10
     (``source/{train,test}/<class>/*.jpg``) into one safetensors file, bytes unchanged."""
-    from safetensors.torch import save_file
 
-    from allconv_cli.checkpoint import atomic_write
 
     tensors, classes = {}, None
     for split, count in per_class.items():
@@ -258,7 +258,6 @@ def _cifar_arrays(path: Path, label_key: str, num_classes: int) -> tuple[np.ndar
 
 def _download(name, url, md5, root: Path, base: Path):
     """Download and unpack into ``root``; a failure removes every file and folder it made."""
-    from torchvision.datasets.utils import download_and_extract_archive
 
     made = root
     while not made.parent.exists() and made.parent != made:  # the first folder the download creates
@@ -268,7 +267,7 @@ def _download(name, url, md5, root: Path, base: Path):
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(15)  # seconds: fail fast where there is no network
     try:
-        download_and_extract_archive(url, str(root), md5=md5, remove_finished=True)
+        torchvision_utils.download_and_extract_archive(url, str(root), md5=md5, remove_finished=True)
     except BaseException as err:
         _remove_new(root, before, made if not existed else None)
         if isinstance(err, urllib.error.URLError | OSError | RuntimeError):
@@ -397,7 +396,6 @@ def _fit(img: Image.Image, input_size, fit: tuple[str, float]) -> torch.Tensor:
     """PIL image -> uint8 (C, H, W) at ``input_size`` by the shared ``images.fit_image`` with the
     model's (interpolation, crop_pct); a CIFAR-sized image for a CIFAR net (crop_pct 1.0) is
     untouched."""
-    from allconv_cli.images import fit_image
 
     return fit_image(img, input_size, *fit)
 

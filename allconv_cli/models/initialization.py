@@ -31,6 +31,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from allconv_cli.models.net import init_conv
+
 WEIGHT_INITS = ("xavier-open", "xavier", "kaiming", "lsuv")
 CLASS_BIAS = 1.0  # xavier-open's class-conv bias: above the spread of the class scores at the start
 WHITEN_EPS = 5e-4  # added to the eigenvalues (input units squared): limits the gain on the faintest patterns
@@ -47,7 +49,6 @@ def initialize(model: nn.Module, scheme: str, images: torch.Tensor | None = None
     """Re-initialize every conv of ``model`` in place by ``scheme``, drawing from torch's global
     generator (the run's seed); ``lsuv`` needs ``images``, a float (B, C, H, W) batch as the model
     sees it (preprocessed). BatchNorm layers keep theirs."""
-    from allconv_cli.models import _init_conv
 
     if scheme not in WEIGHT_INITS:
         raise ValueError(f"unknown weight_init {scheme!r}: use one of {', '.join(WEIGHT_INITS)}")
@@ -55,7 +56,7 @@ def initialize(model: nn.Module, scheme: str, images: torch.Tensor | None = None
         raise ValueError("the lsuv initialization needs a batch of training images")
     for conv in convs(model):
         if scheme in ("xavier", "xavier-open"):
-            _init_conv(conv)
+            init_conv(conv)
             continue
         if scheme == "kaiming":
             nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")

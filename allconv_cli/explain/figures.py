@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from allconv_cli.saliency import CLASS_METHODS
-from allconv_cli.targets import class_label
+from allconv_cli.explain.saliency import CLASS_METHODS
+from allconv_cli.explain.targets import class_label
 
 __all__ = ["NORMS", "UPSCALES", "check_display", "normalize", "patches_figure", "grid_figure", "render", "saliency_figure",
            "sanity_chart", "sanity_figure"]
@@ -120,7 +121,6 @@ def grid_figure(
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from PIL import Image
 
     measure = _Measure()
     height, width = rows[0][0].shape[:2]

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from allconv_cli.models import AllConvNet, did_you_mean
+from allconv_cli.models.net import AllConvNet
+from allconv_cli.util import did_you_mean
 
 __all__ = ["Target", "check_range", "class_index", "class_label", "default_layer", "eval_mode",
            "get_layer", "run_to", "select_targets"]

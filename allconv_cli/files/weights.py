@@ -1,4 +1,4 @@
-"""Safe files: atomic writes, and safetensors weights that carry what rebuilds the model.
+"""Safetensors weights that carry what rebuilds the model.
 
 A weights file holds the model's state dict under its own keys, the preprocessing tensors
 under ``preprocess.*`` (e.g. a ZCA matrix), and one metadata entry ``allconv``: a JSON object
@@ -11,69 +11,26 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from allconv_cli import __version__
+from allconv_cli.data.datasets import AUGMENTATIONS, DATASETS
+from allconv_cli.data.preprocess import KINDS
+from allconv_cli.models.registry import create_model, list_models
+from allconv_cli.util import atomic_write, show_value
 
 WEIGHTS_NAME = "model.safetensors"
+
+
 PREPROCESS_PREFIX = "preprocess."
+
+
 FORMAT_VERSION = 1
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary name in ``path``'s folder, then rename it to ``path``.
-
-    A crash or a full disk at any instant leaves the old ``path`` (if any) untouched. Any
-    failure to write (OSError, or the RuntimeError / SafetensorError that torch's and
-    safetensors' writers raise on a full disk) becomes one OSError naming ``path``, not the
-    temporary file.
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        tmp = Path(name)
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError, SafetensorError) as err:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        raise OSError(getattr(err, "errno", None), f"cannot write {path}: {_reason(err)}") from None
-    except BaseException:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _reason(err: Exception) -> str:
-    """The cause of a failed write in a few words, with the likely fix."""
-    if isinstance(err, (FileExistsError, NotADirectoryError)):
-        return "a file is in the way of its folder; choose another path"
-    if isinstance(err, OSError) and err.strerror:
-        hint = {28: "free some space or write elsewhere", 13: "choose a folder you can write",
-                30: "choose a folder you can write"}.get(err.errno, "")
-        return err.strerror + (f" ({hint})" if hint else "")
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return f"{first} (is the disk full, or the folder not writable?)"
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def resolve_weights(path: str | Path) -> Path:
@@ -144,7 +101,6 @@ def check_weights_file(path: str | Path) -> dict:
 
 def _read_header(path: Path) -> dict:
     """The checked metadata of ``path``, from its header alone."""
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -201,7 +157,6 @@ def average_weights(paths: list[str | Path]) -> dict[str, torch.Tensor]:
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """Rebuild the model a weights file describes -> (model in eval mode, meta, preprocess);
     the file is checked whole (``load_weights``) before the model takes any memory."""
-    from allconv_cli.models import create_model
 
     state, meta, preprocess = load_weights(path)
     model = create_model(meta["model"], **meta.get("model_kwargs", {}))
@@ -228,8 +183,6 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], mismatch:
         raise ValueError(f"{mismatch}: {first}") from None
 
 
-# --- the metadata entry ``allconv``: its schema and its one reader ----------------------------
-
 def _whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -246,6 +199,7 @@ def _unit(value) -> bool:
 # 64 MiB of float32 per image.
 MAX_INPUT_VALUES = 2**24
 
+
 # AllConvNet's options as a checkpoint may set them (a test keeps this in step with its signature).
 MODEL_KWARGS: dict[str, tuple[Callable, str]] = {
     "num_classes": (lambda v: _whole(v) and 1 <= v < 2**31, "a whole number in [1, 2^31)"),
@@ -260,9 +214,6 @@ MODEL_KWARGS: dict[str, tuple[Callable, str]] = {
 def _meta_schema() -> dict[str, tuple[bool, Callable, str]]:
     """key -> (required, test, what is allowed). Keys not listed (trained_on, recipe, init_from,
     ...) only describe the file and are kept as they are."""
-    from allconv_cli.datasets import AUGMENTATIONS, DATASETS
-    from allconv_cli.models import list_models
-    from allconv_cli.preprocess import KINDS
 
     models = set(list_models()) | {name.replace("-", "_") for name in list_models()}
     return {
@@ -291,7 +242,6 @@ def _meta_schema() -> dict[str, tuple[bool, Callable, str]]:
 def read_meta(text: str, path: str | Path) -> dict:
     """The ``allconv`` metadata entry of ``path`` -> its dict, checked against the schema: one
     ValueError naming the file, the key, the value and what is allowed."""
-    from allconv_cli.config import show_value
 
     try:
         meta = json.loads(text)
@@ -342,7 +292,6 @@ def _json_kind(value) -> str:
 def _check_shapes(path: Path, meta: dict, shapes: dict[str, tuple]) -> torch.nn.Module:
     """Build the model ``meta`` describes on the meta device (no memory) and compare it with the
     file's tensor names and shapes -> that meta-device model."""
-    from allconv_cli.models import create_model
 
     kwargs = meta.get("model_kwargs", {})
     with torch.device("meta"):

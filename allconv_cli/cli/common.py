@@ -1,0 +1,120 @@
+"""What every command shares: one-line errors with exit codes, rich consoles that never wrap a
+value in a file or pipe, progress bars on stderr, and small parsers of option values."""
+
+from __future__ import annotations
+
+import contextlib
+
+import typer
+
+EXIT_USAGE = 2  # bad names, options or input files
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn the library's ValueError / OSError into one line and exit code 2, no traceback."""
+    try:
+        yield
+    except (ValueError, OSError) as err:
+        message = str(err) or type(err).__name__
+        if isinstance(err, OSError) and err.strerror:  # "[Errno 17] ..." tells a user nothing; the path does
+            message = err.strerror + (f": {err.filename}" if err.filename else "")
+        message = " ".join(line.strip() for line in message.splitlines() if line.strip())  # always one line
+        typer.echo(f"Error: {message}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+EXIT_FAILED = 1  # a run that diverged
+
+
+EXIT_SIGNAL = {2: 130, 15: 143}  # SIGINT, SIGTERM: the shell's 128 + signal number
+
+
+UNWRAPPED_WIDTH = 10_000  # columns when not a terminal: wide enough that no line is wrapped
+
+
+def make_console(to_stderr: bool = False):
+    """A rich console on stdout (or stderr): the terminal's width on a terminal; in a file or a
+    pipe, where rich would wrap at 80 columns, never wrapped, so no value or path is cut in two."""
+    from rich.console import Console
+
+    console = Console(stderr=to_stderr)
+    if not console.is_terminal:
+        console = Console(stderr=to_stderr, width=UNWRAPPED_WIDTH, soft_wrap=True)
+    return console
+
+
+def progress_bar(description: str, quiet: bool):
+    """A transient progress bar on stderr -> (callback(done, total), stop); no bar (callback None)
+    with --quiet or when stderr is not a terminal, so logs and pipes get none."""
+    console = make_console(True)
+    if quiet or not console.is_terminal:
+        return None, lambda: None
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=console, transient=True)
+    task = bar.add_task(description, total=None)
+    bar.start()
+    return lambda done, total: bar.update(task, completed=done, total=total), bar.stop
+
+
+def duration(seconds: float) -> str:
+    """3725 -> '1 h 02 min'; 200 -> '3 min 20 s'; 12.4 -> '12 s'."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def parse_numbers(text: str, option: str, kind, paper=None):
+    """'1,2,3' -> [1, 2, 3] of ``kind``; 'paper' -> ``paper`` where the option has such a list."""
+    if paper is not None and text.strip().lower() == "paper":
+        return list(paper)
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated numbers, got {text!r}") from None
+
+
+PRECISION_HELP = ("Autocast of the forward and backward passes: fp32, bf16, fp16 (CUDA only) or auto (bf16 where "
+                  "the device computes it natively). A map is the gradient of one neuron, and bf16's 8-bit "
+                  "mantissa changes it, so keep fp32 unless speed matters more than the exact map.")
+
+
+def refuse_existing(paths, force: bool):
+    """An output that exists is replaced only with --force: one line naming it otherwise."""
+    for path in paths:
+        if path is not None and path.exists() and not force:
+            raise FileExistsError(f"{path} already exists: pass --force to overwrite it, or choose another --out")
+
+
+def scan_progress(total: int):
+    """A rich progress bar on stderr for a data-set scan -> (callback(images scanned), stop);
+    none when stderr is not a terminal."""
+    console = make_console(True)
+    if not console.is_terminal:
+        return None, lambda: None
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=console, transient=True)
+    task = bar.add_task("scan", total=total)
+    bar.start()
+    return lambda seen: bar.update(task, completed=seen), bar.stop

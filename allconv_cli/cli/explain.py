@@ -1,0 +1,203 @@
+"""allconv visualize and allconv sanity: saliency grids, and whether the maps depend on the model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from allconv_cli.cli.common import (
+    PRECISION_HELP,
+    make_console,
+    refuse_existing,
+    scan_progress,
+    user_errors,
+)
+
+
+def visualize(
+    images: Annotated[Optional[list[Path]], typer.Argument(show_default=False, help="Image files, any format PIL reads; each is scaled to cover the model's input size, then center-cropped, with the interpolation and crop_pct of the model's registered configuration (bilinear and 1.0 for allconv's nets).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", show_default=False, help="Run folder or .safetensors weights. Default: the bundled All-CNN-C trained on CIFAR-10.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", show_default=False, help="A timm or torchvision net (e.g. resnet18) whose plain safetensors state dict is --checkpoint; preprocessed with its own mean, std, input size and resizing.")] = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", "-l", show_default=False, help="Layer of the neuron (conv1..convN for allconv nets); with --class, the layer Grad-CAM weighs. Default: the last conv layer.")] = None,
+    methods: Annotated[Optional[str], typer.Option("--methods", show_default=False, help="Comma-separated: backprop, deconvnet, guided, gradcam, guided-gradcam. Default: the paper's backprop,deconvnet,guided; with --dataset, guided.")] = None,
+    channel: Annotated[Optional[list[int]], typer.Option("--channel", show_default=False, help="A channel of --layer at its spatial maximum; repeat for more rows. With --dataset: the filters to scan (default: the first 8).")] = None,
+    neuron: Annotated[Optional[tuple[int, int, int]], typer.Option("--neuron", show_default=False, help="One exact neuron: CHANNEL Y X.")] = None,
+    top_channels: Annotated[Optional[int], typer.Option("--top-channels", show_default=False, help="The K most active channels of --layer per image, one row each.")] = None,
+    target_class: Annotated[Optional[str], typer.Option("--class", show_default=False, help="Start at a class logit instead: a name, an index, or 'predicted'. Needed by gradcam and guided-gradcam.")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", show_default=False, help="Instead of images: scan this data set (sample, cifar10, cifar100, imagefolder) for each filter's top patches, the paper's Fig. 3.")] = None,
+    data_dir: Annotated[Optional[str], typer.Option("--data-dir", show_default=False, help="Folder of the --dataset.")] = None,
+    split: Annotated[str, typer.Option("--split", help="Split of the --dataset to scan.")] = "test",
+    top: Annotated[int, typer.Option("--top", help="Patches per filter with --dataset.")] = 10,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The grid PNG.")] = Path("grid.png"),
+    raw: Annotated[Optional[Path], typer.Option("--raw", show_default=False, help="Also save the raw maps, the preprocessed input and the targets here (.safetensors).")] = None,
+    force: Annotated[bool, typer.Option("--force", metavar="", help="Overwrite an existing --out or --raw file (otherwise refused).")] = False,
+    norm: Annotated[str, typer.Option("--norm", help="Map display: signed (around grey), abs (absolute value) or percentile (clipped at --percentile, then signed).")] = "signed",
+    percentile: Annotated[float, typer.Option("--percentile", help="Clipping percentile of |map| for --norm percentile.")] = 99.5,
+    upscale: Annotated[str, typer.Option("--upscale", help="Upscaling of small cells for viewing: nearest or bicubic.")] = "nearest",
+    precision: Annotated[str, typer.Option("--precision", help=PRECISION_HELP)] = "fp32",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the targets, their activations and the written paths as JSON.")] = False,
+):
+    """Show what a neuron responds to, by the paper's backward rules at every ReLU (backprop,
+    deconvnet, guided backprop) and Grad-CAM: one row per image or neuron, one column per
+    method, written as a PNG grid. By default the neuron of the last conv layer with the
+    largest activation on each image (the paper's Fig. 4); with --dataset, each filter's top
+    patches beside their reconstructions (Fig. 3).
+
+    Examples: [bold]allconv visualize image.jpg --layer conv6[/bold] ·
+    [bold]allconv visualize cat.png --class cat --methods guided,gradcam,guided-gradcam[/bold] ·
+    [bold]allconv visualize --dataset cifar10 --layer conv6 --top 10[/bold] ·
+    [bold]allconv visualize dog.jpg --model resnet18 --checkpoint resnet18.safetensors --layer layer4[/bold]
+    """
+    with user_errors():
+        if bool(images) == (dataset is not None):
+            raise ValueError("give IMAGE files or --dataset NAME (one of the two)")
+        for path, suffix, option in ((out, ".png", "--out"), (raw, ".safetensors", "--raw")):
+            if path is not None and path.suffix.lower() != suffix:
+                raise ValueError(f"{option} {path} must end in {suffix}")
+        if dataset is not None and (neuron or top_channels or target_class):
+            raise ValueError("with --dataset, choose the filters with --channel (not --neuron, "
+                             "--top-channels or --class)")
+        refuse_existing((out, raw), force)
+        from allconv_cli.device import resolve_device, resolve_precision
+        from allconv_cli.explain import figures as grid
+        from allconv_cli.explain import saliency
+        from allconv_cli.explain.targets import class_label, default_layer
+        from allconv_cli.files.loading import load_for_saliency
+        from allconv_cli.util import atomic_write
+
+        grid.check_display(norm, percentile, upscale)
+        method_list = methods.split(",") if methods else None
+        dev = resolve_device(device)
+        precision = resolve_precision(precision, dev)
+        loaded = load_for_saliency(checkpoint, model, dev)
+        if dataset is None:
+            result = saliency.explain(loaded, images, layer, method_list or saliency.PAPER_METHODS,
+                                      neuron=neuron, channels=channel or None, top_channels=top_channels,
+                                      target_class=target_class, precision=precision)
+            png = grid.saliency_figure(result, norm, percentile, upscale)
+            rows = [{"path": result.paths[t.image], "image": t.image, "layer": t.layer, "channel": t.channel,
+                     "y": t.y, "x": t.x, "value": t.value,
+                     "class": class_label(loaded.classes, t.channel) if t.layer is None else None}
+                    for t in result.targets]
+            lines = [f"{Path(r['path']).name}: " + (f"{r['class']}, logit {r['value']:.4g}" if r["layer"] is None
+                     else f"{r['layer']} channel {r['channel']} at ({r['y']}, {r['x']}), activation {r['value']:.4g}")
+                     for r in rows]
+        else:
+            from allconv_cli.data.datasets import Batches, load_split
+            from allconv_cli.explain import scan
+
+            layer = layer or default_layer(loaded.model)
+            data = load_split(dataset, split, data_dir, loaded.input_size, fit=(loaded.interpolation, loaded.crop_pct))
+            progress, stop = scan_progress(len(data))
+            try:
+                result = scan.top_patches(loaded.model, loaded.preprocess,
+                                          Batches(data, 256, shuffle=False, device=dev).epoch(0), layer,
+                                          channel or None, top, method_list or ["guided"], progress)
+            finally:
+                stop()
+            png = grid.patches_figure(result, loaded, f"{dataset} {split}", norm, percentile, upscale)
+            rows = [{"layer": layer, "channel": c, "value": v, "scanned": result.scanned}
+                    for c, v in zip(result.channels, result.values[:, 0].tolist())]
+            lines = [f"{layer} filter {r['channel']}: top activation {r['value']:.4g}" for r in rows]
+        if raw is not None:
+            result.save(raw)
+        atomic_write(out, lambda tmp: tmp.write_bytes(png))
+    if as_json:
+        typer.echo(json.dumps({"model": loaded.name, "weights": loaded.source, "precision": precision,
+                               "targets" if dataset is None else "filters": rows, "out": str(out),
+                               "raw": None if raw is None else str(raw)}, indent=2))
+        return
+    for line in lines:
+        typer.echo(line)
+    typer.echo(f"wrote {out}" + (f" and {raw}" if raw is not None else ""))
+def sanity(
+    images: Annotated[list[Path], typer.Argument(show_default=False, help="Image files, fitted to the model's input as visualize fits them.")],
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", show_default=False, help="Run folder or allconv .safetensors weights. Default: the bundled All-CNN-C trained on CIFAR-10.")] = None,
+    against: Annotated[Optional[Path], typer.Option("--against", show_default=False, help="Instead of randomizing layers: compare with the maps of this run folder or checkpoint, e.g. a model trained with 'allconv train --shuffle-labels' (the data-randomization test).")] = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", "-l", show_default=False, help="Without --class: explain the trained model's most active neuron of this layer (paper's methods only) and randomize from it down. With --class: the layer Grad-CAM weighs. Default: the class, predicted by the trained model, and the last conv layer.")] = None,
+    methods: Annotated[Optional[str], typer.Option("--methods", show_default=False, help="Comma-separated: backprop, deconvnet, guided, gradcam, guided-gradcam. Default: all five for a class, the paper's three for a neuron.")] = None,
+    target_class: Annotated[Optional[str], typer.Option("--class", show_default=False, help="The class logit to explain: a name, an index or 'predicted' (the trained model's prediction, the default without --layer).")] = None,
+    mode: Annotated[str, typer.Option("--mode", help="cascade (re-initialize from the top layer down, one more layer per stage) or independent (one layer at a time).")] = "cascade",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the re-initialization (the model's own initializer).")] = 0,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for one grid PNG per method and the similarity chart.")] = Path("sanity"),
+    force: Annotated[bool, typer.Option("--force", metavar="", help="Overwrite PNGs that --out already holds (otherwise refused).")] = False,
+    norm: Annotated[str, typer.Option("--norm", help="Map display in the grids: abs (what SSIM compares), signed or percentile.")] = "abs",
+    precision: Annotated[str, typer.Option("--precision", help=PRECISION_HELP)] = "fp32",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the similarity table, per-image scores, targets and written paths as JSON.")] = False,
+):
+    """Sanity checks for saliency maps (Adebayo et al., 2018): re-initialize the model's weights
+    layer by layer with its own initializer and see how much each method's map changes. Similarity
+    to the trained model's map, per stage: Spearman rank correlation of |map| and of the signed
+    map, and SSIM. A map that barely changes when the weights are random does not explain the
+    model. Writes a grid per method (rows: images; columns: trained, then each stage) and a chart.
+
+    Examples: [bold]allconv sanity docs/chelsea.png docs/coffee.jpg[/bold] ·
+    [bold]allconv sanity cat.png --mode independent --methods guided,backprop[/bold] ·
+    [bold]allconv sanity cat.png --against runs/shuffled-labels[/bold]
+    """
+    with user_errors():
+        from allconv_cli.explain.saliency import METHODS, PAPER_METHODS, check_methods
+
+        if against is not None and mode != "cascade":
+            raise ValueError("--against compares two models; it takes no --mode")
+        by_class = target_class is not None or layer is None
+        method_list = check_methods(methods.split(",")) if methods else (METHODS if by_class else PAPER_METHODS)
+        pngs = [out / f"{m}.png" for m in method_list] + [out / "similarity.png"]
+        refuse_existing(pngs, force)
+        from allconv_cli.device import resolve_device
+        from allconv_cli.explain import figures as grid
+        from allconv_cli.explain.sanity import sanity_check
+        from allconv_cli.files.loading import load_for_saliency
+        from allconv_cli.util import atomic_write
+
+        grid.check_display(norm, 99.5, "nearest")
+        dev = resolve_device(device)
+        loaded = load_for_saliency(checkpoint, None, dev)
+        other = load_for_saliency(against, None, dev) if against is not None else None
+        result = sanity_check(loaded, images, layer, method_list, mode=mode, target_class=target_class,
+                              against=other, seed=seed, precision=precision)
+        for method, png in zip(method_list, pngs):
+            figure = grid.sanity_figure(result, method, loaded, norm)
+            atomic_write(png, lambda tmp, figure=figure: tmp.write_bytes(figure))
+        what = f"against {against}" if against is not None else f"{mode} randomization, seed {seed}"
+        chart = grid.sanity_chart(result, f"{loaded.name} ({loaded.source}), {what}: mean over "
+                                          f"{len(result.targets)} images, {result.selection}")
+        atomic_write(pngs[-1], lambda tmp: tmp.write_bytes(chart))
+    rows = result.table()
+    if as_json:
+        typer.echo(json.dumps({
+            "model": loaded.name, "weights": loaded.source, "against": None if other is None else other.source,
+            "mode": result.mode, "seed": seed, "precision": result.precision, "layer": result.layer,
+            "selection": result.selection,
+            "targets": [{"path": result.paths[t.image], "layer": t.layer, "channel": t.channel, "y": t.y, "x": t.x,
+                         "value": t.value} for t in result.targets],
+            "stages": [{"name": n, "randomized": r} for n, r in zip(result.stage_names, result.randomized_layers)],
+            "table": rows,
+            "per_image": {m: {k: [[None if v != v else v for v in stage] for stage in values.tolist()]
+                              for k, values in metrics.items()} for m, metrics in result.scores.items()},
+            "pngs": [str(p) for p in pngs]}, indent=2))
+        return
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=f"similarity to the trained model's map, mean over {len(result.targets)} images "
+                  f"({what}; {result.selection})", box=box.SIMPLE_HEAD)
+    for column in ("method", "stage", "Spearman |map|", "Spearman signed", "SSIM"):
+        table.add_column(column, justify="left" if column in ("method", "stage") else "right")
+    count = len(result.targets)
+    for row in rows:
+        table.add_row(row["method"], row["stage"], *(
+            "n/a" if row[k] is None else f"{row[k]:.3f}" + ("" if row[f"{k}_images"] == count else
+                                                           f" ({row[f'{k}_images']}/{count})")
+            for k in ("spearman_abs", "spearman_signed", "ssim")))
+    console = make_console(False)
+    console.print(table)
+    if any(row[f"{k}_images"] < count for row in rows for k in ("spearman_abs", "spearman_signed")):
+        console.print("(k/n): the mean of the k images whose map is not constant; a constant map, e.g. all "
+                      "zero because every ReLU above it is closed, has no rank correlation.")
+    console.print(f"wrote {', '.join(str(p) for p in pngs)}")

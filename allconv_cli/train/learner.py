@@ -1,0 +1,116 @@
+"""What a run trains (``Setup``: model, preprocessing, batches) and what one step touches
+(``Learner``: optimizer, schedule, EMA, lookahead, loss, wrappers)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from allconv_cli.data import datasets
+from allconv_cli.train.optim import make_optimizer, make_scheduler
+from allconv_cli.train.settings import TrainConfig
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a run trains on, built from its config: model, preprocessing and batches."""
+
+    model: nn.Module
+    preprocess: nn.Module
+    classes: list[str]
+    input_size: tuple[int, int, int]
+    train: datasets.Batches
+    evaluate: datasets.Batches
+    test: datasets.Batches | None  # only when evaluate is a validation split
+
+
+@dataclasses.dataclass
+class Learner:
+    """Everything one training step touches. ``model`` holds the fp32 weights; ``step_model``
+    runs the step (the model, or its DDP / compiled wrapper)."""
+
+    model: nn.Module
+    step_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: nn.Module | None  # timm's ModelEmaV3: evaluated and saved instead of the raw weights
+    lookahead: "Lookahead | None"  # airbench's lookahead; its slow copy is saved in state.pt
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    criterion: nn.Module
+    mixup: Callable | None  # timm's Mixup for augment = "strong"
+    preprocess: nn.Module
+    config: TrainConfig  # precision resolved
+    rank: int = 0
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+
+def make_learner(config: TrainConfig, model: nn.Module, preprocess: nn.Module, num_classes: int,
+                 steps_per_epoch: int, rank: int = 0, world: int = 1) -> Learner:
+    """The optimizer, schedule, EMA, loss and wrappers of a run around ``model`` (on its device)."""
+    device = next(model.parameters()).device
+    optimizer = make_optimizer(model, config)
+    ema = None
+    if config.ema_decay > 0:
+
+        ema = ModelEmaV3(model, decay=config.ema_decay)
+    lookahead = (Lookahead(model, config.lookahead_decay, steps_per_epoch, config.epochs * steps_per_epoch)
+                 if config.lookahead_decay > 0 else None)
+    step_model = model
+    if world > 1:
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        step_model = torch.compile(step_model)
+    scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+    mixup, criterion = _loss(config, num_classes)
+    return Learner(model, step_model, optimizer, make_scheduler(optimizer, config, steps_per_epoch), ema, lookahead, scaler,
+                   criterion, mixup, preprocess, config, rank)
+
+
+class Lookahead:
+    """airbench's lookahead (from hlb-cifar10): a slow copy of the model's floating-point state
+    (weights, BatchNorm statistics). Every ``EVERY`` steps, and at the run's last, the copy moves
+    toward the trained state by 1 - rho and training goes on from the copy. rho = decay^EVERY x
+    progress^3 rises from 0: early steps run free, the last ones are averaged."""
+
+    EVERY = 5
+
+    def __init__(self, model: nn.Module, decay: float, steps_per_epoch: int, total_steps: int):
+        self.decay, self.steps_per_epoch, self.total_steps = decay, steps_per_epoch, total_steps
+        self.slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, epoch: int, step: int):
+        done = epoch * self.steps_per_epoch + step + 1  # steps taken in the run
+        if done % self.EVERY and done != self.total_steps:
+            return
+        rho = self.decay ** self.EVERY * (done / self.total_steps) ** 3
+        trained = model.state_dict()  # shares storage with the model: copying into it moves the model
+        for name, slow in self.slow.items():
+            slow.lerp_(trained[name], 1 - rho)
+            trained[name].copy_(slow)
+
+    def state_dict(self) -> dict:
+        return self.slow
+
+    def load_state_dict(self, state: dict):
+        for name, slow in self.slow.items():
+            slow.copy_(state[name])
+
+
+def _loss(config: TrainConfig, num_classes: int):
+    """(mixup or None, criterion): CutMix/Mixup with soft targets for ``strong`` augmentation."""
+    if config.augment == "strong":
+
+        mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=config.label_smoothing,
+                      num_classes=num_classes, mode="batch")
+        return mixup, SoftTargetCrossEntropy()
+    return None, nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)

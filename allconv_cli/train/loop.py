@@ -1,0 +1,156 @@
+"""The epoch loop: steps, the host syncs every ``CHECK_EVERY`` steps, evaluation, checkpoints,
+stops agreed by every rank, and the target."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from allconv_cli.data import datasets
+from allconv_cli.train.learner import Learner
+from allconv_cli.train.step import epoch_flips, flip_plan, train_step
+
+CHECK_EVERY = 10  # steps between the loop's host syncs: finiteness, progress, a stop agreed by all ranks
+
+
+Progress = Callable[..., None]  # progress(event, **fields); events: start, step, epoch
+
+
+class TrainingStopped(Exception):
+    """A signal stopped the run after a resumable checkpoint; ``signum`` says which."""
+
+    def __init__(self, signum: int, run_dir: Path):
+        super().__init__(f"stopped by {signal.Signals(signum).name}; resume with: allconv train --resume {run_dir}")
+        self.signum = signum
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; no checkpoint holds that step."""
+
+
+@dataclasses.dataclass
+class Position:
+    """Where a run stands: the next epoch and step, this rank's running sums of the epoch so
+    far ((3,) float64 on the device: loss sum, correct, seen) and the metrics of past epochs."""
+
+    epoch: int = 0
+    step: int = 0
+    sums: torch.Tensor | None = None
+    history: list[dict] = dataclasses.field(default_factory=list)
+
+
+def fit(learner: Learner, batches: datasets.Batches, position: Position, epochs: int, *,
+        evaluate_epoch: Callable[[int], dict] | None = None, save: Callable[[Position], None] | None = None,
+        progress: Progress | None = None, stop: list[int] | None = None, stop_after: int | None = None,
+        world: int = 1, run_dir: Path | None = None) -> Position:
+    """Train from ``position`` to ``epochs`` on ``batches`` -> the position reached.
+
+    ``evaluate_epoch(epoch)`` adds a split's metrics after an epoch (or returns {}); ``save``
+    checkpoints (at the end of every epoch, and at a stop); ``stop`` is the list a signal handler
+    appends to. A stop is taken at a step boundary that every rank agrees on, and a stop during an
+    epoch's last step waits for the epoch's end, so no checkpoint sits between an epoch's last
+    step and its evaluation. ``stop_after`` ends the call after that many epochs. The run ends
+    early after an evaluated epoch whose top-1 accuracy reaches ``config.target`` (%); every
+    epoch's metrics give ``wall_seconds``, the run's time so far with evaluations (not counting
+    the part of an epoch lost to a stop).
+    """
+    progress = progress or (lambda event, **fields: None)
+    save = save or (lambda position: None)
+    stop = stop if stop is not None else []
+    device = next(learner.model.parameters()).device
+    generator = torch.Generator(device=device)
+    if position.sums is None:
+        position.sums = torch.zeros(3, dtype=torch.float64, device=device)
+    sums, steps = position.sums, len(batches)
+    plan = flip_plan(len(batches.data), learner.config.seed) if learner.config.flips == "alternate" else None
+    fit_started = time.perf_counter()
+    wall_before = position.history[-1].get("wall_seconds", 0.0) if position.history else 0.0
+    for epoch in range(position.epoch, min(epochs, position.epoch + (stop_after or epochs))):
+        learner.model.train()
+        started, seen_before = time.perf_counter(), sums[2].item()  # host sync, once an epoch
+        lr = learner.optimizer.param_groups[0]["lr"]
+        losses = []  # this window's losses, read at the next check
+        flips = epoch_flips(plan, batches, epoch)  # once an epoch: the order is a permutation of the split
+        for step, (images, labels) in enumerate(batches.epoch(epoch, position.step), start=position.step):
+            lr = learner.optimizer.param_groups[0]["lr"]  # the rate this step uses, before the schedule moves on
+            loss, correct = train_step(learner, images, labels, epoch, step, generator, None if flips is None
+                                       else flips[step * batches.batch_size:(step + 1) * batches.batch_size])
+            sums += torch.stack([loss.double() * len(labels), correct.double(),
+                                 torch.full((), float(len(labels)), dtype=torch.float64, device=device)])
+            losses.append(loss)
+            last = step + 1 == steps
+            if (step + 1) % CHECK_EVERY == 0 or last or (stop and world == 1):
+                # The loop's one host sync, every CHECK_EVERY steps: losses finite, progress, stop.
+                seen = _check(losses, sums, epoch, step + 1, position.history, run_dir)
+                losses = []
+                progress("step", epoch=epoch, step=step + 1, steps=steps, loss=seen[0] / seen[2],
+                         accuracy=100 * seen[1] / seen[2], lr=lr,
+                         images_per_s=world * (seen[2] - seen_before) / (time.perf_counter() - started))
+                if not last and _agreed(bool(stop), world, device):
+                    position.epoch, position.step = epoch, step + 1
+                    save(position)
+                    raise TrainingStopped(stop[0] if stop else signal.SIGTERM, run_dir)
+        metrics = _epoch_metrics(epoch, sums, world, time.perf_counter() - started, lr, learner.config.precision)
+        metrics.update(evaluate_epoch(epoch) if evaluate_epoch is not None else {})
+        metrics["wall_seconds"] = wall_before + time.perf_counter() - fit_started
+        reached = target_reached(metrics, learner.config.target)
+        if reached:
+            metrics["target_reached"] = True
+        sums.zero_()
+        position.history.append(metrics)
+        position.epoch, position.step = epoch + 1, 0
+        save(position)
+        progress("epoch", metrics=metrics, epochs=epochs)
+        if reached:
+            break
+        if position.epoch < epochs and _agreed(bool(stop), world, device):
+            raise TrainingStopped(stop[0] if stop else signal.SIGTERM, run_dir)
+    return position
+
+
+def target_reached(metrics: dict, target: float | None) -> bool:
+    """Whether an epoch's evaluation (validation, else test) reached ``target`` % top-1 accuracy."""
+    error = metrics.get("val_top1_error", metrics.get("test_top1_error"))
+    return target is not None and error is not None and 100 - error >= target
+
+
+def finished(history: list[dict], epochs: int) -> bool:
+    """Whether a run is over: every epoch done, or its target reached."""
+    return len(history) >= epochs or bool(history and history[-1].get("target_reached"))
+
+
+def _check(losses: list[torch.Tensor], sums: torch.Tensor, epoch: int, step: int, history: list,
+           run_dir: Path | None) -> list[float]:
+    """Read the window's losses and the running sums in one transfer; raise on a bad loss."""
+    values = torch.cat([sums, torch.stack(losses).double()]).tolist()
+    window = values[3:]
+    bad = next((i for i, v in enumerate(window) if not np.isfinite(v)), None)
+    if bad is not None:
+        kept = (f"{run_dir} keeps the last good checkpoint (epoch {len(history)})" if history
+                else "no checkpoint was written")
+        raise TrainingDiverged(f"the loss became {window[bad]} at epoch {epoch + 1}, step "
+                               f"{step - len(window) + bad + 1}; {kept}. Lower --lr, or add --batch-norm")
+    return values[:3]
+
+
+def _agreed(flag: bool, world: int, device: torch.device) -> bool:
+    """Whether any rank raised ``flag``: all ranks get the same answer, so all stop together."""
+    if world == 1:
+        return flag
+    vote = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MAX)
+    return bool(vote.item())
+
+
+def _epoch_metrics(epoch, sums, world, seconds, lr: float, precision: str) -> dict:
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+    loss, correct, seen = sums.tolist()
+    return {"epoch": epoch + 1, "train_loss": loss / seen, "train_accuracy": 100 * correct / seen,
+            "lr": lr, "seconds": seconds, "images_per_s": seen / seconds, "precision": precision}

@@ -1,0 +1,265 @@
+"""A training run from its settings: the data and model it builds, the process group, signals,
+evaluation after epochs, and the summary; ``train`` and ``resume`` are the entry points."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from allconv_cli.data import datasets
+from allconv_cli.data import preprocess as preprocessing
+from allconv_cli.data.images import fit_options
+from allconv_cli.device import resolve_device, resolve_precision, tune_cpu_allocator
+from allconv_cli.evaluate import evaluate, paper_error
+from allconv_cli.files.weights import load_state, load_weights
+from allconv_cli.models.initialization import (
+    WHITEN_IMAGES,
+    dirac,
+    initialize,
+    whiten_first_conv,
+)
+from allconv_cli.models.registry import create_model, default_config, resolve_name
+from allconv_cli.train.learner import Learner, Setup, make_learner
+from allconv_cli.train.loop import Position, Progress, finished, fit
+from allconv_cli.train.run_folder import RESUME_MAY_CHANGE, RunFolder
+from allconv_cli.train.settings import TrainConfig
+from allconv_cli.train.step import _memory_format
+
+LSUV_IMAGES = 64  # training images the lsuv initialization measures variances on
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int = 1,
+          preprocess_state: tuple[dict, dict] | None = None) -> Setup:
+    """Load the data, fit (or restore) the preprocessing, and build the model on ``device``."""
+    name = resolve_name(config.model)
+    registered = default_config(name)
+    input_size, fit = tuple(registered["input_size"]), fit_options(registered)
+    if config.crop >= min(input_size[1:]):
+        raise ValueError(f"crop {config.crop} px is not smaller than {name}'s {input_size[1]}x{input_size[2]} "
+                         f"input: give a smaller --crop")
+    train = datasets.load_split(config.dataset, "train", config.data_dir, input_size, config.workers, fit)
+    train = datasets.limit(train, config.train_limit, config.seed)
+    test = datasets.limit(datasets.load_split(config.dataset, "test", config.data_dir, input_size, config.workers,
+                                              fit), config.test_limit, config.seed)
+    if len(test.classes) != len(train.classes):
+        raise ValueError(f"the train split has {len(train.classes)} classes and the test split "
+                         f"{len(test.classes)}: give both the same class folders")
+    validation = None
+    if config.val_fraction > 0:
+        train, validation = datasets.held_out(train, config.val_fraction, config.seed)
+    if config.shuffle_labels:  # once, fixed by the seed: the labels no longer say what the image shows
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
+        train = dataclasses.replace(train, labels=train.labels[order])
+    model = create_model(name, **config.model_kwargs(len(train.classes)))
+    for norm in model.modules():  # a training setting, not the model's: set on every build, resumes included
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            norm.momentum = config.bn_momentum
+    if config.init is not None and preprocess_state is None:  # a resumed run restores its own state
+        state, meta, tensors = load_weights(config.init)
+        load_state(model, state, f"--init {config.init} holds {meta['model']} with "
+                                            f"{meta.get('model_kwargs')}, which does not fit {name} with these settings")
+        if meta["preprocess"]["kind"] != config.preprocess:
+            raise ValueError(f"--init {config.init} was trained on {meta['preprocess']['kind']} inputs: "
+                             f"give --preprocess {meta['preprocess']['kind']}")
+        preprocess_state = (meta["preprocess"], tensors)  # the inputs its weights were learned for
+    if preprocess_state is not None:  # resumed, or started from --init weights: no fresh init
+        prep = preprocessing.from_meta(*preprocess_state)
+    else:
+        images = _fit_images(train, config.seed)
+        prep = preprocessing.fit(config.preprocess, images)
+        shuffled = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))]
+        initialize(model, config.weight_init, prep(shuffled[:LSUV_IMAGES].float() / 255))
+        if config.whiten != "off":
+            whiten_first_conv(model, prep(shuffled[:WHITEN_IMAGES].float() / 255))
+        if config.dirac:
+            dirac(model)
+    if config.whiten == "frozen":  # on resume too: the rebuilt model must not train it either
+        first_conv(model).requires_grad_(False)
+    model = model.to(device, memory_format=_memory_format(config))
+    per_rank = max(1, config.batch_size // world)
+
+    def batches(split, shuffle):
+        return datasets.Batches(split, per_rank, shuffle=shuffle, drop_last=shuffle, seed=config.seed,
+                                rank=rank, world=world, device=device, workers=config.workers)
+
+    evaluate_on = validation if validation is not None else test
+    return Setup(model, prep.to(device), train.classes, input_size, batches(train, True),
+                 batches(evaluate_on, False), batches(test, False) if validation is not None else None)
+
+
+def first_conv(model: nn.Module) -> nn.Conv2d:
+    return next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+def _fit_images(split: datasets.Split, seed: int, most: int = 10_000) -> torch.Tensor:
+    """All training images in memory; a fixed random 10,000 of a streamed folder."""
+    if isinstance(split, datasets.ImageData):
+        return split.images
+    sample = datasets.limit(split, most, seed)
+    return torch.cat([x for x, _ in datasets.Batches(sample, 256, shuffle=False).epoch(0)])
+
+
+
+def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = None, resume: bool = False,
+          stop_after: int | None = None, replace: bool = False, finished_ok: bool = False) -> dict:
+    """Train ``config`` into ``run_dir`` (or continue it there with ``resume``) -> summary.
+
+    A new run refuses a folder holding one unless ``replace``. ``stop_after`` ends this call,
+    resumably, after that many epochs. SIGINT / SIGTERM write a resumable checkpoint and raise
+    TrainingStopped. ``finished_ok`` lets ``resume`` of a finished run just summarize it.
+    """
+    run = RunFolder(run_dir)
+    rank, world, local_rank = _distributed()
+    progress = progress if progress is not None and rank == 0 else None
+    device = _start(config, world, local_rank)
+    config = dataclasses.replace(config, precision=resolve_precision(config.precision, device))
+    try:
+        with run.lock() if rank == 0 else contextlib.nullcontext():
+            state = run.read_state(config) if resume else None
+            if state is not None and finished(json.loads(state["history"]), config.epochs) and not finished_ok:
+                raise ValueError(f"{run.path} already finished (all {config.epochs} epochs, or its --target); "
+                                 "nothing to resume (start a new run, e.g. with --epochs)")
+            if state is None and rank == 0:
+                run.refuse_a_run(replace or resume)  # before loading data, which can take minutes
+            _seed(config, rank)
+            setup = build(config, device, rank, world, (state["preprocess_meta"], state["preprocess_tensors"])
+                          if state else None)
+            if state is None and rank == 0:  # after build: a run whose data fails to load writes nothing
+                run.begin(config, replace or resume)  # a resume without state.pt restarts from scratch
+            learner = make_learner(config, setup.model, setup.preprocess, len(setup.classes), len(setup.train),
+                                   rank, world)
+            position = run.restore(learner, state, rank, world) if state else Position()
+            if progress is not None:
+                progress("start", config=config, run_dir=run.path, classes=setup.classes, steps=len(setup.train),
+                         start_epoch=position.epoch, examples=len(setup.train.data), device=str(device), world=world)
+            started = time.perf_counter()
+            with _catch_signals() as caught:
+                position = fit(learner, setup.train, position, config.epochs,
+                               evaluate_epoch=_evaluator(learner, setup, config), stop=caught, stop_after=stop_after,
+                               save=lambda at: run.save(learner, at, setup, world), progress=progress,
+                               world=world, run_dir=run.path)
+            return _summary(learner, setup, config, run, position, time.perf_counter() - started)
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def resume(run_dir: str | Path, progress: Progress | None = None, stop_after: int | None = None,
+           **changes) -> dict:
+    """Continue the run in ``run_dir`` with its saved settings; only RESUME_MAY_CHANGE may differ."""
+    config = RunFolder(run_dir).read_config()
+    for key, value in changes.items():
+        if key not in RESUME_MAY_CHANGE:
+            raise ValueError(f"--resume continues with the run's saved settings; drop --{key.replace('_', '-')}")
+        setattr(config, key, value)
+    return train(config, run_dir, progress=progress, resume=True, stop_after=stop_after)
+
+
+def _start(config: TrainConfig, world: int, local_rank: int) -> torch.device:
+    """Join the process group under torchrun, pick the device and tune the CPU allocator."""
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo")
+    device = resolve_device(config.device)
+    if device.type == "cpu":
+        tune_cpu_allocator()
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def _evaluator(learner: Learner, setup: Setup, config: TrainConfig) -> Callable[[int], dict]:
+    """After an epoch: the evaluation split's loss and errors, every eval_every epochs and at the
+    end (every epoch with a target); the last epoch's also with the run's test-time augmentation."""
+    split = "val" if setup.test is not None else "test"
+
+    def after(epoch: int) -> dict:
+        last = epoch + 1 == config.epochs
+        if (epoch + 1) % config.eval_every and not last and config.target is None:
+            return {}
+        metrics = {}
+        for tta in ("none", config.tta) if last and config.tta != "none" else ("none",):
+            result = evaluate(learner.eval_model, setup.evaluate, setup.preprocess, len(setup.classes), tta=tta,
+                              precision=config.precision, memory_format=_memory_format(config))
+            name = split if tta == "none" else f"{split}_tta"
+            metrics.update({f"{name}_{key}": result[key] for key in ("loss", "top1_error", "top5_error")})
+        return metrics
+
+    return after
+
+
+def _summary(learner: Learner, setup: Setup, config: TrainConfig, run: RunFolder, position: Position,
+             seconds: float) -> dict:
+    """What the run reached; the test split is read once, at the end of a run that held out a
+    validation split."""
+    done = finished(position.history, config.epochs)
+    summary = {"run_dir": str(run.path), "model": resolve_name(config.model), "dataset": config.dataset,
+               "epochs_done": position.epoch, "epochs": config.epochs, "finished": done, "seconds": seconds,
+               "precision": config.precision, "last": position.history[-1] if position.history else {},
+               "paper_error": paper_error(config.model, config.dataset, setup.classes, config.augment)}
+    if config.target is not None and done and position.history[-1].get("target_reached"):
+        summary["target"] = {"accuracy": config.target, "epoch": position.epoch,
+                             "wall_seconds": position.history[-1]["wall_seconds"]}
+    if setup.test is not None and done:
+        for tta in ("none", config.tta) if config.tta != "none" else ("none",):
+            result = evaluate(learner.eval_model, setup.test, setup.preprocess, len(setup.classes), tta=tta,
+                              precision=config.precision, memory_format=_memory_format(config))
+            summary["test" if tta == "none" else "test_tta"] = {k: result[k] for k in ("loss", "top1_error", "top5_error")}
+    return summary
+
+
+def _seed(config: TrainConfig, rank: int):
+    torch.manual_seed(config.seed + rank)
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+@contextlib.contextmanager
+def _catch_signals():
+    """Record SIGINT / SIGTERM instead of dying, so the loop can checkpoint; a second one kills."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def handler(signum, frame):
+        if caught:
+            raise KeyboardInterrupt
+        caught.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def default_run_dir(config: TrainConfig, root: str | Path = "runs") -> Path:
+    """``root/MODEL-DATASET-TIME``, with ``-2``, ``-3``... where runs started in the same second."""
+    base = Path(root) / f"{resolve_name(config.model).replace('_', '-')}-{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path

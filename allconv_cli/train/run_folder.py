@@ -1,0 +1,230 @@
+"""The one reader and writer of a run folder: ``config.json`` (the resolved settings),
+``model.safetensors`` (weights and what rebuilds the model and its preprocessing), ``state.pt``
+(optimizer, scheduler, EMA, every rank's RNG, position; plain tensors and numbers, read with
+``torch.load(weights_only=True)`` and validated), ``metrics.jsonl`` (one JSON object per
+epoch), ``curves.png`` and ``.lock`` (held for the whole run)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+from allconv_cli.charts import learning_curves
+from allconv_cli.evaluate import paper_error
+from allconv_cli.files.weights import WEIGHTS_NAME, save_weights
+from allconv_cli.models.registry import resolve_name
+from allconv_cli.train.learner import Learner, Setup
+from allconv_cli.train.loop import Position
+from allconv_cli.train.settings import TrainConfig, from_json
+from allconv_cli.util import atomic_write, atomic_write_text
+
+CONFIG_NAME, STATE_NAME, METRICS_NAME, CURVES_NAME, LOCK_NAME = (
+    "config.json", "state.pt", "metrics.jsonl", "curves.png", ".lock")
+
+
+RUN_FILES = (CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, METRICS_NAME, CURVES_NAME)
+
+
+STATE_FORMAT = 2
+
+
+RESUME_MAY_CHANGE = ("device", "workers")  # settings that do not change what is computed
+
+
+# state.pt's entries and their types: what a valid file holds, checked on every load
+_STATE_TYPES = {
+    "format": int, "config": str, "epoch": int, "step": int, "sums": torch.Tensor, "history": str,
+    "model": dict, "optimizer": dict, "scheduler": dict, "ema": (dict, type(None)), "world": int,
+    "lookahead": (dict, type(None)),
+    "rng_cpu": torch.Tensor, "rng_cuda": (torch.Tensor, type(None)),
+    "preprocess_meta": dict, "preprocess_tensors": dict,
+}
+
+
+class RunFolder:
+    """The one reader and writer of a run folder. Only rank 0 writes; every write is atomic, and
+    ``state.pt`` is written last, so a kill at any instant leaves a consistent, resumable run."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def holds_run(self) -> bool:
+        return any((self.path / name).exists() for name in RUN_FILES)
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold ``.lock`` for the run; another process gets one line naming the holder. The
+        kernel releases the lock when the holder dies, so a killed run leaves none behind."""
+
+        created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise OSError(err.errno, f"cannot create the run folder {self.path}: {err.strerror}; "
+                                     "give --out a folder you can write") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 1024).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ValueError(f"{self.path} is in use by {holder}: wait for that run to end or stop it, "
+                             "or give another --out") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"allconv train (PID {os.getpid()} on {socket.gethostname()}, since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode())
+            for stale in self.path.glob(".*.tmp"):  # left by writers killed mid-write; we hold the lock
+                stale.unlink(missing_ok=True)
+            yield self
+        finally:
+            os.ftruncate(fd, 0)
+            if created and not self.holds_run():  # a run that failed to start leaves no folder behind
+                (self.path / LOCK_NAME).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    self.path.rmdir()
+            os.close(fd)
+
+    def refuse_a_run(self, replace: bool):
+        """A new run may start here: the folder holds no run, or ``replace`` says to replace it."""
+        if self.holds_run() and not replace:
+            raise ValueError(f"{self.path} holds a run already: continue it with allconv train --resume "
+                             f"{self.path}, give another --out, or replace it with --force")
+
+    def begin(self, config: TrainConfig, replace: bool):
+        """Start a new run here: refuse a folder that holds one unless ``replace``."""
+        self.refuse_a_run(replace)
+        if self.holds_run():
+            for name in RUN_FILES:
+                (self.path / name).unlink(missing_ok=True)
+        atomic_write_text(self.path / CONFIG_NAME, config.to_json())
+
+    def read_config(self) -> TrainConfig:
+        path = self.path / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.path} is not a run folder (no {CONFIG_NAME}): give the folder "
+                                    "that allconv train wrote")
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not an allconv run configuration (not UTF-8 text): give the folder "
+                             "that allconv train wrote") from None
+        return from_json(text, str(path))
+
+    def read_state(self, config: TrainConfig) -> dict | None:
+        """``state.pt``, checked for structure and for the settings it was started with; None
+        for a run that was stopped before its first checkpoint (it starts again from scratch)."""
+        path = self.path / STATE_NAME
+        if not path.is_file():
+            if not (self.path / CONFIG_NAME).is_file():
+                raise FileNotFoundError(f"{self.path} has no {STATE_NAME} to resume from: give the folder of "
+                                        "a run that allconv train started")
+            _check_same(json.loads(self.read_config().to_json()), config, self.path)
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a truncated or foreign file: torch raises several kinds
+            raise ValueError(f"{path} cannot be read ({type(err).__name__}); it is not an allconv training "
+                             "state, or it is damaged") from None
+        bad = ([k for k, kind in _STATE_TYPES.items() if not isinstance(state.get(k), kind)]
+               if isinstance(state, dict) else ["its structure"])
+        if bad or state["format"] != STATE_FORMAT or state["sums"].shape != (3,):
+            raise ValueError(f"{path} is not an allconv training state of format {STATE_FORMAT} "
+                             f"({', '.join(bad) or 'format or sums'} wrong; an older allconv's state cannot be "
+                             f"resumed): continue from its weights with --init {self.path}, or start a new run")
+        _check_same(json.loads(state["config"]), config, self.path)
+        return state
+
+    def restore(self, learner: Learner, state: dict, rank: int, world: int) -> Position:
+        """Load ``state`` into ``learner`` -> the position to continue from."""
+        if len(state["rng_cpu"]) != world:
+            raise ValueError(f"{self.path} was trained by {len(state['rng_cpu'])} processes: resume it with "
+                             "as many")
+        try:
+            learner.model.load_state_dict(state["model"])
+            learner.optimizer.load_state_dict(state["optimizer"])
+            learner.scheduler.load_state_dict(state["scheduler"])
+            if learner.ema is not None:
+                learner.ema.load_state_dict(state["ema"])
+            if learner.lookahead is not None:
+                learner.lookahead.load_state_dict(state["lookahead"])
+            torch.set_rng_state(state["rng_cpu"][rank].clone())  # a row of its own: torch reads from offset 0
+            history = json.loads(state["history"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+            raise ValueError(f"{self.path / STATE_NAME} does not fit this run's model and optimizer "
+                             f"({type(err).__name__}): start a new run") from None
+        device = next(learner.model.parameters()).device
+        if device.type == "cuda" and state["rng_cuda"] is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"][rank].clone(), device)
+        sums = state["sums"].to(device) if rank == 0 else torch.zeros(3, dtype=torch.float64, device=device)
+        return Position(state["epoch"], state["step"], sums, history)
+
+    def save(self, learner: Learner, position: Position, setup: Setup, world: int):
+        """Weights, metrics and chart, then the state: on every rank (they take part in gathering
+        the metric sums and RNG states); rank 0 writes."""
+        device = position.sums.device
+        sums = position.sums.clone()
+        rng_cpu, rng_cuda = torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        if world > 1:  # rank 0 saves the sums of all ranks and every rank's generator
+            torch.distributed.all_reduce(sums)
+            rng_cpu = _gather(rng_cpu, device, world)
+            rng_cuda = None if rng_cuda is None else _gather(rng_cuda, device, world)
+        else:
+            rng_cpu, rng_cuda = rng_cpu[None], None if rng_cuda is None else rng_cuda[None]
+        if learner.rank != 0:
+            return
+        config = learner.config
+        prep_meta, prep_tensors = setup.preprocess.to_meta()
+        meta = {"model": resolve_name(config.model), "model_kwargs": config.model_kwargs(len(setup.classes)),
+                "classes": setup.classes, "input_size": list(setup.input_size), "preprocess": prep_meta,
+                "dataset": config.dataset, "data_dir": config.data_dir, "augment": config.augment,
+                "precision": config.precision, "epoch": position.epoch,
+                "metrics": position.history[-1] if position.history else {},
+                "paper_error": paper_error(config.model, config.dataset, setup.classes, config.augment)}
+        save_weights(self.path / WEIGHTS_NAME, learner.eval_model, meta, preprocess=prep_tensors)
+        if position.history:
+            self.write_metrics(position.history)
+        payload = {
+            "format": STATE_FORMAT, "config": config.to_json(), "epoch": position.epoch, "step": position.step,
+            "sums": sums.cpu(), "history": json.dumps(position.history), "world": world,
+            "model": learner.model.state_dict(), "optimizer": learner.optimizer.state_dict(),
+            "scheduler": learner.scheduler.state_dict(),
+            "ema": learner.ema.state_dict() if learner.ema is not None else None,
+            "lookahead": learner.lookahead.state_dict() if learner.lookahead is not None else None,
+            "rng_cpu": rng_cpu.cpu(), "rng_cuda": None if rng_cuda is None else rng_cuda.cpu(),
+            "preprocess_meta": prep_meta, "preprocess_tensors": prep_tensors,
+        }
+        atomic_write(self.path / STATE_NAME, lambda tmp: torch.save(payload, tmp))
+
+    def write_metrics(self, history: list[dict]):
+
+        atomic_write_text(self.path / METRICS_NAME, "".join(json.dumps(m) + "\n" for m in history))
+        learning_curves(history, self.path / CURVES_NAME)
+
+
+def _check_same(saved: dict, config: TrainConfig, run_dir: Path):
+    given = json.loads(config.to_json())
+    saved = {**json.loads(TrainConfig().to_json()), **saved}  # a setting added since the run began: its default
+    changed = sorted(k for k in given if k not in RESUME_MAY_CHANGE and saved.get(k) != given[k])
+    if changed:
+        raise ValueError(f"{run_dir} was started with other settings ({', '.join(changed)}); resume it "
+                         "with its own (allconv train --resume RUN) or start a new run")
+
+
+def _gather(tensor: torch.Tensor, device: torch.device, world: int) -> torch.Tensor:
+    """Every rank's copy of a same-shaped tensor -> (world, ...) on every rank."""
+    local = tensor.to(device)
+    parts = [torch.empty_like(local) for _ in range(world)]
+    torch.distributed.all_gather(parts, local)
+    return torch.stack(parts)
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    return RunFolder(run_dir).read_config()

@@ -1,0 +1,79 @@
+"""Leaf helpers shared by every layer: atomic file writes, did-you-mean hints, values shown as
+TOML / JSON write them. Imports nothing of allconv's."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from safetensors import SafetensorError
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary name in ``path``'s folder, then rename it to ``path``.
+
+    A crash or a full disk at any instant leaves the old ``path`` (if any) untouched. Any
+    failure to write (OSError, or the RuntimeError / SafetensorError that torch's and
+    safetensors' writers raise on a full disk) becomes one OSError naming ``path``, not the
+    temporary file.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError, SafetensorError) as err:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise OSError(getattr(err, "errno", None), f"cannot write {path}: {_reason(err)}") from None
+    except BaseException:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _reason(err: Exception) -> str:
+    """The cause of a failed write in a few words, with the likely fix."""
+    if isinstance(err, (FileExistsError, NotADirectoryError)):
+        return "a file is in the way of its folder; choose another path"
+    if isinstance(err, OSError) and err.strerror:
+        hint = {28: "free some space or write elsewhere", 13: "choose a folder you can write",
+                30: "choose a folder you can write"}.get(err.errno, "")
+        return err.strerror + (f" ({hint})" if hint else "")
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return f"{first} (is the disk full, or the folder not writable?)"
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def did_you_mean(name: str, choices) -> str:
+    """' (did you mean 'x'?)' for the closest of ``choices``, or '' when none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def show_value(value, quote: bool = True, most: int = 60) -> str:
+    """A value as TOML / JSON would write it, on one line and at most ``most`` characters."""
+    try:
+        text = json.dumps(value) if quote or not isinstance(value, str) else value
+    except (TypeError, ValueError):  # a TOML date or time
+        text = str(value)
+    text = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+    return text if len(text) <= most else text[: most - 3] + "..."
