@@ -32,9 +32,10 @@ from allconv_cli import benchmark
 from allconv_cli.charts import ablation_bars
 from allconv_cli.data import datasets
 from allconv_cli.models.registry import PAPER, create_model, list_models, resolve_name
+from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.run import train
 from allconv_cli.train.run_folder import RunFolder
-from allconv_cli.train.settings import TrainConfig, from_json
+from allconv_cli.train.settings import from_json
 from allconv_cli.util import atomic_write_text
 
 PAPER_GRID = (0.25, 0.1, 0.05, 0.01)  # Section 3.2

@@ -54,8 +54,8 @@ from allconv_cli.device import (
     tune_cpu_allocator,
 )
 from allconv_cli.models.registry import create_model, resolve_name
+from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.learner import make_learner
-from allconv_cli.train.settings import TrainConfig
 from allconv_cli.train.step import batch_inputs, train_step
 
 MODES = ("train", "infer", "data", "all")

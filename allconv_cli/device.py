@@ -7,6 +7,8 @@ import ctypes
 
 import torch
 
+from allconv_cli.choices import PRECISIONS
+
 
 def resolve_device(name: str | None = "auto") -> torch.device:
     """``auto`` -> the first CUDA device if there is one, else the CPU; bad names raise."""
@@ -21,7 +23,6 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     return device
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from allconv_cli.choices import TTA
 from allconv_cli.data import datasets
 from allconv_cli.data import preprocess as preprocessing
 from allconv_cli.data.images import fit_options
@@ -22,14 +23,11 @@ from allconv_cli.models.registry import (
     resolve_name,
 )
 
-# Test-time augmentation: the views whose softmax is averaged. flip-shift adds the image and its
-# mirror moved by one pixel down-right and up-left (reflected borders), weighted half as much.
-TTA = ("none", "flip", "flip-shift")
-
 
 def predict(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
     """Float (B, C, H, W) model inputs -> (B, classes) fp32 logits; with ``tta``, the log of the
-    weighted mean softmax of the views."""
+    weighted mean softmax of the views: ``flip`` the image and its mirror; ``flip-shift`` adds both
+    moved by one pixel down-right and up-left (reflected borders), weighted half as much."""
     if tta == "none":
         return model(x).float()
     views = [(x, 1.0), (x.flip(3), 1.0)]

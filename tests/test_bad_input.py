@@ -142,7 +142,7 @@ PRESET_FILES = [
 
 
 def test_every_range_and_choice_has_a_bad_value_in_the_table():
-    assert set(configuration.RANGES) | set(configuration.choices()) | {"model"} <= set(OUT_OF_RANGE)
+    assert set(configuration.RANGES) | set(configuration.CHOICES) | {"model"} <= set(OUT_OF_RANGE)
 
 
 @pytest.mark.parametrize("key, value", PRESET_VALUES)

@@ -8,6 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from allconv_cli import train as trainer
+from allconv_cli.choices import SCHEDULES
 from allconv_cli.cli import app
 from allconv_cli.data import datasets
 from allconv_cli.evaluate import predict
@@ -270,7 +271,7 @@ def rates(config, steps_per_epoch: int) -> list[float]:
     return seen
 
 
-@pytest.mark.parametrize("schedule", configuration.SCHEDULES)
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("epochs, steps, warmup", [(1, 1, 0.0), (1, 2, 0.0), (1, 2, 0.5), (1, 3, 1.0), (10, 5, 1.5)])
 def test_every_schedule_takes_any_warm_up_and_step_count(schedule, epochs, steps, warmup):
     config = configuration.resolve(None, schedule=schedule, epochs=epochs, warmup_epochs=warmup, lr=0.2)

@@ -33,11 +33,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torchvision.datasets import utils as torchvision_utils
 
+from allconv_cli.choices import AUGMENTATIONS, DATASETS
 from allconv_cli.data.images import fit_image, open_image
 from allconv_cli.util import atomic_write, did_you_mean
 
-DATASETS = ("sample", "cifar10", "cifar100", "imagefolder")
-AUGMENTATIONS = ("none", "paper", "strong")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 IN_MEMORY_LIMIT = 4 * 2**30  # bytes of uint8 pixels; larger ImageFolders stream from disk
 SAMPLE_FILE = "cifar10-sample.safetensors"

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-KINDS = ("standardize", "zca")
+from allconv_cli.choices import PREPROCESSING
+
+KINDS = PREPROCESSING
 ZCA_MAX_DIMS = 64 * 64 * 3  # a (D, D) float32 matrix: 151 MB at this size
 
 

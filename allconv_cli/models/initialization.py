@@ -31,9 +31,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from allconv_cli.choices import WEIGHT_INITS
 from allconv_cli.models.net import init_conv
 
-WEIGHT_INITS = ("xavier-open", "xavier", "kaiming", "lsuv")
 CLASS_BIAS = 1.0  # xavier-open's class-conv bias: above the spread of the class scores at the start
 WHITEN_EPS = 5e-4  # added to the eigenvalues (input units squared): limits the gain on the faintest patterns
 WHITEN_IMAGES = 2_000  # training images whose patches give the covariance (2,000 x 900 patches for CIFAR)

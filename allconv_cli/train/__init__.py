@@ -1,20 +1,32 @@
-"""The trainer shared by train, ablate and benchmark: settings (``settings``), optimizers and
-schedules (``optim``), what a run trains and what a step touches (``learner``), the one step
-(``step``), the epoch loop (``loop``), the run folder (``run_folder``) and the run (``run``)."""
+"""The trainer shared by train, ablate and benchmark: the settings declared once (``config``),
+checked and layered (``settings``), optimizers and schedules (``optim``), what a run trains and
+what a step touches (``learner``), the one step (``step``), the epoch loop (``loop``), the run
+folder (``run_folder``) and the run (``run``).
 
-from allconv_cli.train.learner import Learner, Setup, make_learner
-from allconv_cli.train.loop import (
-           Position,
-           TrainingDiverged,
-           TrainingStopped,
-           finished,
-           fit,
-)
-from allconv_cli.train.run import build, default_run_dir, resume, train
-from allconv_cli.train.run_folder import RESUME_MAY_CHANGE, RunFolder, load_run_config
-from allconv_cli.train.settings import TrainConfig, resolve
-from allconv_cli.train.step import batch_inputs, train_step
+The names below load their module on first use, so that ``allconv --help`` can read ``config``
+without importing torch.
+"""
 
-__all__ = ["Learner", "Position", "RESUME_MAY_CHANGE", "RunFolder", "Setup", "TrainConfig", "TrainingDiverged",
-           "TrainingStopped", "batch_inputs", "build", "default_run_dir", "finished", "fit", "load_run_config",
-           "make_learner", "resolve", "resume", "train", "train_step"]
+import importlib
+
+# Public name -> the submodule that defines it.
+_API = {
+    "Learner": "learner", "Setup": "learner", "make_learner": "learner",
+    "Position": "loop", "TrainingDiverged": "loop", "TrainingStopped": "loop", "finished": "loop", "fit": "loop",
+    "build": "run", "default_run_dir": "run", "resume": "run", "train": "run",
+    "RESUME_MAY_CHANGE": "run_folder", "RunFolder": "run_folder", "load_run_config": "run_folder",
+    "TrainConfig": "config", "resolve": "settings",
+    "batch_inputs": "step", "train_step": "step",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name):
+    if name in _API:
+        return getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -13,8 +13,8 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from allconv_cli.data import datasets
+from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.optim import make_optimizer, make_scheduler
-from allconv_cli.train.settings import TrainConfig
 
 
 @dataclasses.dataclass

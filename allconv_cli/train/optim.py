@@ -2,45 +2,65 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from allconv_cli.device import resolve_precision
-from allconv_cli.train.settings import TrainConfig
+from allconv_cli.train.config import TrainConfig
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with the run's momentum, Nesterov and weight decay (Section 3.2's optimizer). With
-    ``decay_all`` off, biases and BatchNorm parameters (every parameter of fewer than 2
-    dimensions) are not decayed. Biases (BatchNorm shifts, conv biases) learn at
-    ``lr * bias_lr_scale``; where they are decayed, their decay is divided by the same factor,
-    so that the decay per step (lr x weight decay) stays the weights' (airbench's bias scaling).
-    With ``optimizer = "muon"`` the conv weights take ``Muon``'s steps at ``muon_lr`` instead.
+    """The run's optimizer (``OPTIMIZERS[config.optimizer]``) over its parameter groups.
 
-    One group per distinct (lr, decay, optimizer), parameters in the model's order, the weights first (the
-    group whose rate the log reports): with a scale of 1 the groups are those of runs saved
+    With ``decay_all`` off, biases and BatchNorm parameters (every parameter of fewer than 2
+    dimensions) are not decayed. Biases (BatchNorm shifts, conv biases) learn at
+    ``lr * bias_lr_scale``; where they are decayed, their decay is divided by the same factor, so
+    that the decay per step (lr x weight decay) stays the weights' (airbench's bias scaling).
+    An optimizer with a rule of its own for the conv weights gets them as a group of their own.
+
+    One group per distinct (lr, decay, own rule), parameters in the model's order, the weights first
+    (the group whose rate the log reports): with a scale of 1 the groups are those of runs saved
     before the scale existed, so their optimizer states still load. A frozen parameter is left out."""
+    entry = OPTIMIZERS[config.optimizer]
     groups: dict[tuple[float, bool, bool], list] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
             lr_scale = config.bias_lr_scale if param.ndim <= 1 and name.endswith("bias") else 1.0
-            muon = config.optimizer == "muon" and param.ndim > 1
-            groups.setdefault((lr_scale, param.ndim > 1 or config.decay_all, muon), []).append(param)
+            own_rule = entry.own_weight_rule and param.ndim > 1
+            groups.setdefault((lr_scale, param.ndim > 1 or config.decay_all, own_rule), []).append(param)
     # the weights' group first even where the first conv is frozen and a BatchNorm comes first
     ordered = sorted(groups.items(), key=lambda group: not any(p.ndim > 1 for p in group[1]))
     param_groups = [{"params": params, "lr": config.lr * lr_scale,
                      "weight_decay": config.weight_decay / lr_scale if decayed else 0.0}
                     for (lr_scale, decayed, _), params in ordered]
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(param_groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+    return entry.build(param_groups, config, next(model.parameters()).device)
+
+
+def _sgd(param_groups: list[dict], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.SGD(param_groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+
+
+def _muon(param_groups: list[dict], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     # the weights' group (first): Muon's step, with no SGD momentum or decay of its own
     param_groups[0].update(lr=config.muon_lr, momentum=0.0, nesterov=False, weight_decay=0.0,
                            muon_momentum=config.muon_momentum)
     # bf16 where the run computes in it (natively), else fp32: with oneDNN held to AVX2, bf16
     # matmuls took 890 ms a step here against fp32's 26 ms (AMX: bf16 15 ms)
-    fp32 = resolve_precision(config.precision, next(model.parameters()).device) == "fp32"
+    fp32 = resolve_precision(config.precision, device) == "fp32"
     return Muon(param_groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
                 dtype=torch.float32 if fp32 else torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """An entry of ``OPTIMIZERS``: how to build it from the run's parameter groups, and whether
+    the conv weights take a rule of their own (then they come as the first group)."""
+
+    build: Callable[[list[dict], TrainConfig, torch.device], torch.optim.Optimizer]
+    own_weight_rule: bool
 
 
 def orthogonalize(matrix: torch.Tensor, dtype: torch.dtype = torch.bfloat16, steps: int = 5) -> torch.Tensor:
@@ -92,6 +112,10 @@ class Muon(torch.optim.SGD):
                 # (conv1's 96 x 27); SGD without momentum or decay in this group steps by exactly -lr x it
                 param.grad = update.mul_(max(1.0, update.shape[0] / update.shape[1]) ** 0.5).view_as(param)
         return super().step(closure)
+
+
+# One entry per name of ``choices.OPTIMIZERS`` (whose text is --optimizer's help).
+OPTIMIZERS = {"sgd": Optimizer(_sgd, own_weight_rule=False), "muon": Optimizer(_muon, own_weight_rule=True)}
 
 
 def make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):

@@ -29,10 +29,10 @@ from allconv_cli.models.initialization import (
     whiten_first_conv,
 )
 from allconv_cli.models.registry import create_model, default_config, resolve_name
+from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.learner import Learner, Setup, make_learner
 from allconv_cli.train.loop import Position, Progress, finished, fit
 from allconv_cli.train.run_folder import RESUME_MAY_CHANGE, RunFolder
-from allconv_cli.train.settings import TrainConfig
 from allconv_cli.train.step import _memory_format
 
 LSUV_IMAGES = 64  # training images the lsuv initialization measures variances on
@@ -162,11 +162,14 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
 
 def resume(run_dir: str | Path, progress: Progress | None = None, stop_after: int | None = None,
            **changes) -> dict:
-    """Continue the run in ``run_dir`` with its saved settings; only RESUME_MAY_CHANGE may differ."""
+    """Continue the run in ``run_dir`` with its saved settings: ``changes`` may name only
+    RESUME_MAY_CHANGE (any other key, a setting or not, is refused with its option's name)."""
+    refused = [key for key in changes if key not in RESUME_MAY_CHANGE]
+    if refused:
+        raise ValueError("--resume continues with the run's saved settings; drop "
+                         + ", ".join("--" + key.replace("_", "-") for key in refused))
     config = RunFolder(run_dir).read_config()
     for key, value in changes.items():
-        if key not in RESUME_MAY_CHANGE:
-            raise ValueError(f"--resume continues with the run's saved settings; drop --{key.replace('_', '-')}")
         setattr(config, key, value)
     return train(config, run_dir, progress=progress, resume=True, stop_after=stop_after)
 

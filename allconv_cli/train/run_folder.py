@@ -20,9 +20,10 @@ from allconv_cli.charts import learning_curves
 from allconv_cli.evaluate import paper_error
 from allconv_cli.files.weights import WEIGHTS_NAME, save_weights
 from allconv_cli.models.registry import resolve_name
+from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.learner import Learner, Setup
 from allconv_cli.train.loop import Position
-from allconv_cli.train.settings import TrainConfig, from_json
+from allconv_cli.train.settings import from_json
 from allconv_cli.util import atomic_write, atomic_write_text
 
 CONFIG_NAME, STATE_NAME, METRICS_NAME, CURVES_NAME, LOCK_NAME = (

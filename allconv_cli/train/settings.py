@@ -1,6 +1,7 @@
-"""Training settings in three layers: dataclass defaults, a preset (flat TOML in ``presets/``),
-then the options given on the command line. ``None`` means "not given" at every layer.
-"""
+"""Training settings in three layers: the defaults (``config.TrainConfig``), a preset (flat TOML in
+``presets/``), then the options given on the command line. ``None`` means "not given" at every
+layer. Every value is checked against its setting's type, range and choices, then the rules
+between settings and the facts they name (the model, the data, the weights of ``init``)."""
 
 from __future__ import annotations
 
@@ -10,121 +11,24 @@ import math
 import tomllib
 import types
 import typing
-from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 from timm.models import get_pretrained_cfg_value
 
-from allconv_cli.data.datasets import (
-    AUGMENTATIONS,
-    DATASETS,
-    check_folder,
-    check_source,
-)
-from allconv_cli.data.preprocess import KINDS
-from allconv_cli.device import PRECISIONS
-from allconv_cli.evaluate import TTA
+from allconv_cli.data.datasets import check_folder, check_source
 from allconv_cli.files.weights import check_weights_file
-from allconv_cli.models.initialization import WEIGHT_INITS
 from allconv_cli.models.registry import list_models, resolve_name
+from allconv_cli.train.config import (
+    FIELDS,
+    NUMBER,
+    TYPES,
+    WHOLE,
+    TrainConfig,
+    allowed,
+    list_presets,
+    preset_dir,
+)
 from allconv_cli.util import did_you_mean, show_value
-
-SCHEDULES = ("paper", "cosine", "onecycle", "constant")
-
-
-FLIPS = ("random", "alternate")
-
-
-WHITEN = ("off", "init", "frozen")
-
-
-OPTIMIZERS = ("sgd", "muon")
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a training run. The defaults train the faithful All-CNN-C on the
-    bundled sample with the paper's optimizer and a cosine schedule."""
-
-    # what to train
-    model: str = "all-cnn-c"
-    batch_norm: bool = False  # deviation: BatchNorm after every conv
-    class_relu: bool = True  # the paper's ReLU after the class conv
-    drop_input: float | None = None  # dropout on the input; None: the model's own (20 %, the paper's)
-    drop_rate: float | None = None  # dropout after each pool or strided conv; None: the model's own (50 %)
-    # data
-    dataset: str = "sample"
-    data_dir: str | None = None
-    preprocess: str = "standardize"  # or "zca": the paper's GCN (scale 55) + ZCA (bias 0.1)
-    augment: str = "paper"  # none | paper (flips, translations <= shift px) | strong (+ CutMix/Mixup)
-    shift: int = 5  # the translations' reach (px each way); the paper's is 5
-    crop: int = 0  # train on random crop x crop windows (px) in the first crop_epochs epochs; 0: off
-    crop_epochs: int = 0  # the rest train at full size, so BatchNorm statistics match test images
-    flips: str = "random"  # random | alternate: each image flipped in every other epoch (airbench)
-    val_fraction: float = 0.0  # held out of train for model selection; 0: evaluate on test
-    train_limit: int | None = None  # use at most this many training images (quick runs)
-    test_limit: int | None = None
-    shuffle_labels: bool = False  # permute the training labels once (with the seed): the data-randomization test
-    # optimization (Section 3.2: SGD, momentum 0.9, weight decay 0.001)
-    epochs: int = 30
-    batch_size: int = 128  # global, over all processes
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.001
-    schedule: str = "cosine"  # paper (x gamma at milestones) | cosine | onecycle | constant
-    milestones: list[int] = field(default_factory=lambda: [200, 250, 300])  # epochs, for "paper"
-    gamma: float = 0.1
-    warmup_epochs: float = 1.0  # linear warm-up from lr / 10 before any schedule; a fraction is allowed, 0 for none
-    label_smoothing: float = 0.0
-    weight_init: str = "xavier-open"  # xavier-open | xavier (Xavier-uniform, biases 0.1) | kaiming | lsuv: see initialization.py
-    whiten: str = "off"  # off | init | frozen: the first conv from the training patches' whitening
-    dirac: bool = False  # later convs start with identity filters
-    decay_all: bool = True  # weight decay on every parameter; False: on conv weights only, not biases or BatchNorm
-    bn_momentum: float = 0.1  # weight of each batch in BatchNorm's running statistics (torch's 0.1; airbench's 0.4)
-    optimizer: str = "sgd"  # sgd | muon: conv weights take Muon's orthogonalized steps, the rest SGD's (needs batch_norm)
-    muon_lr: float = 0.05  # muon: the peak share of a conv's weight norm that one step moves
-    muon_momentum: float = 0.6  # muon: its Nesterov momentum (airbench's 0.6)
-    bias_lr_scale: float = 1.0  # the biases' (BatchNorm shifts', conv biases') lr is lr x this (airbench's 64)
-    init: str | None = None  # start from these weights (run folder or allconv .safetensors); fresh optimizer
-    ema_decay: float = 0.0  # 0: off; else weights averaged per step (timm's ModelEmaV3)
-    lookahead_decay: float = 0.0  # 0: off; else airbench's lookahead, its per-step decay at the end (0.95)
-    tta: str = "none"  # none | flip | flip-shift: test-time augmentation of the last epoch's evaluation
-    target: float | None = None  # stop once the evaluated top-1 accuracy (%) reaches this; None: run every epoch
-    # machinery
-    seed: int = 0
-    deterministic: bool = False
-    device: str = "auto"
-    precision: str = "auto"  # auto (bf16 where the CPU or GPU computes it natively) | fp32 | bf16 | fp16 (CUDA)
-    channels_last: bool = True
-    compile: bool = False
-    workers: int = 4  # DataLoader workers for streamed ImageFolders
-    eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
-    preset: str | None = None
-
-    def model_kwargs(self, num_classes: int) -> dict:
-        """The model's options; a dropout left at None keeps the model's own (the paper's) rate."""
-        dropout = {k: getattr(self, k) for k in ("drop_input", "drop_rate") if getattr(self, k) is not None}
-        return {"num_classes": num_classes, "batch_norm": self.batch_norm, "class_relu": self.class_relu, **dropout}
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
-
-
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-
-
-def preset_dir():
-    """The presets shipped in the wheel (``allconv_cli/presets``), or the repository's own."""
-    bundled = resources.files("allconv_cli") / "presets"
-    if bundled.is_dir():
-        return bundled
-    return Path(__file__).resolve().parents[2] / "presets"
-
-
-def list_presets() -> list[str]:
-    return sorted(p.name[:-5] for p in preset_dir().iterdir() if p.name.endswith(".toml"))
 
 
 def preset_path(name_or_path: str) -> Path:
@@ -216,55 +120,14 @@ def from_json(text: str, where: str = "config.json") -> TrainConfig:
 OPTIONS = "the options"
 
 
-_TYPES = typing.get_type_hints(TrainConfig)
 
 
-_WHOLE, _NUMBER = "a whole number", "a finite number"
-
-
-_UNIT = (lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 # The range of each numeric setting: (test, words after the type's own, e.g. "a whole number ...").
-RANGES: dict[str, tuple] = {
-    "epochs": (lambda v: v >= 1, "of at least 1"),
-    "batch_size": (lambda v: v >= 1, "of at least 1"),
-    "eval_every": (lambda v: v >= 1, "of at least 1 (epochs)"),
-    "workers": (lambda v: v >= 0, "of at least 0"),
-    "crop": (lambda v: v >= 0, "of at least 0 (px; 0 turns crops off)"),
-    "crop_epochs": (lambda v: v >= 0, "of at least 0"),
-    "shift": (lambda v: v >= 0, "of at least 0 (px; 0 turns translations off)"),
-    "train_limit": (lambda v: v >= 1, "of at least 1 (leave it out to use every image)"),
-    "test_limit": (lambda v: v >= 1, "of at least 1 (leave it out to use every image)"),
-    # torch's generators take 64 bits; the per-epoch and per-step seeds made from this one stay below 2^63
-    "seed": (lambda v: 0 <= v < 2**63, "in [0, 2^63)"),
-    "lr": (lambda v: v > 0, "above 0"),
-    "momentum": _UNIT,
-    "weight_decay": (lambda v: v >= 0, "of at least 0"),
-    "gamma": (lambda v: v > 0, "above 0"),
-    "warmup_epochs": (lambda v: v >= 0, "of at least 0 (epochs)"),
-    "label_smoothing": _UNIT,
-    "bn_momentum": (lambda v: 0 < v <= 1, "in (0, 1] (the weight of each batch in the running statistics)"),
-    "muon_lr": (lambda v: v > 0, "above 0"),
-    "muon_momentum": _UNIT,
-    "bias_lr_scale": (lambda v: v > 0, "above 0 (1 gives biases the weights' learning rate)"),
-    "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1) (0 turns EMA off)"),
-    "lookahead_decay": (lambda v: 0 <= v < 1, "in [0, 1) (0 turns lookahead off)"),
-    "target": (lambda v: 0 < v <= 100, "in (0, 100] (top-1 accuracy, %)"),
-    "val_fraction": _UNIT,
-    "drop_input": (lambda v: 0 <= v < 1, "in [0, 1) (0 turns that dropout off)"),
-    "drop_rate": (lambda v: 0 <= v < 1, "in [0, 1) (0 turns that dropout off)"),
-    "milestones": (lambda v: all(m >= 1 for m in v) and v == sorted(set(v)),
-                   "of increasing epochs of at least 1, e.g. [200, 250, 300]"),
-}
-
-
-def choices() -> dict[str, tuple[str, ...]]:
-    """The settings that name one of a fixed set (the model's registry is checked on its own)."""
-
-    return {"dataset": DATASETS, "augment": AUGMENTATIONS, "preprocess": KINDS, "schedule": SCHEDULES,
-            "precision": PRECISIONS, "weight_init": WEIGHT_INITS, "flips": FLIPS, "whiten": WHITEN, "tta": TTA,
-            "optimizer": OPTIMIZERS}
+RANGES = {name: f.metadata["check"] for name, f in FIELDS.items() if f.metadata["check"] is not None}
+# The settings that name one of a fixed set (the model's registry is checked on its own).
+CHOICES = {name: f.metadata["choices"] for name, f in FIELDS.items() if f.metadata["choices"] is not None}
 
 
 def _convert(hint, value):
@@ -281,23 +144,13 @@ def _convert(hint, value):
     if hint is bool:
         return (value, None) if isinstance(value, bool) else (None, "true or false")
     if hint is int:
-        return (value, None) if isinstance(value, int) and not isinstance(value, bool) else (None, _WHOLE)
+        return (value, None) if isinstance(value, int) and not isinstance(value, bool) else (None, WHOLE)
     if hint is float:
         if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
             return float(value), None
-        return None, _NUMBER
+        return None, NUMBER
     return (value, None) if isinstance(value, str) else (None, "a string")
 
-
-def _allowed(key: str) -> str:
-    hint = _TYPES[key]
-    inner = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
-    kind = {bool: "true or false", int: _WHOLE, float: _NUMBER, str: "a string"}.get(inner, "a list of whole numbers")
-    if key in RANGES:
-        return f"{kind} {RANGES[key][1]}"
-    if key in choices():
-        return f"one of {', '.join(choices()[key])}"
-    return kind
 
 
 def check_values(settings: dict, origin: dict[str, str]) -> dict:
@@ -307,15 +160,14 @@ def check_values(settings: dict, origin: dict[str, str]) -> dict:
     (``origin[key]``, "the defaults" when absent), the key, the value and what is allowed."""
 
     values, problems = {}, []
-    allowed_names = choices()
     for key, value in settings.items():
-        converted, wrong = _convert(_TYPES[key], value)
+        converted, wrong = _convert(TYPES[key], value)
         hint = ""
         if wrong is None and converted is not None:
             if key in RANGES and not RANGES[key][0](converted):
                 wrong = "out of range"
-            elif key in allowed_names and converted not in allowed_names[key]:
-                wrong, hint = "not a choice", did_you_mean(converted, allowed_names[key])
+            elif key in CHOICES and converted not in CHOICES[key]:
+                wrong, hint = "not a choice", did_you_mean(converted, CHOICES[key])
             elif key == "model":
                 try:
                     resolve_name(converted)
@@ -325,9 +177,9 @@ def check_values(settings: dict, origin: dict[str, str]) -> dict:
             values[key] = converted
             continue
         where = origin.get(key, "the defaults")
-        allowed = "a registered model name, e.g. all-cnn-c (see 'allconv models')" if key == "model" else _allowed(key)
+        takes = "a registered model name, e.g. all-cnn-c (see 'allconv models')" if key == "model" else allowed(key)
         problems.append(f"{where}: {_show(key, value, where)} is not allowed{hint}; "
-                        f"{_flag(key, where)} takes {allowed}")
+                        f"{_flag(key, where)} takes {takes}")
     if problems:
         raise ValueError("; ".join(problems))
     return values

@@ -9,8 +9,8 @@ from torch import nn
 
 from allconv_cli.data import datasets
 from allconv_cli.device import autocast
+from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.learner import Learner
-from allconv_cli.train.settings import TrainConfig
 
 
 def _memory_format(config: TrainConfig):

@@ -1,0 +1,19 @@
+"""The names a user can choose, one tuple per kind of choice. A leaf that imports nothing, so that
+the training settings and the command line list them without importing torch; the modules that
+implement each kind take their names from here."""
+
+DATASETS = ("sample", "cifar10", "cifar100", "imagefolder")
+AUGMENTATIONS = ("none", "paper", "strong")
+PREPROCESSING = ("standardize", "zca")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TTA = ("none", "flip", "flip-shift")  # test-time augmentation: see evaluate.predict
+WEIGHT_INITS = ("xavier-open", "xavier", "kaiming", "lsuv")
+SCHEDULES = ("paper", "cosine", "onecycle", "constant")
+FLIPS = ("random", "alternate")
+WHITEN = ("off", "init", "frozen")
+# Each optimizer: what it steps with (the help of --optimizer); train/optim.py builds each.
+OPTIMIZERS = {
+    "sgd": "SGD with --lr, --momentum and --nesterov on every parameter (Section 3.2's optimizer)",
+    "muon": "the conv weights step by Muon's orthogonalized momentum at --muon-lr, the rest by SGD as "
+            "for sgd; needs --batch-norm",
+}

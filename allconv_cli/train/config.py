@@ -1,0 +1,231 @@
+"""Every training setting, declared once: its type, default, help, choices and range.
+
+``TrainConfig``'s fields are the single source for the settings' checks (``settings``), the
+options of ``allconv train`` (generated from the fields, so no default, choice or range is
+written twice) and the run folder's ``config.json``. Torch-free: ``allconv --help`` reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from allconv_cli.choices import (
+    AUGMENTATIONS,
+    DATASETS,
+    FLIPS,
+    OPTIMIZERS,
+    PRECISIONS,
+    PREPROCESSING,
+    SCHEDULES,
+    TTA,
+    WEIGHT_INITS,
+    WHITEN,
+)
+
+Check = tuple[Callable[[object], bool], str]  # (test of a value, the words saying what passes)
+UNIT: Check = (lambda v: 0 <= v < 1, "in [0, 1)")
+AT_LEAST_1: Check = (lambda v: v >= 1, "of at least 1")
+ABOVE_0: Check = (lambda v: v > 0, "above 0")
+DROPOUT: Check = (lambda v: 0 <= v < 1, "in [0, 1) (0 turns that dropout off)")
+
+
+def setting(default, help: str, *, choices=None, check: Check | None = None, flags: tuple[str, ...] = (),
+            default_text: str | None = None):
+    """A field of TrainConfig with what its option shows: ``help`` (the default, the choices and the
+    range are added from the other arguments), ``choices`` (names, or a dict name -> what it does),
+    ``check`` (range), ``flags`` (the option's names, e.g. ("--model", "-m"); default: --name, and
+    --name/--no-name for a bool), ``default_text`` (how to show a None default)."""
+    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None,
+                "choice_help": choices if isinstance(choices, dict) else None, "check": check, "flags": flags,
+                "default_text": default_text}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. The defaults train the faithful All-CNN-C on the bundled
+    sample with the paper's optimizer and a cosine schedule."""
+
+    # what to train
+    model: str = setting("all-cnn-c", "Registry name, e.g. all-cnn-c (see 'allconv models').",
+                         flags=("--model", "-m"))
+    batch_norm: bool = setting(False, "Deviation: BatchNorm after every conv.")
+    class_relu: bool = setting(True, "The paper's ReLU after the class conv.")
+    drop_input: float | None = setting(None, "Dropout on the input.", check=DROPOUT,
+                                       default_text="the model's, 0.2 as in the paper")
+    drop_rate: float | None = setting(None, "Dropout after each pool or the conv replacing it.",
+                                      check=DROPOUT, default_text="the model's, 0.5 as in the paper")
+    # data
+    dataset: str = setting("sample", "The data set: sample is bundled (4,000 + 1,000 CIFAR-10 images); cifar10 and "
+                           "cifar100 read torchvision's layout; imagefolder reads train/ and val/ or test/.",
+                           choices=DATASETS, flags=("--dataset", "-d"))
+    data_dir: str | None = setting(None, "Folder of the data set (CIFAR: torchvision's layout, downloaded there if "
+                                         "missing; imagefolder: train/ and val/ or test/).",
+                                   default_text="data for CIFAR")
+    preprocess: str = setting("standardize", "standardize (per-channel mean and std) or zca (the paper's GCN + ZCA).",
+                              choices=PREPROCESSING)
+    augment: str = setting("paper", "none, paper (flips and translations of up to --shift px) or strong (adds "
+                                    "CutMix/Mixup).", choices=AUGMENTATIONS)
+    shift: int = setting(5, "How far (px) the paper's translations reach each way (the paper's 5).",
+                         check=(lambda v: v >= 0, "of at least 0 (px; 0 turns translations off)"))
+    crop: int = setting(0, "Train on random crops of this side (px) in the first --crop-epochs epochs: cheaper "
+                           "steps, e.g. 24 of 32 px costs half.",
+                        check=(lambda v: v >= 0, "of at least 0 (px; 0 turns crops off)"))
+    crop_epochs: int = setting(0, "How many of the first epochs train on --crop windows; the rest train at full "
+                                  "size, so BatchNorm's statistics match the test images.",
+                               check=(lambda v: v >= 0, "of at least 0"))
+    flips: str = setting("random", "random (a coin per image and step) or alternate (each image mirrored in every "
+                                   "other epoch, from a random start; airbench's).", choices=FLIPS)
+    val_fraction: float = setting(0.0, "Hold out this share of train for evaluation; test is then scored once at the "
+                                       "end.", check=UNIT)
+    train_limit: int | None = setting(None, "Use at most this many training images.",
+                                      check=(lambda v: v >= 1, "of at least 1 (leave it out to use every image)"),
+                                      default_text="every image")
+    test_limit: int | None = setting(None, "Use at most this many test images.",
+                                     check=(lambda v: v >= 1, "of at least 1 (leave it out to use every image)"),
+                                     default_text="every image")
+    shuffle_labels: bool = setting(False, "Permute the training labels once, with the seed: a model for the "
+                                          "data-randomization test of 'allconv sanity --against'.")
+    # optimization (Section 3.2: SGD, momentum 0.9, weight decay 0.001)
+    epochs: int = setting(30, "Epochs.", check=AT_LEAST_1)
+    batch_size: int = setting(128, "Global batch size, split over DDP processes.", check=AT_LEAST_1,
+                              flags=("--batch-size", "-b"))
+    lr: float = setting(0.05, "Peak learning rate; 0.05 is in the paper's grid.", check=ABOVE_0)
+    momentum: float = setting(0.9, "SGD momentum (the paper's 0.9).", check=UNIT)
+    nesterov: bool = setting(False, "Nesterov momentum.")
+    weight_decay: float = setting(0.001, "Weight decay (the paper's 0.001). With --optimizer muon it acts on the SGD "
+                                         "parameters only (with --decay-all): Muon holds the conv weights' norm fixed.",
+                                  check=(lambda v: v >= 0, "of at least 0"))
+    schedule: str = setting("cosine", "paper (x --gamma at --milestones), cosine, onecycle (warm-up, then a linear "
+                                      "decay to lr / 1000) or constant.", choices=SCHEDULES)
+    milestones: list[int] = setting([200, 250, 300], "Comma-separated epochs for the paper schedule.",
+                                    check=(lambda v: all(m >= 1 for m in v) and v == sorted(set(v)),
+                                           "of increasing epochs of at least 1, e.g. [200, 250, 300]"))
+    gamma: float = setting(0.1, "The paper schedule's factor at each milestone.", check=ABOVE_0)
+    warmup_epochs: float = setting(1.0, "Linear warm-up from lr / 10, in epochs (a fraction is allowed; 0 for none).",
+                                   check=(lambda v: v >= 0, "of at least 0 (epochs)"))
+    label_smoothing: float = setting(0.0, "Label smoothing.", check=UNIT)
+    weight_init: str = setting("xavier-open", "How the convs start: xavier-open (Xavier-uniform, biases 0.1, the class "
+                                              "conv's 1.0 so that its ReLU starts open), xavier (biases 0.1 "
+                                              "everywhere), kaiming (He normal, biases 0) or lsuv (orthogonal, then "
+                                              "each conv scaled to unit output variance on training images).",
+                               choices=WEIGHT_INITS)
+    whiten: str = setting("off", "off, init (the first conv starts as the whitening of the training images' patches) "
+                                 "or frozen (and is never trained).", choices=WHITEN)
+    dirac: bool = setting(False, "Start the convs after the first (not the class conv) with identity filters.")
+    decay_all: bool = setting(True, "Weight decay on every parameter, or on conv weights only (not biases and "
+                                    "BatchNorm).", flags=("--decay-all/--decay-weights-only",))
+    bn_momentum: float = setting(0.1, "Weight of each batch in BatchNorm's running statistics (torch's momentum; "
+                                      "airbench's 0.4).",
+                                 check=(lambda v: 0 < v <= 1, "in (0, 1] (the weight of each batch in the running "
+                                                              "statistics)"))
+    optimizer: str = setting("sgd", "The optimizer.", choices=OPTIMIZERS)
+    muon_lr: float = setting(0.05, "With --optimizer muon: the conv weights' peak learning rate, the share of each "
+                                   "conv's weight norm that one step moves (the schedule applies); 0.05 was the best "
+                                   "of 0.03, 0.05 and 0.07 for All-CNN-C in ten CIFAR-10 epochs.", check=ABOVE_0)
+    muon_momentum: float = setting(0.6, "With --optimizer muon: the conv weights' Nesterov momentum (airbench's 0.6).",
+                                   check=UNIT)
+    bias_lr_scale: float = setting(1.0, "Learning rate of the biases (BatchNorm shifts, conv biases) as a multiple of "
+                                        "--lr; their weight decay per step stays the same (airbench's 64).",
+                                   check=(lambda v: v > 0, "above 0 (1 gives biases the weights' learning rate)"))
+    init: str | None = setting(None, "Start from these weights (a run folder or allconv .safetensors) and their "
+                                     "preprocessing, with a fresh optimizer and schedule: fine-tuning, or a further "
+                                     "cycle.", default_text="a fresh initialization")
+    ema_decay: float = setting(0.0, "Per-step weight EMA decay (timm's ModelEmaV3), e.g. 0.999.",
+                               check=(lambda v: 0 <= v < 1, "in [0, 1) (0 turns EMA off)"))
+    lookahead_decay: float = setting(0.0, "Lookahead (airbench's): every 5 steps the weights and BatchNorm statistics "
+                                          "are pulled toward a slow copy of themselves, training goes on from that "
+                                          "copy, and the pull grows as the cube of the run's progress to this per-step "
+                                          "decay at its end, e.g. 0.95.",
+                                     check=(lambda v: 0 <= v < 1, "in [0, 1) (0 turns lookahead off)"))
+    tta: str = setting("none", "Test-time augmentation of the last epoch's evaluation and the final test, reported "
+                               "beside the plain figures (see allconv eval --tta).", choices=TTA)
+    target: float | None = setting(None, "Stop once the evaluated top-1 accuracy (%, validation split if held out, "
+                                         "else test) reaches this; every epoch is then evaluated, and the epoch and "
+                                         "time are reported.",
+                                   check=(lambda v: 0 < v <= 100, "in (0, 100] (top-1 accuracy, %)"),
+                                   default_text="every epoch runs")
+    # machinery
+    seed: int = setting(0, "Seed of initialization, order, augmentation and dropout.",
+                        # torch's generators take 64 bits; the per-epoch and per-step seeds made from it stay below 2^63
+                        check=(lambda v: 0 <= v < 2**63, "in [0, 2^63)"))
+    deterministic: bool = setting(False, "Deterministic kernels (slower on CUDA).")
+    device: str = setting("auto", "auto (the first GPU, else the CPU), cpu, cuda or cuda:N.")
+    precision: str = setting("auto", "auto (bf16 autocast where the CPU or GPU computes bf16 natively, else fp32), "
+                                     "fp32, bf16 or fp16 (CUDA only, with a gradient scaler). Weights, optimizer "
+                                     "state, BatchNorm statistics and the loss stay fp32.", choices=PRECISIONS)
+    channels_last: bool = setting(True, "channels_last memory format.")
+    compile: bool = setting(False, "torch.compile the training step.")
+    workers: int = setting(4, "DataLoader workers for image folders too large to hold in memory.",
+                           check=(lambda v: v >= 0, "of at least 0"))
+    eval_every: int = setting(1, "Evaluate every N epochs; the last is always evaluated.",
+                              check=(lambda v: v >= 1, "of at least 1 (epochs)"))
+    preset: str | None = setting(None, "A bundled preset or a .toml path; the options override its keys.", flags=("--preset", "-p"), default_text="none")
+
+    def model_kwargs(self, num_classes: int) -> dict:
+        """The model's options; a dropout left at None keeps the model's own (the paper's) rate."""
+        dropout = {k: getattr(self, k) for k in ("drop_input", "drop_rate") if getattr(self, k) is not None}
+        return {"num_classes": num_classes, "batch_norm": self.batch_norm, "class_relu": self.class_relu, **dropout}
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+TYPES = typing.get_type_hints(TrainConfig)
+WHOLE, NUMBER = "a whole number", "a finite number"
+
+
+def kind(name: str) -> type:
+    """A setting's type without None: ``int | None`` -> int."""
+    hint = TYPES[name]
+    return next(a for a in typing.get_args(hint) if a is not type(None)) if isinstance(hint, types.UnionType) else hint
+
+
+def allowed(name: str) -> str:
+    """What a setting takes, in words: "a whole number of at least 1", "one of sgd, muon"."""
+    words = {bool: "true or false", int: WHOLE, float: NUMBER, str: "a string"}.get(kind(name), "a list of whole numbers")
+    meta = FIELDS[name].metadata
+    if meta["check"] is not None:
+        return f"{words} {meta['check'][1]}"
+    if meta["choices"] is not None:
+        return f"one of {', '.join(meta['choices'])}"
+    return words
+
+
+def shown_default(name: str) -> str:
+    """A setting's default as its option's help shows it: on / off, 200,250,300, 0.05."""
+    meta, default = FIELDS[name].metadata, FIELDS[name].default
+    if FIELDS[name].default_factory is not dataclasses.MISSING:
+        default = FIELDS[name].default_factory()
+    if default is None:
+        return meta["default_text"]
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, list):
+        return ",".join(map(str, default))
+    return f"{default:g}" if isinstance(default, float) else str(default)
+
+
+def preset_dir():
+    """The presets shipped in the wheel (``allconv_cli/presets``), or the repository's own."""
+    bundled = resources.files("allconv_cli") / "presets"
+    if bundled.is_dir():
+        return bundled
+    return Path(__file__).resolve().parents[2] / "presets"
+
+
+
+def list_presets() -> list[str]:
+    return sorted(p.name[:-5] for p in preset_dir().iterdir() if p.name.endswith(".toml"))
+

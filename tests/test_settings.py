@@ -1,0 +1,61 @@
+"""Each training setting is declared once (``train/config.py``): its option of ``allconv train``, its
+checks and the names its implementation accepts all come from that declaration."""
+
+import dataclasses
+
+import pytest
+import typer
+
+from allconv_cli import choices
+from allconv_cli.cli import app
+from allconv_cli.train import optim
+from allconv_cli.train.config import FIELDS, TrainConfig, allowed, kind, shown_default
+from allconv_cli.train.settings import CHOICES, RANGES
+
+COMMAND_OPTIONS = {"out", "force", "resume", "stop_after", "as_json"}  # the command's own, not settings
+
+
+def train_options():
+    return typer.main.get_command(app).commands["train"].params
+
+
+def test_the_options_are_the_settings_and_the_commands_own():
+    names = [option.name for option in train_options()]
+    assert sorted(names) == sorted([*FIELDS, *COMMAND_OPTIONS])
+
+
+@pytest.mark.parametrize("name", list(FIELDS))
+def test_each_setting_has_one_option_whose_default_choices_and_range_come_from_it(name):
+    [option] = [o for o in train_options() if o.name == name]
+    meta = FIELDS[name].metadata
+    assert option.default is None  # "not given": the preset or the default applies
+    assert option.help.startswith(meta["help"])
+    assert option.help.endswith(f"Default: {shown_default(name)}.")
+    for choice in meta["choices"] or ():
+        assert choice in option.help
+    if meta["check"] is not None:
+        assert f"Takes {allowed(name)}." in option.help
+    if kind(name) is bool:
+        assert option.is_flag and option.secondary_opts  # --x/--no-x: either way can be given
+
+
+def test_shown_defaults_follow_the_declaration():
+    default = TrainConfig()
+    for name, field in FIELDS.items():
+        value = getattr(default, name)
+        if value is None:
+            assert shown_default(name) == field.metadata["default_text"]
+        elif isinstance(value, bool):
+            assert shown_default(name) == ("on" if value else "off")
+        elif isinstance(value, float):
+            assert float(shown_default(name)) == value
+
+
+def test_checks_come_from_the_declaration():
+    assert RANGES == {n: f.metadata["check"] for n, f in FIELDS.items() if f.metadata["check"] is not None}
+    assert CHOICES == {n: f.metadata["choices"] for n, f in FIELDS.items() if f.metadata["choices"] is not None}
+    assert dataclasses.fields(TrainConfig) and all("help" in f.metadata for f in dataclasses.fields(TrainConfig))
+
+
+def test_every_optimizer_name_has_an_entry_and_every_entry_a_name():
+    assert list(optim.OPTIMIZERS) == list(choices.OPTIMIZERS) == list(CHOICES["optimizer"])
