@@ -554,3 +554,18 @@ def test_images_are_fitted_as_the_model_is_configured(tmp_path):
     expected = fit_image(open_image(tmp_path / "photo.png"), (3, 224, 224), "bilinear", 224 / 256)
     exact(images[0], expected.float() / 255)
     exact(inputs, foreign.preprocess(images))
+
+
+def test_a_method_is_one_table_entry(monkeypatch):
+    """A new method made of existing maps needs its entry alone: computing, validation and titles follow."""
+    from allconv_cli.explain import methods
+
+    entry = methods.Method("deconvnet Grad-CAM", ("deconvnet", methods.GRADCAM))
+    monkeypatch.setitem(methods.SALIENCY_METHODS, "deconvnet-gradcam", entry)
+    model = create_model("all-cnn-c").eval()
+    x = torch.rand(2, 3, 32, 32)
+    targets = select_targets(model, x, None, target_class=3)
+    combined = saliency_maps(model, x, targets, "deconvnet-gradcam")
+    expected = saliency_maps(model, x, targets, "deconvnet") * saliency_maps(model, x, targets, "gradcam")
+    assert entry.needs_class and combined.shape == (2, 3, 32, 32)
+    assert torch.allclose(combined, expected)

@@ -15,6 +15,7 @@ from allconv_cli.cli.common import (
     scan_progress,
     user_errors,
 )
+from allconv_cli.explain.methods import METHODS, PAPER_METHODS
 
 
 def visualize(
@@ -22,7 +23,7 @@ def visualize(
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", show_default=False, help="Run folder or .safetensors weights. Default: the bundled All-CNN-C trained on CIFAR-10.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", show_default=False, help="A timm or torchvision net (e.g. resnet18) whose plain safetensors state dict is --checkpoint; preprocessed with its own mean, std, input size and resizing.")] = None,
     layer: Annotated[Optional[str], typer.Option("--layer", "-l", show_default=False, help="Layer of the neuron (conv1..convN for allconv nets); with --class, the layer Grad-CAM weighs. Default: the last conv layer.")] = None,
-    methods: Annotated[Optional[str], typer.Option("--methods", show_default=False, help="Comma-separated: backprop, deconvnet, guided, gradcam, guided-gradcam. Default: the paper's backprop,deconvnet,guided; with --dataset, guided.")] = None,
+    methods: Annotated[Optional[str], typer.Option("--methods", show_default=False, help=f"Comma-separated: {', '.join(METHODS)}. Default: the paper's {','.join(PAPER_METHODS)}; with --dataset, guided.")] = None,
     channel: Annotated[Optional[list[int]], typer.Option("--channel", show_default=False, help="A channel of --layer at its spatial maximum; repeat for more rows. With --dataset: the filters to scan (default: the first 8).")] = None,
     neuron: Annotated[Optional[tuple[int, int, int]], typer.Option("--neuron", show_default=False, help="One exact neuron: CHANNEL Y X.")] = None,
     top_channels: Annotated[Optional[int], typer.Option("--top-channels", show_default=False, help="The K most active channels of --layer per image, one row each.")] = None,
@@ -75,7 +76,7 @@ def visualize(
         precision = resolve_precision(precision, dev)
         loaded = load_for_saliency(checkpoint, model, dev)
         if dataset is None:
-            result = saliency.explain(loaded, images, layer, method_list or saliency.PAPER_METHODS,
+            result = saliency.explain(loaded, images, layer, method_list or PAPER_METHODS,
                                       neuron=neuron, channels=channel or None, top_channels=top_channels,
                                       target_class=target_class, precision=precision)
             png = grid.saliency_figure(result, norm, percentile, upscale)
@@ -119,7 +120,7 @@ def sanity(
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", show_default=False, help="Run folder or allconv .safetensors weights. Default: the bundled All-CNN-C trained on CIFAR-10.")] = None,
     against: Annotated[Optional[Path], typer.Option("--against", show_default=False, help="Instead of randomizing layers: compare with the maps of this run folder or checkpoint, e.g. a model trained with 'allconv train --shuffle-labels' (the data-randomization test).")] = None,
     layer: Annotated[Optional[str], typer.Option("--layer", "-l", show_default=False, help="Without --class: explain the trained model's most active neuron of this layer (paper's methods only) and randomize from it down. With --class: the layer Grad-CAM weighs. Default: the class, predicted by the trained model, and the last conv layer.")] = None,
-    methods: Annotated[Optional[str], typer.Option("--methods", show_default=False, help="Comma-separated: backprop, deconvnet, guided, gradcam, guided-gradcam. Default: all five for a class, the paper's three for a neuron.")] = None,
+    methods: Annotated[Optional[str], typer.Option("--methods", show_default=False, help=f"Comma-separated: {', '.join(METHODS)}. Default: all of them for a class, the paper's {','.join(PAPER_METHODS)} for a neuron.")] = None,
     target_class: Annotated[Optional[str], typer.Option("--class", show_default=False, help="The class logit to explain: a name, an index or 'predicted' (the trained model's prediction, the default without --layer).")] = None,
     mode: Annotated[str, typer.Option("--mode", help="cascade (re-initialize from the top layer down, one more layer per stage) or independent (one layer at a time).")] = "cascade",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the re-initialization (the model's own initializer).")] = 0,
@@ -141,7 +142,7 @@ def sanity(
     [bold]allconv sanity cat.png --against runs/shuffled-labels[/bold]
     """
     with user_errors():
-        from allconv_cli.explain.saliency import METHODS, PAPER_METHODS, check_methods
+        from allconv_cli.explain.saliency import check_methods
 
         if against is not None and mode != "cascade":
             raise ValueError("--against compares two models; it takes no --mode")

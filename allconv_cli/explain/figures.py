@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from allconv_cli.explain.saliency import CLASS_METHODS
+from allconv_cli.explain.methods import SALIENCY_METHODS
 from allconv_cli.explain.targets import class_label
 
 __all__ = ["NORMS", "UPSCALES", "check_display", "normalize", "patches_figure", "grid_figure", "render", "saliency_figure",
@@ -28,8 +28,6 @@ __all__ = ["NORMS", "UPSCALES", "check_display", "normalize", "patches_figure", 
 
 NORMS = ("signed", "abs", "percentile")
 UPSCALES = ("nearest", "bicubic")
-METHOD_TITLES = {"backprop": "backpropagation", "deconvnet": "deconvnet", "guided": "guided backprop",
-                 "gradcam": "Grad-CAM", "guided-gradcam": "guided Grad-CAM"}
 
 _DPI = 100  # figure inches -> pixels; sizes below are in pixels
 _FONT = 8  # points
@@ -232,9 +230,9 @@ def saliency_figure(explanation, norm: str = "signed", percentile: float = 99.5,
         else:
             what = f"{t.layer} ch {t.channel} @ ({t.y}, {t.x})\nact {t.value:.3g}"
         titles.append(f"{_short(Path(e.paths[t.image]).name)}\n{what}")
-    groups = [("input", 1), *((METHOD_TITLES[m], 1) for m in e.maps)]
+    groups = [("input", 1), *((SALIENCY_METHODS[m].title, 1) for m in e.maps)]
     parts = [f"{loaded.name}, weights {loaded.source}", f"signal from {e.selection}"]
-    if any(m in CLASS_METHODS for m in e.maps):
+    if any(SALIENCY_METHODS[m].needs_class for m in e.maps):
         parts.append(f"Grad-CAM on {e.layer}'s maps, 0 to max (inferno)")
     parts.append(norm_text(norm, percentile) + "; gradients w.r.t. the preprocessed input")
     parts.append(upscale_text(*e.images.shape[2:], upscale, _MIN_CELL))
@@ -252,7 +250,7 @@ def patches_figure(result, loaded, dataset: str, norm: str = "signed", percentil
         maps = [normalize(m[s, j], norm, percentile) for m in result.maps.values() for j in range(k)]
         rows.append([*(picture(p) for p in result.patches[s]), *maps])
         titles.append(f"{result.layer} filter {channel}\nmax {result.values[s, 0].item():.3g}")
-    groups = [(f"top-{k} patches", k), *((METHOD_TITLES[m], k) for m in result.maps)]
+    groups = [(f"top-{k} patches", k), *((SALIENCY_METHODS[m].title, k) for m in result.maps)]
     rf = result.field
     parts = [f"{loaded.name}, weights {loaded.source}",
              f"{result.layer}: per filter the {k} of {result.scanned} {dataset} images whose best neuron "
@@ -284,9 +282,9 @@ def sanity_figure(result, method: str, loaded, norm: str = "abs", percentile: fl
         how = (f"{result.mode} randomization (seed {result.seed}): "
                + ("from the top layer down to the one named, re-initialized" if result.mode == "cascade"
                   else "only the layer named re-initialized"))
-    parts = [f"{METHOD_TITLES[method]} · {loaded.name}, weights {loaded.source}", how,
+    parts = [f"{SALIENCY_METHODS[method].title} · {loaded.name}, weights {loaded.source}", how,
              f"signal from {result.selection}"]
-    if method in CLASS_METHODS:
+    if SALIENCY_METHODS[method].needs_class:
         parts.append(f"Grad-CAM on {result.layer}'s maps, 0 to max (inferno)")
     if method != "gradcam":
         parts.append(norm_text(norm, percentile))
@@ -316,7 +314,7 @@ def sanity_chart(result, title: str) -> bytes:
             values = [1.0] + [next(r[metric] for r in rows if r["method"] == method and r["stage"] == name)
                               for name in result.stage_names]
             ys = [math.nan if v is None else v for v in values]
-            ax.plot(range(len(names)), ys, marker="o", markersize=3, label=METHOD_TITLES[method])
+            ax.plot(range(len(names)), ys, marker="o", markersize=3, label=SALIENCY_METHODS[method].title)
         ax.set_title(metric_title, fontsize=_FONT + 1)
         ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=_FONT)
         ax.axhline(0, color="grey", linewidth=0.5)

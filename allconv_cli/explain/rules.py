@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from allconv_cli.explain.methods import RULES
+
 __all__ = ["RULES", "ReLURules", "check_graph"]
 
-RULES = ("backprop", "deconvnet", "guided")
 
 
 class _ReLURule(torch.autograd.Function):

@@ -20,6 +20,7 @@ Typical use::
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from allconv_cli.device import autocast, resolve_precision
+from allconv_cli.explain.methods import (
+    CLASS_METHODS,
+    GRADCAM,
+    METHODS,
+    PAPER_METHODS,
+    SALIENCY_METHODS,
+)
 from allconv_cli.explain.rules import ReLURules, check_graph
 from allconv_cli.explain.targets import (
     Target,
@@ -47,9 +55,6 @@ from allconv_cli.util import atomic_write, did_you_mean
 __all__ = ["CLASS_METHODS", "METHODS", "PAPER_METHODS", "Explanation", "check_methods", "explain",
            "saliency_maps"]
 
-PAPER_METHODS = ("backprop", "deconvnet", "guided")
-METHODS = (*PAPER_METHODS, "gradcam", "guided-gradcam")
-CLASS_METHODS = ("gradcam", "guided-gradcam")  # explain a class score, so need a class target
 
 _ROWS_PER_PASS = 64  # rows per forward/backward pass: bounds memory on long scans
 
@@ -75,7 +80,7 @@ def saliency_maps(
     layers = {t.layer for t in targets}
     if len(layers) > 1:
         raise ValueError(f"targets mix layers {sorted(map(str, layers))}; compute them separately")
-    if method in CLASS_METHODS:
+    if SALIENCY_METHODS[method].needs_class:
         if targets[0].layer is not None:
             raise ValueError(f"{method} explains a class score: select the targets with --class "
                              "NAME, INDEX or predicted")
@@ -85,24 +90,21 @@ def saliency_maps(
     for start in range(0, len(targets), _ROWS_PER_PASS):
         rows = targets[start:start + _ROWS_PER_PASS]
         x = inputs[[t.image for t in rows]]
-        if method == "gradcam":
-            chunks.append(_gradcam(model, x, rows, cam_layer))
-        elif method == "guided-gradcam":
-            chunks.append(_rule_map(model, x, rows, "guided") * _gradcam(model, x, rows, cam_layer))
-        else:
-            chunks.append(_rule_map(model, x, rows, method))
+        maps = [_gradcam(model, x, rows, cam_layer) if kind == GRADCAM else _rule_map(model, x, rows, kind)
+                for kind in SALIENCY_METHODS[method].maps]
+        chunks.append(math.prod(maps[1:], start=maps[0]))  # (N, 1, H, W) factors broadcast over channels
     return torch.cat(chunks)
 
 
 def check_methods(methods: Iterable[str]) -> tuple[str, ...]:
-    """Validate method names (see METHODS); duplicates are dropped, order kept."""
+    """Validate method names (the names of SALIENCY_METHODS); duplicates are dropped, order kept."""
     methods = tuple(dict.fromkeys(m.strip() for m in methods if m.strip()))
     for method in methods:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}{did_you_mean(method, METHODS)}; "
-                             f"choose from {', '.join(METHODS)}")
+        if method not in SALIENCY_METHODS:
+            raise ValueError(f"unknown method {method!r}{did_you_mean(method, SALIENCY_METHODS)}; "
+                             f"choose from {', '.join(SALIENCY_METHODS)}")
     if not methods:
-        raise ValueError(f"no method given; choose from {', '.join(METHODS)}")
+        raise ValueError(f"no method given; choose from {', '.join(SALIENCY_METHODS)}")
     return methods
 
 
@@ -188,8 +190,9 @@ def explain(
     mantissa changes it.
     """
     methods = check_methods(methods)
-    if target_class is None and any(m in CLASS_METHODS for m in methods):
-        raise ValueError(f"{', '.join(m for m in methods if m in CLASS_METHODS)} explain a class "
+    needs_class = [m for m in methods if SALIENCY_METHODS[m].needs_class]
+    if target_class is None and needs_class:
+        raise ValueError(f"{', '.join(needs_class)} explain a class "
                          "score: add --class NAME, INDEX or predicted")
     model = loaded.model
     layer = default_layer(model) if layer is None else layer

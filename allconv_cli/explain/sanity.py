@@ -30,13 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from allconv_cli.device import autocast, resolve_precision
-from allconv_cli.explain.saliency import (
-    CLASS_METHODS,
-    METHODS,
-    PAPER_METHODS,
-    check_methods,
-    saliency_maps,
-)
+from allconv_cli.explain.methods import METHODS, PAPER_METHODS
+from allconv_cli.explain.saliency import check_methods, saliency_maps
 from allconv_cli.explain.targets import (
     Target,
     class_index,
@@ -216,8 +211,8 @@ def sanity_check(
     by_class = target_class is not None or layer is None
     target_class = "predicted" if target_class is None and by_class else target_class
     methods = check_methods(methods or (METHODS if by_class else PAPER_METHODS))
-    if not by_class and any(m in CLASS_METHODS for m in methods):
-        raise ValueError(f"{', '.join(m for m in methods if m in CLASS_METHODS)} explain a class "
+    if not by_class and any(SALIENCY_METHODS[m].needs_class for m in methods):
+        raise ValueError(f"{', '.join(m for m in methods if SALIENCY_METHODS[m].needs_class)} explain a class "
                          "score: add --class NAME, INDEX or predicted, or drop --layer")
     layer = default_layer(model) if layer is None else layer
     get_layer(model, layer)

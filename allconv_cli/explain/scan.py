@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from allconv_cli.explain.saliency import CLASS_METHODS, check_methods, saliency_maps
+from allconv_cli.explain.methods import SALIENCY_METHODS
+from allconv_cli.explain.saliency import check_methods, saliency_maps
 from allconv_cli.explain.targets import Target, check_range, eval_mode, run_to
 from allconv_cli.models.net import AllConvNet, ConvBlock
 from allconv_cli.util import atomic_write
@@ -111,7 +112,7 @@ def top_patches(
     methods = check_methods(methods)
     if top < 1:
         raise ValueError(f"--top {top}: give at least 1 patch per filter")
-    bad = [m for m in methods if m in CLASS_METHODS]
+    bad = [m for m in methods if SALIENCY_METHODS[m].needs_class]
     if bad:
         raise ValueError(f"{', '.join(bad)} explain class scores, not filters; "
                          "use backprop, deconvnet or guided")
