@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from allconv_cli.device import autocast, resolve_precision
-from allconv_cli.explain.methods import METHODS, PAPER_METHODS
+from allconv_cli.explain.methods import METHODS, PAPER_METHODS, SALIENCY_METHODS
 from allconv_cli.explain.saliency import check_methods, saliency_maps
 from allconv_cli.explain.targets import (
     Target,
