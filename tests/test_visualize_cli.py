@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from allconv_cli.cli import app
 from allconv_cli.files import loading
+from allconv_cli.files.raw_maps import read_raw_maps
 from allconv_cli.files.weights import save_weights
 from allconv_cli.models import create_model
 
@@ -54,10 +55,10 @@ def test_writes_the_grid_and_raw_maps(workdir, tmp_path):
         assert png.format == "PNG" and png.width > 4 * 64 and png.height > 2 * 64
     with safe_open(str(raw), "pt") as f:
         assert sorted(f.keys()) == ["image", "input", "maps.backprop", "maps.deconvnet", "maps.guided", "targets"]
-        assert f.get_tensor("maps.guided").shape == (2, 3, 16, 16)
-        assert f.get_tensor("input").shape == (2, 3, 16, 16)
-        meta = json.loads(f.metadata()["allconv"])
-    assert meta["layer"] == "conv6" and meta["methods"] == ["backprop", "deconvnet", "guided"]
+    written = read_raw_maps(raw)  # the format's own reader checks what the writer wrote
+    assert written.kind == "saliency" and written.maps["guided"].shape == (2, 3, 16, 16)
+    assert written.tensors["input"].shape == (2, 3, 16, 16)
+    assert written.meta["layer"] == "conv6" and written.meta["methods"] == ["backprop", "deconvnet", "guided"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "maps.safetensors"]  # no temporaries
 
 
@@ -112,9 +113,10 @@ def test_the_dataset_scan(workdir, tmp_path, monkeypatch):
     assert "scanning" not in result.output  # no progress bar: stderr is not a terminal here
     with Image.open(out) as png:
         assert png.format == "PNG"
-    with safe_open(str(raw), "pt") as f:
-        assert f.get_tensor("patches").shape == (2, 4, 3, 19, 19)
-        assert f.get_tensor("maps.guided").shape == (2, 4, 3, 19, 19)
+    written = read_raw_maps(raw)
+    assert written.kind == "patches" and written.meta["layer"] == "conv6"
+    assert written.tensors["patches"].shape == (2, 4, 3, 19, 19)
+    assert written.maps["guided"].shape == (2, 4, 3, 19, 19)
 
 
 def test_the_scan_progress_bar_on_a_terminal(workdir, tmp_path, monkeypatch):
@@ -295,3 +297,17 @@ def test_bad_input_is_one_line_and_no_png(workdir, tmp_path, monkeypatch, case):
     assert len(result.output.strip().splitlines()) == 1, result.output
     assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
     assert [p.name for p in tmp_path.iterdir()] == ["inputs"]  # no PNG, no temporary
+
+
+def test_the_raw_maps_reader_refuses_other_files(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from allconv_cli.files.raw_maps import write_raw_maps
+
+    other = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(1)}, str(other))
+    with pytest.raises(ValueError, match="not an allconv raw-maps file"):
+        read_raw_maps(other)
+    with pytest.raises(ValueError, match="holds image, input, targets"):
+        write_raw_maps(tmp_path / "bad.safetensors", "saliency", {}, {"image": torch.zeros(1)}, {})

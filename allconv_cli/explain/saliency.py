@@ -19,7 +19,6 @@ Typical use::
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from allconv_cli.device import autocast, resolve_precision
@@ -50,7 +48,8 @@ from allconv_cli.explain.targets import (
     select_targets,
 )
 from allconv_cli.files.loading import LoadedModel
-from allconv_cli.util import atomic_write, did_you_mean
+from allconv_cli.files.raw_maps import write_raw_maps
+from allconv_cli.util import did_you_mean
 
 __all__ = ["CLASS_METHODS", "METHODS", "PAPER_METHODS", "Explanation", "check_methods", "explain",
            "saliency_maps"]
@@ -155,19 +154,15 @@ class Explanation:
     precision: str = "fp32"  # what the forward and backward passes computed in
 
     def save(self, path: str | Path) -> Path:
-        """Write the raw maps, images, inputs and targets as safetensors (atomically)."""
-
-        tensors = {"image": self.images, "input": self.inputs,
-                   "targets": torch.tensor([[t.image, t.channel, -1 if t.y is None else t.y,
-                                             -1 if t.x is None else t.x] for t in self.targets])}
-        tensors.update({f"maps.{method}": m for method, m in self.maps.items()})
-        meta = {"model": self.loaded.name, "source": self.loaded.source, "layer": self.layer,
-                "paths": self.paths, "methods": list(self.maps), "precision": self.precision,
-                "targets": "rows of (image, channel or class, y, x); y = x = -1 for a class logit",
-                "values": [t.value for t in self.targets],
-                "target_layer": self.targets[0].layer}
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), {"allconv": json.dumps(meta)}))
+        """Write the raw maps, images, inputs and targets (``files.raw_maps``, kind saliency)."""
+        targets = torch.tensor([[t.image, t.channel, -1 if t.y is None else t.y, -1 if t.x is None else t.x]
+                                for t in self.targets])
+        meta = {"model": self.loaded.name, "source": self.loaded.source, "layer": self.layer, "paths": self.paths,
+                "precision": self.precision, "values": [t.value for t in self.targets],
+                "target_layer": self.targets[0].layer,
+                "targets": "rows of (image, channel or class, y, x); y = x = -1 for a class logit"}
+        return write_raw_maps(path, "saliency", self.maps,
+                              {"image": self.images, "input": self.inputs, "targets": targets}, meta)
 
 
 def explain(

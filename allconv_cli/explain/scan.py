@@ -4,21 +4,19 @@ them beside their reconstructions, cropped to the filter's receptive field.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from allconv_cli.explain.methods import SALIENCY_METHODS
 from allconv_cli.explain.saliency import check_methods, saliency_maps
 from allconv_cli.explain.targets import Target, check_range, eval_mode, run_to
+from allconv_cli.files.raw_maps import write_raw_maps
 from allconv_cli.models.net import AllConvNet, ConvBlock
-from allconv_cli.util import atomic_write
 
 __all__ = ["ReceptiveField", "TopPatches", "receptive_field", "top_patches"]
 
@@ -81,16 +79,12 @@ class TopPatches:
     maps: dict[str, torch.Tensor]  # method -> (S, k, C, h, w), same crops; 0 outside the image
 
     def save(self, path: str | Path) -> Path:
-        """Write every tensor as safetensors (atomically)."""
-
-        tensors = {"values": self.values, "indices": self.indices, "labels": self.labels,
-                   "positions": self.positions, "patches": self.patches,
-                   "channels": torch.tensor(self.channels),
-                   **{f"maps.{m}": v for m, v in self.maps.items()}}
+        """Write every tensor (``files.raw_maps``, kind patches)."""
         meta = {"layer": self.layer, "scanned": self.scanned, "receptive_field": {
             "size": self.field.size, "stride": self.field.stride, "offset": self.field.offset}}
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), {"allconv": json.dumps(meta)}))
+        tensors = {"values": self.values, "indices": self.indices, "labels": self.labels,
+                   "positions": self.positions, "patches": self.patches, "channels": torch.tensor(self.channels)}
+        return write_raw_maps(path, "patches", self.maps, tensors, meta)
 
 
 def top_patches(
