@@ -12,14 +12,11 @@ from torch import nn
 
 from allconv_cli.choices import TTA
 from allconv_cli.data import datasets
-from allconv_cli.data import preprocess as preprocessing
-from allconv_cli.data.images import fit_options
 from allconv_cli.device import autocast, resolve_device, resolve_precision
-from allconv_cli.files.weights import load_model
+from allconv_cli.files.loading import load_checkpoint
 from allconv_cli.models.registry import (
     CIFAR10_CLASSES,
     PAPER,
-    default_config,
     resolve_name,
 )
 
@@ -102,14 +99,14 @@ def evaluate_checkpoint(path: str | Path, dataset: str | None = None, data_dir: 
         raise ValueError(f"unknown --tta {tta!r}: use one of {', '.join(TTA)}")
     dev = resolve_device(device)
     arithmetic = resolve_precision(precision, dev)
-    model, meta, tensors = load_model(path, dev)
+    loaded = load_checkpoint(path, device=dev)
+    meta = loaded.meta
     dataset = dataset or meta.get("dataset")
     if dataset is None:
         raise ValueError(f"{path} does not say which data set it was trained on: give --dataset")
     data_dir = data_dir if data_dir is not None else (meta.get("data_dir") if dataset == meta.get("dataset") else None)
-    input_size = tuple(meta["input_size"])
-    fit = fit_options(default_config(meta["model"]))
-    data = datasets.limit(datasets.load_split(dataset, split, data_dir, input_size, workers, fit), limit)
+    fit = (loaded.interpolation, loaded.crop_pct)
+    data = datasets.limit(datasets.load_split(dataset, split, data_dir, loaded.input_size, workers, fit), limit)
     classes = meta["classes"]
     if len(data.classes) != len(classes):
         raise ValueError(f"{path} predicts {len(classes)} classes but {dataset} has {len(data.classes)}: "
@@ -118,10 +115,9 @@ def evaluate_checkpoint(path: str | Path, dataset: str | None = None, data_dir: 
         differ = [f"{a} / {b}" for a, b in zip(classes, data.classes) if a != b]
         raise ValueError(f"{path} was trained on other class names than {dataset}'s ({', '.join(differ[:3])}"
                          f"{' ...' if len(differ) > 3 else ''}): its labels would mean other classes here")
-    prep = preprocessing.from_meta(meta["preprocess"], tensors).to(dev)
-    model = model.to(memory_format=torch.channels_last)
+    model = loaded.model.to(memory_format=torch.channels_last)
     batches = datasets.Batches(data, batch_size, shuffle=False, device=dev, workers=workers)
-    result = evaluate(model, batches, prep, len(classes), tta=tta, precision=arithmetic, progress=progress)
+    result = evaluate(model, batches, loaded.preprocess, len(classes), tta=tta, precision=arithmetic, progress=progress)
     result.update({"classes": classes, "dataset": dataset, "split": split, "checkpoint": str(path),
                    "model": meta["model"], "epoch": meta.get("epoch"), "tta": tta, "precision": arithmetic,
                    "paper_error": paper_error(meta["model"], dataset, classes, meta.get("augment", "none"))})

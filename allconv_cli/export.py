@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import save_file
 
 from allconv_cli import __version__
-from allconv_cli.data.preprocess import from_meta
-from allconv_cli.files.weights import WEIGHTS_NAME, load_model, resolve_weights
+from allconv_cli.files.loading import load_checkpoint
+from allconv_cli.files.weights import WEIGHTS_NAME, resolve_weights
 from allconv_cli.models.registry import resolve_name
 from allconv_cli.util import atomic_write
 
@@ -102,13 +102,14 @@ def export(run: str | Path, fmt: str, dtype: str = "fp32", out: str | Path | Non
     if fmt == "onnx":
         _require_onnx()
 
-    model, meta, preprocess_tensors = load_model(weights)
+    loaded = load_checkpoint(weights)
+    model, meta, preprocess_tensors = loaded.model, loaded.meta, loaded.preprocess.to_meta()[1]
     for key in ("model", "input_size", "preprocess"):
         if key not in meta:
             raise ValueError(f"{weights} has no {key!r} in its allconv metadata; "
                              "re-save it with this allconv version (allconv train writes it)")
     info = _export_meta(meta, dtype)
-    inputs = _sample_inputs(from_meta(meta["preprocess"], preprocess_tensors), meta["input_size"])
+    inputs = _sample_inputs(loaded.preprocess, meta["input_size"])
     expected = _reference_outputs(model, inputs)
     model.to(DTYPES[dtype])  # in place, after the fp32 reference; BatchNorm's counter stays int
     _check_space(out, sum(t.numel() * t.element_size() for t in model.state_dict().values()))

@@ -80,7 +80,7 @@ def test_fit_image_scales_to_cover_then_center_crops():
 def test_the_registered_configuration_sets_the_fitting(tmp_path):
     import torch
 
-    from allconv_cli.files.loading import load_for_saliency
+    from allconv_cli.files.loading import load_checkpoint
     from allconv_cli.files.weights import save_weights
     from allconv_cli.models import create_model
 
@@ -88,7 +88,7 @@ def test_the_registered_configuration_sets_the_fitting(tmp_path):
             "classes": ["a", "b", "c", "d"],
             "preprocess": {"kind": "standardize", "mean": [0.5] * 3, "std": [0.25] * 3}}
     save_weights(tmp_path / "model.safetensors", create_model("all-cnn-imagenet", num_classes=4), meta)
-    loaded = load_for_saliency(tmp_path)
+    loaded = load_checkpoint(tmp_path)
     assert (loaded.interpolation, loaded.crop_pct) == ("bilinear", 0.875)  # 256 -> 224, the registry's
     Image.fromarray(np.zeros((300, 400, 3), np.uint8)).save(tmp_path / "a.png")
     images, inputs = loaded.read_images([tmp_path / "a.png"])

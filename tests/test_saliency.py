@@ -20,7 +20,7 @@ from allconv_cli.explain.saliency import PAPER_METHODS, saliency_maps
 from allconv_cli.explain.scan import ReceptiveField, receptive_field, top_patches
 from allconv_cli.explain.targets import Target, select_targets
 from allconv_cli.files import loading
-from allconv_cli.files.loading import load_for_saliency
+from allconv_cli.files.loading import load_checkpoint
 from allconv_cli.models import AllConvNet, create_model
 
 
@@ -403,25 +403,25 @@ def test_load_images_cover_then_center_crop(tmp_path):
         load_images([tmp_path / "wide.png", tmp_path / "bad.jpg"], (3, 16, 16))
 
 
-def test_load_for_saliency(tmp_path, monkeypatch):
+def test_load_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(loading, "BUNDLED_CHECKPOINT", tmp_path / "assets" / "absent.safetensors")
     with pytest.raises(FileNotFoundError, match="--checkpoint"):
-        load_for_saliency()
+        load_checkpoint()
     import torchvision
 
     net = torchvision.models.squeezenet1_1(num_classes=1000)  # timm has no squeezenet
     save_file(net.state_dict(), str(tmp_path / "squeeze.safetensors"))
-    loaded = load_for_saliency(tmp_path / "squeeze.safetensors", "squeezenet1_1")
+    loaded = load_checkpoint(tmp_path / "squeeze.safetensors", "squeezenet1_1")
     assert loaded.input_size == (3, 224, 224) and loaded.classes is None
     exact(loaded.preprocess.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
     for key, value in net.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], value)
     with pytest.raises(ValueError, match="does not fit resnet18"):
-        load_for_saliency(tmp_path / "squeeze.safetensors", "resnet18")
+        load_checkpoint(tmp_path / "squeeze.safetensors", "resnet18")
     with pytest.raises(ValueError, match="did you mean 'resnet18'"):
-        load_for_saliency(tmp_path / "squeeze.safetensors", "resnet81")
+        load_checkpoint(tmp_path / "squeeze.safetensors", "resnet81")
     with pytest.raises(ValueError, match="needs --checkpoint"):
-        load_for_saliency(None, "resnet18")
+        load_checkpoint(None, "resnet18")
 
 
 # --------------------------------------------------------------------------- exactness
@@ -548,7 +548,7 @@ def test_images_are_fitted_as_the_model_is_configured(tmp_path):
     torchvision = pytest.importorskip("torchvision")
     net = torchvision.models.squeezenet1_1(num_classes=1000)
     save_file(net.state_dict(), str(tmp_path / "squeeze.safetensors"))
-    foreign = load_for_saliency(tmp_path / "squeeze.safetensors", "squeezenet1_1")
+    foreign = load_checkpoint(tmp_path / "squeeze.safetensors", "squeezenet1_1")
     assert (foreign.interpolation, foreign.crop_pct) == ("bilinear", 224 / 256)
     images, inputs = foreign.read_images([tmp_path / "photo.png"])
     expected = fit_image(open_image(tmp_path / "photo.png"), (3, 224, 224), "bilinear", 224 / 256)

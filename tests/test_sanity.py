@@ -122,7 +122,7 @@ def workdir(tmp_path_factory):
 
 
 def test_sanity_check_stages_scores_and_an_untouched_model(workdir):
-    loaded = loading.load_for_saliency(workdir / "run")
+    loaded = loading.load_checkpoint(workdir / "run")
     model = loaded.model.train()  # train mode too must come back as it was
     state = copy.deepcopy(model.state_dict())
     images = [workdir / "a.png", workdir / "b.png"]

@@ -67,14 +67,14 @@ def visualize(
         from allconv_cli.explain import figures as grid
         from allconv_cli.explain import saliency
         from allconv_cli.explain.targets import class_label, default_layer
-        from allconv_cli.files.loading import load_for_saliency
+        from allconv_cli.files.loading import load_checkpoint
         from allconv_cli.util import atomic_write
 
         grid.check_display(norm, percentile, upscale)
         method_list = methods.split(",") if methods else None
         dev = resolve_device(device)
         precision = resolve_precision(precision, dev)
-        loaded = load_for_saliency(checkpoint, model, dev)
+        loaded = load_checkpoint(checkpoint, model, dev)
         if dataset is None:
             result = saliency.explain(loaded, images, layer, method_list or PAPER_METHODS,
                                       neuron=neuron, channels=channel or None, top_channels=top_channels,
@@ -153,13 +153,13 @@ def sanity(
         from allconv_cli.device import resolve_device
         from allconv_cli.explain import figures as grid
         from allconv_cli.explain.sanity import sanity_check
-        from allconv_cli.files.loading import load_for_saliency
+        from allconv_cli.files.loading import load_checkpoint
         from allconv_cli.util import atomic_write
 
         grid.check_display(norm, 99.5, "nearest")
         dev = resolve_device(device)
-        loaded = load_for_saliency(checkpoint, None, dev)
-        other = load_for_saliency(against, None, dev) if against is not None else None
+        loaded = load_checkpoint(checkpoint, None, dev)
+        other = load_checkpoint(against, None, dev) if against is not None else None
         result = sanity_check(loaded, images, layer, method_list, mode=mode, target_class=target_class,
                               against=other, seed=seed, precision=precision)
         for method, png in zip(method_list, pngs):

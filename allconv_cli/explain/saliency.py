@@ -12,7 +12,7 @@ preprocessing, with the shape of that input (B, C, H, W).
 Typical use::
 
 
-    loaded = load_for_saliency()        # the bundled All-CNN-C trained on CIFAR-10
+    loaded = load_checkpoint()        # the bundled All-CNN-C trained on CIFAR-10
     result = explain(loaded, ["cat.jpg"], layer="conv6", methods=["guided"])
     result.maps["guided"]               # (1, 3, 32, 32): the max neuron of conv6
 """

@@ -1,5 +1,6 @@
-"""Loading a model for inspection: an allconv checkpoint with its preprocessing, the bundled
-All-CNN-C, or a timm / torchvision net from a plain safetensors state dict.
+"""The one loader from weights to a model ready to use (by eval, export, visualize and sanity): an
+allconv checkpoint with its preprocessing, the bundled All-CNN-C, or a timm / torchvision net from a
+plain safetensors state dict.
 
 Every route returns a ``LoadedModel``: the model in eval mode on the device, the preprocessing
 from [0, 1] pixels to its input, and how images are fitted to that input (size, interpolation,
@@ -32,9 +33,9 @@ from allconv_cli.models.registry import (
 )
 from allconv_cli.util import did_you_mean
 
-__all__ = ["BUNDLED_CHECKPOINT", "LoadedModel", "load_for_saliency"]
+__all__ = ["BUNDLED_CHECKPOINT", "LoadedModel", "load_checkpoint"]
 
-# The default of load_for_saliency: the All-CNN-C trained on CIFAR-10 that ships in the wheel
+# The default of load_checkpoint: the All-CNN-C trained on CIFAR-10 that ships in the wheel
 # (its path is defined once, in models); tests point this name elsewhere.
 BUNDLED_CHECKPOINT = BUNDLED_WEIGHTS
 
@@ -51,6 +52,7 @@ class LoadedModel:
     source: str  # where the weights came from
     interpolation: str = "bilinear"  # how image files are resized to input_size (images.fit_image)
     crop_pct: float = 1.0  # the centre share of the resized image that is kept
+    meta: dict | None = None  # an allconv checkpoint's metadata (dataset, epoch, augment, ...); None for others
 
     def read_images(self, paths: Sequence[str | Path]) -> tuple[torch.Tensor, torch.Tensor]:
         """Image files -> (pixels in [0, 1], preprocessed inputs), both (B, C, H, W) on the
@@ -61,7 +63,7 @@ class LoadedModel:
             return images, self.preprocess(images)
 
 
-def load_for_saliency(
+def load_checkpoint(
     checkpoint: str | Path | None = None,
     model_name: str | None = None,
     device: str | torch.device = "cpu",
@@ -98,6 +100,7 @@ def load_for_saliency(
         source=source,
         interpolation=interpolation,
         crop_pct=crop_pct,
+        meta=meta,
     )
 
 
