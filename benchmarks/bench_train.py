@@ -90,9 +90,9 @@ def baseline_side(options: argparse.Namespace) -> dict:
     from torchvision import transforms
 
     from allconv_cli import benchmark
-    from allconv_cli.train.settings import TrainConfig
     from allconv_cli.device import resolve_device
     from allconv_cli.models import create_model
+    from allconv_cli.train.config import TrainConfig
 
     class PILDataset(torch.utils.data.Dataset):
         """uint8 (N, H, W, C) images handed out one PIL image at a time, as torchvision's CIFAR10."""

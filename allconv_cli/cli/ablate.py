@@ -54,36 +54,9 @@ def ablate(
         errors = make_console(True)
         show = not quiet and errors.is_terminal
         if dry_run:
-            sizes = ablation.split_sizes(base)
-            runs = ablation.planned_runs(names, grid, seed_list)
-            total = ablation.cost(base, names, grid, seed_list, sizes["train"])
-            with errors.status("timing one training step of each model", transient=True) if show \
-                    else contextlib.nullcontext():
-                estimate = ablation.estimate_seconds(base, names, grid, seed_list, sizes)
-            if as_json:
-                typer.echo(json.dumps({**total, "images": sizes, "estimate": estimate, "plan": runs}, indent=2))
-                return
-            for i, run in enumerate(runs, 1):
-                typer.echo(f"{i:3d}. {run['model']}  lr {run['lr']}  seed {run['seed']}  "
-                           f"{base.epochs} epochs x {sizes['train']:,} images")
-            typer.echo(f"{total['runs']} runs, {total['epochs']:,} epochs, "
-                       f"{total['training_images']:,} training images in all -> {out}")
-            speeds = ", ".join(f"{m} {e['images_per_s']:,.0f} img/s" for m, e in estimate["per_model"].items())
-            typer.echo(f"estimated time: {duration(estimate['seconds'])} on {estimate['device_name']} "
-                       f"({estimate['device']}, {estimate['precision']}; measured {speeds}: {estimate['measured']})")
+            _print_plan(base, names, grid, seed_list, out, as_json, errors if show else None)
             return
-
-        def progress(event, run, result=None):
-            if not show:
-                return
-            label = f"{run.model} lr {run.lr:g} seed {run.seed}"
-            if event == "run":
-                errors.print(f"training {label} ...")
-            else:
-                verb = "kept" if event == "skip" else "done"
-                errors.print(f"{verb} {label}: test error {result['test_error']:.2f} %"
-                             + (f", val error {result['val_error']:.2f} %" if result["val_error"] is not None else ""))
-
+        progress = _printed_progress(errors) if show else None
         try:
             rows = ablation.ablate(base, names, grid, seed_list, out, jobs or 1, progress)
         except KeyboardInterrupt:
@@ -101,3 +74,41 @@ def ablate(
     else:  # the Markdown source itself reads well in a file and pastes into a README
         typer.echo(table, nl=False)
     console.print(f"tables and chart: {out}/table.md, table.csv, table.json, chart.png")
+
+
+def _print_plan(base, names: list[str], grid: list[float], seeds: list[int], out: Path, as_json: bool, status):
+    """--dry-run: the runs, the images they train on and the time one measured step per model gives;
+    ``status`` (a console, or None) shows that the step is being timed."""
+    from allconv_cli import ablate as ablation
+
+    sizes = ablation.split_sizes(base)
+    runs = ablation.planned_runs(names, grid, seeds)
+    total = ablation.cost(base, names, grid, seeds, sizes["train"])
+    with status.status("timing one training step of each model", transient=True) if status \
+            else contextlib.nullcontext():
+        estimate = ablation.estimate_seconds(base, names, grid, seeds, sizes)
+    if as_json:
+        typer.echo(json.dumps({**total, "images": sizes, "estimate": estimate, "plan": runs}, indent=2))
+        return
+    for i, run in enumerate(runs, 1):
+        typer.echo(f"{i:3d}. {run['model']}  lr {run['lr']}  seed {run['seed']}  "
+                   f"{base.epochs} epochs x {sizes['train']:,} images")
+    typer.echo(f"{total['runs']} runs, {total['epochs']:,} epochs, "
+               f"{total['training_images']:,} training images in all -> {out}")
+    speeds = ", ".join(f"{m} {e['images_per_s']:,.0f} img/s" for m, e in estimate["per_model"].items())
+    typer.echo(f"estimated time: {duration(estimate['seconds'])} on {estimate['device_name']} "
+               f"({estimate['device']}, {estimate['precision']}; measured {speeds}: {estimate['measured']})")
+
+
+def _printed_progress(errors):
+    """A line on stderr as each run starts, and as it ends or is found finished already."""
+    def progress(event, run, result=None):
+        label = f"{run.model} lr {run.lr:g} seed {run.seed}"
+        if event == "run":
+            errors.print(f"training {label} ...")
+            return
+        verb = "kept" if event == "skip" else "done"
+        errors.print(f"{verb} {label}: test error {result['test_error']:.2f} %"
+                     + (f", val error {result['val_error']:.2f} %" if result["val_error"] is not None else ""))
+
+    return progress

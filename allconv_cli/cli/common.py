@@ -97,24 +97,3 @@ def refuse_existing(paths, force: bool):
     for path in paths:
         if path is not None and path.exists() and not force:
             raise FileExistsError(f"{path} already exists: pass --force to overwrite it, or choose another --out")
-
-
-def scan_progress(total: int):
-    """A rich progress bar on stderr for a data-set scan -> (callback(images scanned), stop);
-    none when stderr is not a terminal."""
-    console = make_console(True)
-    if not console.is_terminal:
-        return None, lambda: None
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    bar = Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=console, transient=True)
-    task = bar.add_task("scan", total=total)
-    bar.start()
-    return lambda seen: bar.update(task, completed=seen), bar.stop

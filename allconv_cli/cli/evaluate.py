@@ -48,6 +48,11 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
+    _print_evaluation(result, split, tta, png)
+
+
+def _print_evaluation(result: dict, split: str, tta: str, png: Path):
+    """The errors beside the paper's, and the per-class accuracy for up to 20 classes."""
     from rich import box
     from rich.table import Table
 

@@ -11,8 +11,8 @@ import typer
 from allconv_cli.cli.common import (
     PRECISION_HELP,
     make_console,
+    progress_bar,
     refuse_existing,
-    scan_progress,
     user_errors,
 )
 from allconv_cli.explain.methods import METHODS, PAPER_METHODS
@@ -42,11 +42,7 @@ def visualize(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the targets, their activations and the written paths as JSON.")] = False,
 ):
-    """Show what a neuron responds to, by the paper's backward rules at every ReLU (backprop,
-    deconvnet, guided backprop) and Grad-CAM: one row per image or neuron, one column per
-    method, written as a PNG grid. By default the neuron of the last conv layer with the
-    largest activation on each image (the paper's Fig. 4); with --dataset, each filter's top
-    patches beside their reconstructions (Fig. 3).
+    """Show what a neuron responds to, by the paper's backward rules at every ReLU (backprop, deconvnet, guided backprop) and Grad-CAM: one row per image or neuron, one column per method, written as a PNG grid. By default the neuron of the last conv layer with the largest activation on each image (the paper's Fig. 4); with --dataset, each filter's top patches beside their reconstructions (Fig. 3).
 
     Examples: [bold]allconv visualize image.jpg --layer conv6[/bold] ·
     [bold]allconv visualize cat.png --class cat --methods guided,gradcam,guided-gradcam[/bold] ·
@@ -54,23 +50,13 @@ def visualize(
     [bold]allconv visualize dog.jpg --model resnet18 --checkpoint resnet18.safetensors --layer layer4[/bold]
     """
     with user_errors():
-        if bool(images) == (dataset is not None):
-            raise ValueError("give IMAGE files or --dataset NAME (one of the two)")
-        for path, suffix, option in ((out, ".png", "--out"), (raw, ".safetensors", "--raw")):
-            if path is not None and path.suffix.lower() != suffix:
-                raise ValueError(f"{option} {path} must end in {suffix}")
-        if dataset is not None and (neuron or top_channels or target_class):
-            raise ValueError("with --dataset, choose the filters with --channel (not --neuron, "
-                             "--top-channels or --class)")
-        refuse_existing((out, raw), force)
+        _check_visualize_options(images, dataset, out, raw, force, neuron or top_channels or target_class)
         from allconv_cli.device import resolve_device, resolve_precision
-        from allconv_cli.explain import figures as grid
-        from allconv_cli.explain import saliency
-        from allconv_cli.explain.targets import class_label, default_layer
+        from allconv_cli.explain import figures, saliency, scan
         from allconv_cli.files.loading import load_checkpoint
         from allconv_cli.util import atomic_write
 
-        grid.check_display(norm, percentile, upscale)
+        figures.check_display(norm, percentile, upscale)
         method_list = methods.split(",") if methods else None
         dev = resolve_device(device)
         precision = resolve_precision(precision, dev)
@@ -79,42 +65,52 @@ def visualize(
             result = saliency.explain(loaded, images, layer, method_list or PAPER_METHODS,
                                       neuron=neuron, channels=channel or None, top_channels=top_channels,
                                       target_class=target_class, precision=precision)
-            png = grid.saliency_figure(result, norm, percentile, upscale)
-            rows = [{"path": result.paths[t.image], "image": t.image, "layer": t.layer, "channel": t.channel,
-                     "y": t.y, "x": t.x, "value": t.value,
-                     "class": class_label(loaded.classes, t.channel) if t.layer is None else None}
-                    for t in result.targets]
-            lines = [f"{Path(r['path']).name}: " + (f"{r['class']}, logit {r['value']:.4g}" if r["layer"] is None
-                     else f"{r['layer']} channel {r['channel']} at ({r['y']}, {r['x']}), activation {r['value']:.4g}")
-                     for r in rows]
+            png = figures.saliency_figure(result, norm, percentile, upscale)
         else:
-            from allconv_cli.data.datasets import Batches, load_split
-            from allconv_cli.explain import scan
-
-            layer = layer or default_layer(loaded.model)
-            data = load_split(dataset, split, data_dir, loaded.input_size, fit=(loaded.interpolation, loaded.crop_pct))
-            progress, stop = scan_progress(len(data))
+            progress, stop = progress_bar("scanning", quiet=False)
             try:
-                result = scan.top_patches(loaded.model, loaded.preprocess,
-                                          Batches(data, 256, shuffle=False, device=dev).epoch(0), layer,
-                                          channel or None, top, method_list or ["guided"], progress)
+                result = scan.scan_dataset(loaded, dataset, split, data_dir, layer, channel or None, top,
+                                           method_list or ["guided"], dev, progress)
             finally:
                 stop()
-            png = grid.patches_figure(result, loaded, f"{dataset} {split}", norm, percentile, upscale)
-            rows = [{"layer": layer, "channel": c, "value": v, "scanned": result.scanned}
-                    for c, v in zip(result.channels, result.values[:, 0].tolist())]
-            lines = [f"{layer} filter {r['channel']}: top activation {r['value']:.4g}" for r in rows]
+            png = figures.patches_figure(result, loaded, f"{dataset} {split}", norm, percentile, upscale)
         if raw is not None:
             result.save(raw)
         atomic_write(out, lambda tmp: tmp.write_bytes(png))
+    rows = result.rows()
     if as_json:
         typer.echo(json.dumps({"model": loaded.name, "weights": loaded.source, "precision": precision,
                                "targets" if dataset is None else "filters": rows, "out": str(out),
                                "raw": None if raw is None else str(raw)}, indent=2))
         return
-    for line in lines:
-        typer.echo(line)
+    for row in rows:
+        typer.echo(_describe(row))
     typer.echo(f"wrote {out}" + (f" and {raw}" if raw is not None else ""))
+
+
+def _check_visualize_options(images, dataset, out: Path, raw: Path | None, force: bool, picks_neurons: bool):
+    """The options that contradict each other or the output files, before any work."""
+    if bool(images) == (dataset is not None):
+        raise ValueError("give IMAGE files or --dataset NAME (one of the two)")
+    for path, suffix, option in ((out, ".png", "--out"), (raw, ".safetensors", "--raw")):
+        if path is not None and path.suffix.lower() != suffix:
+            raise ValueError(f"{option} {path} must end in {suffix}")
+    if dataset is not None and picks_neurons:
+        raise ValueError("with --dataset, choose the filters with --channel (not --neuron, "
+                         "--top-channels or --class)")
+    refuse_existing((out, raw), force)
+
+
+def _describe(row: dict) -> str:
+    """One printed line per target (an image's neuron or class) or per scanned filter."""
+    if "scanned" in row:
+        return f"{row['layer']} filter {row['channel']}: top activation {row['value']:.4g}"
+    if row["layer"] is None:
+        return f"{Path(row['path']).name}: {row['class']}, logit {row['value']:.4g}"
+    return (f"{Path(row['path']).name}: {row['layer']} channel {row['channel']} at ({row['y']}, {row['x']}), "
+            f"activation {row['value']:.4g}")
+
+
 def sanity(
     images: Annotated[list[Path], typer.Argument(show_default=False, help="Image files, fitted to the model's input as visualize fits them.")],
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", show_default=False, help="Run folder or allconv .safetensors weights. Default: the bundled All-CNN-C trained on CIFAR-10.")] = None,
@@ -131,11 +127,7 @@ def sanity(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the similarity table, per-image scores, targets and written paths as JSON.")] = False,
 ):
-    """Sanity checks for saliency maps (Adebayo et al., 2018): re-initialize the model's weights
-    layer by layer with its own initializer and see how much each method's map changes. Similarity
-    to the trained model's map, per stage: Spearman rank correlation of |map| and of the signed
-    map, and SSIM. A map that barely changes when the weights are random does not explain the
-    model. Writes a grid per method (rows: images; columns: trained, then each stage) and a chart.
+    """Sanity checks for saliency maps (Adebayo et al., 2018): re-initialize the model's weights layer by layer with its own initializer and see how much each method's map changes. Similarity to the trained model's map, per stage: Spearman rank correlation of |map| and of the signed map, and SSIM. A map that barely changes when the weights are random does not explain the model. Writes a grid per method (rows: images; columns: trained, then each stage) and a chart.
 
     Examples: [bold]allconv sanity docs/chelsea.png docs/coffee.jpg[/bold] ·
     [bold]allconv sanity cat.png --mode independent --methods guided,backprop[/bold] ·
@@ -151,46 +143,42 @@ def sanity(
         pngs = [out / f"{m}.png" for m in method_list] + [out / "similarity.png"]
         refuse_existing(pngs, force)
         from allconv_cli.device import resolve_device
-        from allconv_cli.explain import figures as grid
+        from allconv_cli.explain import figures
         from allconv_cli.explain.sanity import sanity_check
         from allconv_cli.files.loading import load_checkpoint
         from allconv_cli.util import atomic_write
 
-        grid.check_display(norm, 99.5, "nearest")
+        figures.check_display(norm, 99.5, "nearest")
         dev = resolve_device(device)
         loaded = load_checkpoint(checkpoint, None, dev)
         other = load_checkpoint(against, None, dev) if against is not None else None
         result = sanity_check(loaded, images, layer, method_list, mode=mode, target_class=target_class,
                               against=other, seed=seed, precision=precision)
         for method, png in zip(method_list, pngs):
-            figure = grid.sanity_figure(result, method, loaded, norm)
+            figure = figures.sanity_figure(result, method, loaded, norm)
             atomic_write(png, lambda tmp, figure=figure: tmp.write_bytes(figure))
         what = f"against {against}" if against is not None else f"{mode} randomization, seed {seed}"
-        chart = grid.sanity_chart(result, f"{loaded.name} ({loaded.source}), {what}: mean over "
+        chart = figures.sanity_chart(result, f"{loaded.name} ({loaded.source}), {what}: mean over "
                                           f"{len(result.targets)} images, {result.selection}")
         atomic_write(pngs[-1], lambda tmp: tmp.write_bytes(chart))
-    rows = result.table()
     if as_json:
-        typer.echo(json.dumps({
-            "model": loaded.name, "weights": loaded.source, "against": None if other is None else other.source,
-            "mode": result.mode, "seed": seed, "precision": result.precision, "layer": result.layer,
-            "selection": result.selection,
-            "targets": [{"path": result.paths[t.image], "layer": t.layer, "channel": t.channel, "y": t.y, "x": t.x,
-                         "value": t.value} for t in result.targets],
-            "stages": [{"name": n, "randomized": r} for n, r in zip(result.stage_names, result.randomized_layers)],
-            "table": rows,
-            "per_image": {m: {k: [[None if v != v else v for v in stage] for stage in values.tolist()]
-                              for k, values in metrics.items()} for m, metrics in result.scores.items()},
-            "pngs": [str(p) for p in pngs]}, indent=2))
+        typer.echo(json.dumps({"model": loaded.name, "weights": loaded.source,
+                               "against": None if other is None else other.source, **result.to_json(),
+                               "pngs": [str(p) for p in pngs]}, indent=2))
         return
+    _print_similarity(result, what, pngs)
+
+
+def _print_similarity(result, what: str, pngs: list[Path]):
+    """The sanity check's table: each method's mean similarity to the trained map, per stage."""
     from rich import box
     from rich.table import Table
 
-    table = Table(title=f"similarity to the trained model's map, mean over {len(result.targets)} images "
+    rows, count = result.table(), len(result.targets)
+    table = Table(title=f"similarity to the trained model's map, mean over {count} images "
                   f"({what}; {result.selection})", box=box.SIMPLE_HEAD)
     for column in ("method", "stage", "Spearman |map|", "Spearman signed", "SSIM"):
         table.add_column(column, justify="left" if column in ("method", "stage") else "right")
-    count = len(result.targets)
     for row in rows:
         table.add_row(row["method"], row["stage"], *(
             "n/a" if row[k] is None else f"{row[k]:.3f}" + ("" if row[f"{k}_images"] == count else

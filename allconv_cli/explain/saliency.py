@@ -153,6 +153,14 @@ class Explanation:
     maps: dict[str, torch.Tensor]  # method -> (N, C, H, W); (N, 1, H, W) for gradcam
     precision: str = "fp32"  # what the forward and backward passes computed in
 
+    def rows(self) -> list[dict]:
+        """One dict per target: its image's path and index, the neuron (layer, channel, y, x) or the
+        class (layer None; its name where the model has names) and its activation or logit."""
+        return [{"path": self.paths[t.image], "image": t.image, "layer": t.layer, "channel": t.channel,
+                 "y": t.y, "x": t.x, "value": t.value,
+                 "class": class_label(self.loaded.classes, t.channel) if t.layer is None else None}
+                for t in self.targets]
+
     def save(self, path: str | Path) -> Path:
         """Write the raw maps, images, inputs and targets (``files.raw_maps``, kind saliency)."""
         targets = torch.tensor([[t.image, t.channel, -1 if t.y is None else t.y, -1 if t.x is None else t.x]

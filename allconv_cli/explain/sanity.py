@@ -181,6 +181,19 @@ class SanityResult:
                 rows.append(row)
         return rows
 
+    def to_json(self) -> dict:
+        """Everything measured, as JSON values: targets, stages, the table and per-image scores
+        (an undefined score, a NaN, as null)."""
+        return {
+            "mode": self.mode, "seed": self.seed, "precision": self.precision, "layer": self.layer,
+            "selection": self.selection,
+            "targets": [{"path": self.paths[t.image], "layer": t.layer, "channel": t.channel, "y": t.y, "x": t.x,
+                         "value": t.value} for t in self.targets],
+            "stages": [{"name": n, "randomized": r} for n, r in zip(self.stage_names, self.randomized_layers)],
+            "table": self.table(),
+            "per_image": {m: {k: [[None if v != v else v for v in stage] for stage in values.tolist()]
+                              for k, values in metrics.items()} for m, metrics in self.scores.items()}}
+
 
 def sanity_check(
     loaded: LoadedModel,

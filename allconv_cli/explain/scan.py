@@ -12,9 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from allconv_cli.data import datasets
 from allconv_cli.explain.methods import SALIENCY_METHODS
 from allconv_cli.explain.saliency import check_methods, saliency_maps
-from allconv_cli.explain.targets import Target, check_range, eval_mode, run_to
+from allconv_cli.explain.targets import (
+    Target,
+    check_range,
+    default_layer,
+    eval_mode,
+    run_to,
+)
+from allconv_cli.files.loading import LoadedModel
 from allconv_cli.files.raw_maps import write_raw_maps
 from allconv_cli.models.net import AllConvNet, ConvBlock
 
@@ -77,6 +85,11 @@ class TopPatches:
     positions: torch.Tensor  # (S, k, 2) the neuron (y, x) in the layer's map
     patches: torch.Tensor  # (S, k, C, h, w) in [0, 1], cropped to the receptive field; grey outside the image
     maps: dict[str, torch.Tensor]  # method -> (S, k, C, h, w), same crops; 0 outside the image
+
+    def rows(self) -> list[dict]:
+        """One dict per filter: its layer, channel, top activation and the images scanned."""
+        return [{"layer": self.layer, "channel": c, "value": v, "scanned": self.scanned}
+                for c, v in zip(self.channels, self.values[:, 0].tolist())]
 
     def save(self, path: str | Path) -> Path:
         """Write every tensor (``files.raw_maps``, kind patches)."""
@@ -166,3 +179,14 @@ def _crop(batch: torch.Tensor, windows, size: tuple[int, int], fill: float) -> t
     padded = F.pad(batch, (pad_x, pad_x, pad_y, pad_y), value=fill)
     return torch.stack([padded[i, :, top + pad_y:top + pad_y + size[0], left + pad_x:left + pad_x + size[1]]
                         for i, (top, left) in enumerate(windows)])
+
+
+def scan_dataset(loaded: LoadedModel, dataset: str, split: str, data_dir: str | None, layer: str | None,
+                 channels: list[int] | None, top: int, methods: Sequence[str], device: torch.device,
+                 progress: Callable[[int, int], None] | None = None) -> TopPatches:
+    """``top_patches`` over a data set's split, fitted to ``loaded``'s input as it was trained;
+    ``layer`` defaults to the last conv layer; ``progress(images scanned, images)``."""
+    data = datasets.load_split(dataset, split, data_dir, loaded.input_size, fit=(loaded.interpolation, loaded.crop_pct))
+    count = None if progress is None else (lambda seen: progress(seen, len(data)))
+    return top_patches(loaded.model, loaded.preprocess, datasets.Batches(data, 256, shuffle=False, device=device).epoch(0),
+                       layer or default_layer(loaded.model), channels, top, methods, count)
