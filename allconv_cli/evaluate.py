@@ -17,7 +17,7 @@ from allconv_cli.device import autocast, resolve_device, resolve_precision
 from allconv_cli.files.weights import load_model
 from allconv_cli.models.registry import (
     CIFAR10_CLASSES,
-    PAPER,
+    NETWORKS,
     default_config,
     resolve_name,
 )
@@ -82,8 +82,9 @@ def evaluate(model: nn.Module, batches: datasets.Batches, prep: nn.Module, num_c
 
 
 def paper_error(model: str, dataset: str, classes: list[str], augment: str) -> float | None:
-    """The paper's test error (%) for this model on this data set, where it reports one."""
-    errors = PAPER[resolve_name(model)]["error"]
+    """The paper's test error (%) for this model on this data set, where it reports one (None for
+    a network the paper has no figure for)."""
+    errors = NETWORKS[resolve_name(model)].paper_error
     if dataset == "sample":
         return None  # 4,000 training images: not comparable with the paper's 50,000
     if dataset == "cifar10" or tuple(classes) == CIFAR10_CLASSES:

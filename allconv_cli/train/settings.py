@@ -27,7 +27,12 @@ from allconv_cli.device import PRECISIONS
 from allconv_cli.evaluate import TTA
 from allconv_cli.files.weights import check_weights_file
 from allconv_cli.models.initialization import WEIGHT_INITS
-from allconv_cli.models.registry import list_models, resolve_name
+from allconv_cli.models.registry import (
+    MODEL_OPTIONS,
+    list_models,
+    model_options,
+    resolve_name,
+)
 from allconv_cli.util import did_you_mean, show_value
 
 SCHEDULES = ("paper", "cosine", "onecycle", "constant")
@@ -49,10 +54,13 @@ class TrainConfig:
 
     # what to train
     model: str = "all-cnn-c"
-    batch_norm: bool = False  # deviation: BatchNorm after every conv
-    class_relu: bool = True  # the paper's ReLU after the class conv
-    drop_input: float | None = None  # dropout on the input; None: the model's own (20 %, the paper's)
-    drop_rate: float | None = None  # dropout after each pool or strided conv; None: the model's own (50 %)
+    # The model's options. None: the model's own (registry.model_options): the paper's for its
+    # networks, a variant's for a variant (all-cnn-c-bn: BatchNorm, no input dropout, 25 %);
+    # a value given here overrides the variant's, as keyword arguments to timm.create_model do.
+    batch_norm: bool | None = None  # deviation: BatchNorm after every conv (paper: off)
+    class_relu: bool | None = None  # the ReLU after the class conv (paper: on)
+    drop_input: float | None = None  # dropout on the input (paper: 20 %)
+    drop_rate: float | None = None  # dropout after each pool or strided conv (paper: 50 %)
     # data
     dataset: str = "sample"
     data_dir: str | None = None
@@ -103,10 +111,13 @@ class TrainConfig:
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     preset: str | None = None
 
+    def network_options(self) -> dict:
+        """batch_norm, class_relu, drop_input, drop_rate as the model is built: its own, then those given."""
+        given = {key: getattr(self, key) for key in MODEL_OPTIONS if getattr(self, key) is not None}
+        return {**model_options(self.model), **given}
+
     def model_kwargs(self, num_classes: int) -> dict:
-        """The model's options; a dropout left at None keeps the model's own (the paper's) rate."""
-        dropout = {k: getattr(self, k) for k in ("drop_input", "drop_rate") if getattr(self, k) is not None}
-        return {"num_classes": num_classes, "batch_norm": self.batch_norm, "class_relu": self.class_relu, **dropout}
+        return {"num_classes": num_classes, **self.network_options()}
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -358,7 +369,7 @@ def validate(config: TrainConfig, origin: dict[str, str] | None = None):
     if config.nesterov and config.momentum == 0:
         raise ValueError(f"{where('nesterov', 'momentum')}: nesterov needs a momentum above 0: "
                          "give a momentum or turn nesterov off")
-    if config.optimizer == "muon" and not config.batch_norm:
+    if config.optimizer == "muon" and not config.network_options()["batch_norm"]:
         raise ValueError(f"{where('optimizer', 'batch_norm')}: optimizer muon needs batch_norm: it rescales every "
                          "conv's weights, which only a BatchNorm after the conv makes harmless; "
                          "turn batch_norm on or use optimizer sgd")
