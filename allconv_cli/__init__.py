@@ -15,8 +15,7 @@ __version__ = "0.1.0"
 # Public API name -> submodule that defines it; imported on first access.
 _API = {
     "AllConvNet": "models",
-    "LAYERS": "models",
-    "PAPER": "models",
+    "NETWORKS": "models",
     "create_model": "models",
     "describe": "models",
     "list_models": "models",

@@ -31,7 +31,12 @@ import torch
 from allconv_cli import benchmark
 from allconv_cli.charts import ablation_bars
 from allconv_cli.data import datasets
-from allconv_cli.models.registry import PAPER, create_model, list_models, resolve_name
+from allconv_cli.models.registry import (
+    NETWORKS,
+    create_model,
+    list_models,
+    resolve_name,
+)
 from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.run import train
 from allconv_cli.train.run_folder import RunFolder
@@ -42,7 +47,9 @@ PAPER_GRID = (0.25, 0.1, 0.05, 0.01)  # Section 3.2
 # (train, test) images of the data sets whose size is fixed: a dry run counts without reading them
 SPLIT_IMAGES = {"sample": (4_000, 1_000), "cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000)}
 RESULT_NAME, PLAN_NAME = "result.json", "ablation.json"
-FAMILIES = {f: [n for n in list_models() if n.endswith(f"-{f}")] for f in "abc"}
+# Table 3's blocks, as the registry's rows say: family -> its models, as typed (all-cnn-c)
+FAMILIES = {family: [name.replace("_", "-") for name, row in NETWORKS.items() if row.family == family]
+            for family in sorted({row.family for row in NETWORKS.values() if row.family})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +66,7 @@ def select_models(family: str | None = None, patterns: list[str] | None = None) 
     """``family`` a, b or c (the four models of Table 3's block), or names / glob patterns."""
     if family is not None:
         if family.lower() not in FAMILIES:
-            raise ValueError(f"unknown family {family!r}: use a, b or c")
+            raise ValueError(f"unknown family {family!r}: use one of {', '.join(FAMILIES)}")
         return FAMILIES[family.lower()]
     if not patterns:
         raise ValueError("name the models: --family a|b|c or --models all-cnn-c,model-c (globs allowed)")
@@ -236,12 +243,12 @@ def table_rows(models, chosen, seeds, results, base: TrainConfig) -> list[dict]:
     for model in models:
         errors = [results[Run(model, chosen[model], s)]["test_error"] for s in seeds]
         python_name = resolve_name(model)
-        paper = PAPER[python_name]["error"].get(key) if base.dataset != "sample" else None
+        paper = NETWORKS[python_name].paper_error.get(key) if base.dataset != "sample" else None
         mean = statistics.fmean(errors)
         rows.append({
             "model": model,
             "params": sum(p.numel() for p in create_model(python_name).parameters()),
-            "paper_params": PAPER[python_name]["params"],
+            "paper_params": NETWORKS[python_name].paper_params,
             "lr": chosen[model],
             "test_error_mean": mean,
             "test_error_std": statistics.stdev(errors) if len(errors) > 1 else 0.0,
@@ -260,7 +267,7 @@ def write_tables(rows: list[dict], out: Path):
     for r in rows:
         paper = "" if r["paper_error"] is None else f"{r['paper_error']:.2f}"
         diff = "" if r["difference"] is None else f"{r['difference']:+.2f}"
-        lines.append(f"| {r['model']} | {r['params']:,} | {r['paper_params']} | {r['lr']:g} | "
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['paper_params'] or ''} | {r['lr']:g} | "
                      f"{r['test_error_mean']:.2f} ± {r['test_error_std']:.2f} ({r['seeds']}) | {paper} | {diff} |")
     atomic_write_text(out / "table.md", "\n".join(lines) + "\n")
     buffer = io.StringIO()

@@ -16,7 +16,7 @@ from allconv_cli.device import autocast, resolve_device, resolve_precision
 from allconv_cli.files.loading import load_checkpoint
 from allconv_cli.models.registry import (
     CIFAR10_CLASSES,
-    PAPER,
+    NETWORKS,
     resolve_name,
 )
 
@@ -77,8 +77,9 @@ def evaluate(model: nn.Module, batches: datasets.Batches, prep: nn.Module, num_c
 
 
 def paper_error(model: str, dataset: str, classes: list[str], augment: str) -> float | None:
-    """The paper's test error (%) for this model on this data set, where it reports one."""
-    errors = PAPER[resolve_name(model)]["error"]
+    """The paper's test error (%) for this model on this data set, where it reports one (None for
+    a network the paper has no figure for)."""
+    errors = NETWORKS[resolve_name(model)].paper_error
     if dataset == "sample":
         return None  # 4,000 training images: not comparable with the paper's 50,000
     if dataset == "cifar10" or tuple(classes) == CIFAR10_CLASSES:

@@ -328,10 +328,10 @@ def _timm_config(model: torch.nn.Module, info: dict) -> dict:
     else:  # zca: timm's transforms give [0, 1] pixels, the rest is the user's (see the warning)
         mean, std = [0.0] * input_size[0], [1.0] * input_size[0]
     with torch.no_grad():
-        class_maps = model.forward_features(torch.zeros(1, *input_size, dtype=next(model.parameters()).dtype))
+        maps = model.forward_features(torch.zeros(1, *input_size, dtype=next(model.parameters()).dtype))
     pretrained_cfg = {key: value for key, value in model.pretrained_cfg.items() if key != "architecture"}
     pretrained_cfg.update(input_size=input_size, mean=mean, std=std, num_classes=model.num_classes,
-                          pool_size=list(class_maps.shape[-2:]))  # (h, w) of the global average
+                          pool_size=list(maps.shape[-2:]))  # (h, w) of the global average
     config = {"architecture": info["model"], "num_classes": model.num_classes,
               "num_features": model.num_features, "model_args": info["model_kwargs"]}
     if info["classes"]:

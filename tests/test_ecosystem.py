@@ -62,8 +62,9 @@ def test_timm_features_only_on_the_pretrained_weights():
     with torch.no_grad():
         maps = features(x)
         full(x)
-    assert [tuple(m.shape[1:]) for m in maps] == [(96, 32, 32), (192, 16, 16), (192, 6, 6)]
-    assert features.feature_info.reduction() == [1, 2, 4]
+    # conv2, conv5, conv6 (stride 2), conv8 (after the valid 3x3 conv shrank 8x8 to 6x6)
+    assert [tuple(m.shape[1:]) for m in maps] == [(96, 32, 32), (192, 16, 16), (192, 8, 8), (192, 6, 6)]
+    assert features.feature_info.reduction() == [1, 2, 4, 4]
     torch.testing.assert_close(maps[-1], seen["conv8"])
 
 

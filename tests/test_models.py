@@ -1,26 +1,44 @@
+import json
+import math
 import subprocess
 import sys
 
 import pytest
 import timm
 import torch
+from torchvision.models.feature_extraction import (
+    create_feature_extractor,
+    get_graph_node_names,
+)
+from typer.testing import CliRunner
 
 import allconv_cli
+import allconv_cli.models.registry as registry
+from allconv_cli.ablate import FAMILIES, select_models
+from allconv_cli.cli import app
+from allconv_cli.evaluate import paper_error
 from allconv_cli.files.weights import load_weights
 from allconv_cli.models import (
     BUNDLED_MEAN,
     BUNDLED_STD,
     BUNDLED_WEIGHTS,
-    LAYERS,
-    VARIANTS,
+    CIFAR10_CLASSES,
+    NETWORKS,
     create_model,
     default_config,
     describe,
     list_models,
+    model_options,
     resolve_name,
 )
+from allconv_cli.train import settings
 
-# Exact weights + biases, worked out by hand from PAPER.md's layer lists.
+# The registry itself, as timm holds it: every name registered from our module.
+REGISTERED = timm.list_models(module=registry.__name__.rsplit(".", 1)[-1])
+CIFAR = [name for name in REGISTERED if default_config(name)["input_size"] == (3, 32, 32)]
+
+# Exact weights + biases, worked out by hand from PAPER.md's layer lists; all_cnn_c_bn is
+# all_cnn_c less its 1,258 conv biases plus 2 x 1,258 BatchNorm weights and biases.
 EXACT_PARAMS = {
     "model_a": 839_242,
     "strided_cnn_a": 839_242,
@@ -35,33 +53,178 @@ EXACT_PARAMS = {
     "convpool_cnn_c": 1_369_738,
     "all_cnn_c": 1_369_738,
     "all_cnn_imagenet": 9_372_840,
+    "all_cnn_c_bn": 1_370_996,
 }
-CIFAR = [name for name in LAYERS if name != "all_cnn_imagenet"]
 
 
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def test_registry_is_the_paper():
-    assert set(LAYERS) == set(EXACT_PARAMS)
-    assert list_models()[-1] == "all-cnn-imagenet"
+def native_input(name, batch=1):
+    return torch.randn(batch, *default_config(name)["input_size"])
 
 
-@pytest.mark.parametrize("name", list(EXACT_PARAMS))
+def test_the_table_is_the_timm_registry():
+    assert sorted(NETWORKS) == REGISTERED == sorted(EXACT_PARAMS)
+    assert list_models() == [name.replace("_", "-") for name in NETWORKS]
+    assert list_models()[12:] == ["all-cnn-imagenet", "all-cnn-c-bn"]  # the paper's order, then the variant
+    for name in REGISTERED:  # real module attributes, as @register_model leaves them
+        assert getattr(registry, name).__name__ == name and getattr(registry, name).__module__ == registry.__name__
+
+
+def test_families_are_table_3s_blocks_read_from_the_rows():
+    assert FAMILIES == {f: [f"model-{f}", f"strided-cnn-{f}", f"convpool-cnn-{f}", f"all-cnn-{f}"] for f in "abc"}
+    assert select_models("c") == FAMILIES["c"]  # all-cnn-c-bn is not in Table 3
+    assert select_models(patterns=["all-cnn-c*"]) == ["all-cnn-c", "all-cnn-c-bn"]
+    with pytest.raises(ValueError, match="use one of a, b, c"):
+        select_models("d")
+
+
+def test_paper_figures_are_optional():
+    assert paper_error("all-cnn-c", "cifar10", list(CIFAR10_CLASSES), "paper") == 7.25
+    assert paper_error("all-cnn-c-bn", "cifar10", list(CIFAR10_CLASSES), "paper") is None
+    (row,) = describe("all-cnn-c-bn")
+    assert (row["paper_params"], row["paper_error"], row["family"]) == (None, {}, None)
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_every_registered_name_works_in_allconv_models(name):
+    result = CliRunner().invoke(app, ["models", name.replace("_", "-"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)[0]["params"] == EXACT_PARAMS[name]
+
+
+def test_models_table_lists_the_variant_with_blanks():
+    result = CliRunner().invoke(app, ["models"])
+    assert result.exit_code == 0, result.output
+    (line,) = [line for line in result.output.splitlines() if line.strip().startswith("all-cnn-c-bn")]
+    assert line.split() == ["all-cnn-c-bn", "1,370,996", "3x32x32", "conv1..conv9"]
+
+
+@pytest.mark.parametrize("name", REGISTERED)
 def test_exact_parameters(name):
     native = EXACT_PARAMS[name]
     assert n_params(create_model(name)) == native
-    # K classes change only the class conv: (in_chs + 1) * K parameters.
+    # K classes change only the class block: (in_chs + 1) * K parameters, or 3 K with BatchNorm.
     last = create_model(name).get_classifier()
     default_k = last.out_channels
+    per_class = last.in_channels * last.kernel_size[0] ** 2 + (2 if model_options(name)["batch_norm"] else 1)
     for k in (10, 100):
-        expected = native + (k - default_k) * (last.in_channels * last.kernel_size[0] ** 2 + 1)
-        assert n_params(create_model(name, num_classes=k)) == expected
+        assert n_params(create_model(name, num_classes=k)) == native + (k - default_k) * per_class
 
 
 def test_all_cnn_c_at_100_classes_matches_paper_md():
     assert n_params(create_model("all-cnn-c", num_classes=100)) == 1_387_108
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_forward_is_the_class_maps_averaged(name):
+    """model(x) is what allconv always computed: every layer of ``features`` (the class block
+    last), then the global average; forward_features / forward_head only split it."""
+    model = create_model(name).eval()
+    x = native_input(name, 2)
+    with torch.no_grad():
+        assert torch.equal(model(x), model.features(x).mean((2, 3)))
+        assert torch.equal(model(x), model.forward_head(model.forward_features(x)))
+
+
+# timm's model contract, as its tests/test_models.py checks it on its own models.
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_timm_default_cfg_contract(name):
+    """test_model_default_cfgs: forward_features unpooled at pool_size, pre_logits, resetting the
+    classifier (and the pool), and the cfg's classifier and first conv in the state dict."""
+    model = create_model(name).eval()
+    cfg = model.pretrained_cfg
+    assert model.num_classes == cfg["num_classes"] and model.num_features > 0 and model.head_hidden_size > 0
+    x = native_input(name)
+    with torch.no_grad():
+        maps = model.forward_features(x)
+        pre_logits = model.forward_head(maps, pre_logits=True)
+        assert maps.shape == (1, model.num_features, *cfg["pool_size"])
+        assert pre_logits.shape == (1, model.head_hidden_size)
+        model.reset_classifier(0)
+        assert model.num_classes == 0 and model.get_classifier().__class__ is torch.nn.Identity
+        torch.testing.assert_close(model(x), pre_logits)  # (B, num_features): the pooled features
+        model.reset_classifier(0, "")
+        assert model(x).shape == (1, model.num_features, *cfg["pool_size"])
+        unpooled = create_model(name, num_classes=0, global_pool="").eval()
+        assert unpooled(x).shape == (1, unpooled.num_features, *cfg["pool_size"])
+        model.reset_classifier(7, "avg")
+        assert model(x).shape == (1, 7) and model.layer_names[-1] == cfg["classifier"].split(".")[1]
+    state = create_model(name).state_dict()
+    assert f"{cfg['classifier']}.weight" in state and f"{cfg['first_conv']}.weight" in state
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_timm_backward(name):
+    """test_model_backward: every parameter gets a gradient at another number of classes."""
+    model = create_model(name, num_classes=42).train()
+    out = model(native_input(name, 2))
+    assert out.shape == (2, 42)
+    out.mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def _fx_model(model):
+    """timm's _create_fx_model (eval): torchvision's feature extractor returning the last node."""
+    tracer_kwargs = {"leaf_modules": timm.models.get_notrace_modules(),
+                     "autowrap_functions": timm.models.get_notrace_functions(), "param_shapes_constant": True}
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    return create_feature_extractor(model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]],
+                                    tracer_kwargs=tracer_kwargs)
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_timm_fx_trace_and_script(name):
+    """test_model_forward_fx and test_model_forward_fx_torchscript: the traced graph computes
+    the model's output, and that graph scripts; test_model_forward_torchscript: so does the model."""
+    model = create_model(name).eval()
+    x = native_input(name)
+    with torch.no_grad():
+        expected = model(x)
+        traced = _fx_model(model)
+        (out,) = traced(x).values()
+        assert torch.equal(out, expected)
+        (scripted,) = torch.jit.script(traced)(x).values()
+        torch.testing.assert_close(scripted, expected)
+        torch.testing.assert_close(torch.jit.script(model)(x), expected)
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_timm_features_only(name):
+    """test_model_forward_features: at least three levels, each map of the channels and at most
+    the side its reduction gives; the levels are the ``feature_info`` of the full model."""
+    model = timm.create_model(name, features_only=True).eval()
+    full = create_model(name)
+    x = native_input(name)
+    with torch.no_grad():
+        maps = model(x)
+    assert len(maps) == len(model.feature_info.channels()) >= 3
+    assert [info["module"] for info in full.feature_info] == model.feature_info.module_name()
+    side = x.shape[-1]
+    for m, channels, reduction in zip(maps, model.feature_info.channels(), model.feature_info.reduction()):
+        assert m.shape[1] == channels and m.shape[-1] <= math.ceil(side / reduction) + 1
+    # the last level is what the class conv reads: forward_features' maps
+    assert maps[-1].shape[1:] == full.forward_features(x).shape[1:]
+
+
+def test_strided_cnn_a_has_three_feature_levels():
+    model = timm.create_model("strided_cnn_a", features_only=True).eval()
+    with torch.no_grad():
+        maps = model(torch.zeros(1, 3, 32, 32))
+    # conv1 16x16 (its stride is the first), conv2 8x8, conv4 6x6 (after the valid 3x3 conv)
+    assert [tuple(m.shape[1:]) for m in maps] == [(96, 16, 16), (192, 8, 8), (192, 6, 6)]
+    assert model.feature_info.reduction() == [2, 4, 4]
+
+
+def test_timm_registration_when_timm_is_imported_after_the_package():
+    code = "import allconv_cli, sys; assert 'torch' not in sys.modules; import timm; " \
+           "print(timm.create_model('all_cnn_c_bn', num_classes=100).num_classes)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "100"
 
 
 @pytest.mark.parametrize("name", CIFAR)
@@ -72,14 +235,6 @@ def test_forward_backward_cifar(name):
     assert out.shape == (2, 7)
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
-
-
-def test_forward_backward_imagenet():
-    model = create_model("all-cnn-imagenet", num_classes=5)
-    out = model(torch.randn(1, 3, 224, 224))
-    assert out.shape == (1, 5)
-    out.sum().backward()
-    assert model.get_layer("conv1").conv.weight.grad is not None
 
 
 @pytest.mark.parametrize("name", ["model_c", "strided_cnn_c", "convpool_cnn_c", "all_cnn_c"])
@@ -93,7 +248,7 @@ def test_c_family_conv7_is_6x6(name):
     assert seen["shape"][-2:] == (6, 6)
 
 
-@pytest.mark.parametrize("name", list(EXACT_PARAMS))
+@pytest.mark.parametrize("name", REGISTERED)
 def test_layer_names_are_conv1_to_convN(name):
     model = create_model(name)
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -101,19 +256,12 @@ def test_layer_names_are_conv1_to_convN(name):
     assert model.get_layer(model.layer_names[-1]).conv is model.get_classifier()
 
 
-@pytest.mark.parametrize("name", list(EXACT_PARAMS))
+@pytest.mark.parametrize("name", REGISTERED)
 def test_timm_create_model(name):
     model = timm.create_model(name, num_classes=100)
     assert isinstance(model, allconv_cli.AllConvNet)
     assert model.num_classes == 100
     assert model.pretrained_cfg["input_size"][0] == 3
-
-
-def test_timm_registration_when_timm_is_imported_after_the_package():
-    code = "import allconv_cli, sys; assert 'torch' not in sys.modules; import timm; " \
-           "print(timm.create_model('all_cnn_c', num_classes=100).num_classes)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "100"
 
 
 def test_faithful_defaults_and_explicit_deviations():
@@ -151,10 +299,14 @@ def test_max_pool_takes_32_to_16_to_8():
     assert shapes == {"pool1": 16, "pool2": 8}
 
 
-def test_reset_classifier():
-    model = create_model("all-cnn-c")
+def test_reset_classifier_keeps_the_checkpoint_keys():
+    model = create_model("all-cnn-c-bn")
+    keys = set(model.state_dict())
     model.reset_classifier(4)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+    assert set(model.state_dict()) == keys and "features.conv9.bn.running_mean" in keys
+    with pytest.raises(ValueError, match="global_pool must be 'avg'"):
+        model.reset_classifier(4, "max")
 
 
 def test_unknown_names_hint():
@@ -172,20 +324,6 @@ def test_describe_one_model():
     assert by_name["global_pool"]["output"] == [100]
 
 
-@pytest.mark.parametrize("name", [*LAYERS, *VARIANTS])
-def test_features_only(name):
-    cfg = default_config(name)
-    model = timm.create_model(name, features_only=True).eval()
-    side = cfg["input_size"][1]
-    with torch.no_grad():
-        maps = model(torch.zeros(1, *cfg["input_size"]))
-    assert [m.shape[1] for m in maps] == model.feature_info.channels()
-    for m, reduction in zip(maps, model.feature_info.reduction()):
-        # the valid 3x3 conv takes 8x8 to 6x6 without a stride: at most the stride's side
-        assert side // reduction - 2 <= m.shape[-1] <= side // reduction
-    assert model.feature_info.reduction()[-1] == (32 if name == "all_cnn_imagenet" else 4)
-
-
 def test_pretrained_without_weights_names_the_variant_that_has_them():
     with pytest.raises(ValueError, match=r"all_cnn_c has no pretrained weights; all_cnn_c_bn\.cifar10 has them"):
         timm.create_model("all_cnn_c", pretrained=True)
@@ -196,24 +334,65 @@ def test_pretrained_variant_is_the_bundled_recipe():
     model = timm.create_model("all_cnn_c_bn")  # the variant's options without its weights
     assert {k: getattr(model, k) for k in ("batch_norm", "class_relu", "drop_rate")} == {
         k: meta["model_kwargs"][k] for k in ("batch_norm", "class_relu", "drop_rate")}
+    assert model_options("all-cnn-c-bn") == {k: meta["model_kwargs"][k] for k in registry.MODEL_OPTIONS}
     assert "input_drop" not in dict(model.features.named_children())  # drop_input 0
     assert meta["preprocess"]["kind"] == "standardize"
     assert (list(BUNDLED_MEAN), list(BUNDLED_STD)) == (meta["preprocess"]["mean"], meta["preprocess"]["std"])
 
 
-def test_pretrained_with_other_classes_keeps_all_but_the_class_block():
-    tuned = timm.create_model("all_cnn_c_bn", pretrained=True, num_classes=5)
-    bundled = timm.create_model("all_cnn_c_bn", pretrained=True)
-    assert tuned(torch.zeros(1, 3, 32, 32)).shape == (1, 5)
+@pytest.mark.parametrize("num_classes", [5, 0])
+def test_pretrained_with_other_classes_keeps_all_but_the_class_block(num_classes):
+    tuned = timm.create_model("all_cnn_c_bn", pretrained=True, num_classes=num_classes).eval()
+    bundled = timm.create_model("all_cnn_c_bn", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert tuned(x).shape == (2, num_classes or 192)
     assert torch.equal(tuned.get_layer("conv8").conv.weight, bundled.get_layer("conv8").conv.weight)
+    with torch.no_grad():
+        assert torch.equal(tuned.forward_features(x), bundled.forward_features(x))
 
 
 def test_default_config_builds_no_model(monkeypatch):
-    import allconv_cli.models.registry as registry
-
     monkeypatch.setattr(registry, "AllConvNet", None)  # building one would now fail
     assert default_config("all-cnn-imagenet")["input_size"] == (3, 224, 224)
     assert default_config("all_cnn_c")["interpolation"] == "bilinear"
-    assert default_config("all_cnn_c_bn")["mean"] == BUNDLED_MEAN
+    assert default_config("all-cnn-c-bn.cifar10")["mean"] == BUNDLED_MEAN
     with pytest.raises(ValueError, match="did you mean"):
         default_config("all-cnn-x")
+    with pytest.raises(ValueError, match="unknown tag 'all_cnn_c.cifar10'"):
+        default_config("all_cnn_c.cifar10")
+
+
+# A variant's options are the defaults of the training settings that set them; a setting given
+# overrides them, as keyword arguments to timm.create_model do.
+
+
+@pytest.mark.parametrize("given, expected", [
+    ({}, {"batch_norm": True, "class_relu": True, "drop_input": 0.0, "drop_rate": 0.25}),
+    ({"batch_norm": False, "drop_rate": 0.5}, {"batch_norm": False, "class_relu": True, "drop_input": 0.0,
+                                               "drop_rate": 0.5}),
+])
+def test_training_settings_override_a_variants_options(given, expected):
+    config = settings.resolve(None, model="all-cnn-c-bn", **given)
+    assert settings.model_kwargs(config, 10) == {"num_classes": 10, **expected}
+    # through config.json (a resumed run, an ablation's worker) as well
+    assert settings.model_kwargs(settings.from_json(config.to_json()), 10) == settings.model_kwargs(config, 10)
+
+
+def test_training_settings_default_to_the_paper_for_its_networks():
+    config = settings.resolve(None, model="all-cnn-imagenet")
+    assert settings.model_kwargs(config, 3) == {"num_classes": 3, "batch_norm": False, "class_relu": True,
+                                      "drop_input": 0.0, "drop_rate": 0.5}
+    # muon needs BatchNorm: all-cnn-c-bn has it, all-cnn-c has not unless it is given
+    assert settings.resolve(None, model="all-cnn-c-bn", optimizer="muon").optimizer == "muon"
+    with pytest.raises(ValueError, match="optimizer muon needs batch_norm"):
+        settings.resolve(None, model="all-cnn-c-bn", optimizer="muon", batch_norm=False)
+
+
+def test_allconv_train_the_variant(tmp_path):
+    args = ["train", "--model", "all-cnn-c-bn", "--epochs", "1", "--train-limit", "16", "--test-limit", "8",
+            "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path / "run"), "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    _, meta, _ = load_weights(tmp_path / "run" / "model.safetensors")
+    assert meta["model"] == "all_cnn_c_bn" and meta["paper_error"] is None
+    assert meta["model_kwargs"] == {"num_classes": 10, **model_options("all_cnn_c_bn")}

@@ -38,8 +38,9 @@ def models(
         table.add_column("input", no_wrap=True)
         table.add_column("layers", no_wrap=True)
         for row in rows:
-            table.add_row(row["name"], f"{row['params']:,}", row["paper_params"],
-                          f"{next(iter(row['paper_error'].values())):.2f}",
+            errors = list(row["paper_error"].values())  # blanks where the paper has no figure
+            table.add_row(row["name"], f"{row['params']:,}", row["paper_params"] or "",
+                          f"{errors[0]:.2f}" if errors else "",
                           "x".join(map(str, row["input_size"])),
                           f"{row['layer_names'][0]}..{row['layer_names'][-1]}")
     else:
@@ -54,7 +55,8 @@ def models(
     console.print(table)
     if name is None:
         console.print("err %: the paper's test error on CIFAR-10 without augmentation (ImageNet top-1 "
-                      "for all-cnn-imagenet); --json lists every figure the paper reports.")
+                      "for all-cnn-imagenet), blank where the paper has no such network; --json lists every figure "
+                      "the paper reports.")
         for weights in pretrained_names():
             console.print(f"pretrained: {weights}, the bundled weights (All-CNN-C with BatchNorm): "
                           f"timm.create_model({weights.split('.')[0]!r}, pretrained=True)")

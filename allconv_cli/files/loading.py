@@ -27,7 +27,7 @@ from allconv_cli.data.images import fit_options, load_images
 from allconv_cli.files.weights import load_model, load_state, resolve_weights
 from allconv_cli.models.registry import (
     BUNDLED_WEIGHTS,
-    LAYERS,
+    NETWORKS,
     create_model,
     resolve_name,
 )
@@ -111,7 +111,7 @@ def _load_foreign(name: str, checkpoint: str | Path, device) -> LoadedModel:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
-    if name.strip().lower().replace("-", "_") in LAYERS:
+    if name.strip().lower().replace("-", "_") in NETWORKS:
         model = create_model(resolve_name(name))
     else:
         model = _build_by_name(name)

@@ -208,6 +208,8 @@ MODEL_KWARGS: dict[str, tuple[Callable, str]] = {
     "class_relu": (lambda v: isinstance(v, bool), "true or false"),
     "drop_input": (_unit, "a number in [0, 1)"),
     "drop_rate": (_unit, "a number in [0, 1)"),
+    # timm's pool option; "" (unpooled maps) would not give the class scores a checkpoint is for
+    "global_pool": (lambda v: v == "avg", '"avg"'),
 }
 
 

@@ -3,21 +3,22 @@ rows registered with timm (``registry``), and how a run's convolutions start (``
 
 from allconv_cli.models.net import AllConvNet, ConvBlock, feature_layers
 from allconv_cli.models.registry import (
-                                         BUNDLED_MEAN,
-                                         BUNDLED_STD,
-                                         BUNDLED_WEIGHTS,
-                                         CIFAR10_CLASSES,
-                                         LAYERS,
-                                         PAPER,
-                                         VARIANTS,
-                                         create_model,
-                                         default_config,
-                                         describe,
-                                         list_models,
-                                         pretrained_names,
-                                         resolve_name,
+    BUNDLED_MEAN,
+    BUNDLED_STD,
+    BUNDLED_WEIGHTS,
+    CIFAR10_CLASSES,
+    MODEL_OPTIONS,
+    NETWORKS,
+    Network,
+    create_model,
+    default_config,
+    describe,
+    list_models,
+    model_options,
+    pretrained_names,
+    resolve_name,
 )
 
-__all__ = ["AllConvNet", "BUNDLED_MEAN", "BUNDLED_STD", "BUNDLED_WEIGHTS", "CIFAR10_CLASSES", "ConvBlock", "LAYERS",
-           "PAPER", "VARIANTS", "create_model", "default_config", "describe", "feature_layers", "list_models",
-           "pretrained_names", "resolve_name"]
+__all__ = ["AllConvNet", "BUNDLED_MEAN", "BUNDLED_STD", "BUNDLED_WEIGHTS", "CIFAR10_CLASSES", "ConvBlock", "MODEL_OPTIONS",
+           "NETWORKS", "Network", "create_model", "default_config", "describe", "feature_layers", "list_models",
+           "model_options", "pretrained_names", "resolve_name"]

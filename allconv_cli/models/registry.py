@@ -1,23 +1,28 @@
-"""The paper's networks as one timm registry: layer tables, one builder, one function per name.
+"""The paper's networks as one timm registry: a table of rows, one builder, one registered
+function per row.
 
-Every network is built from a row of ``LAYERS``: a list of tokens read left to right.
+A row (``Network``) is a list of layer tokens read left to right, and optional data about it:
 
 - ``(kernel, width, stride)`` or ``(kernel, width, stride, padding)``: a conv + ReLU. Padding
   defaults to "same" (``kernel // 2``); the head's 3x3 conv is unpadded ("valid", 8x8 -> 6x6).
-  ``width=None`` is the class conv (``num_classes`` outputs).
+  ``width=None`` is the class conv (``num_classes`` outputs), always the last token.
 - ``"M"``: 3x3 max-pool, stride 2, padding 1 (32 -> 16 -> 8), followed by 50 % dropout.
 - ``"D"``: 50 % dropout after a conv that replaces a pool (strided and All-CNN models).
 
 Convolutions are named conv1..convN in order, as in the paper, and are addressable by those
 names (``model.get_layer("conv6")``). Where this file and the paper's PDF disagree, the PDF wins.
 
-``VARIANTS`` registers deviations that have weights of their own: ``all_cnn_c_bn`` is All-CNN-C
-with BatchNorm and its own dropout, and ``timm.create_model("all_cnn_c_bn", pretrained=True)``
-loads the bundled CIFAR-10 weights from the package, offline.
+Adding a network, or a variant with options or weights of its own, is one row of ``NETWORKS``:
+its timm function, default configuration, command-line name and ``allconv models`` line follow
+from it. ``all_cnn_c_bn`` is such a variant (All-CNN-C with BatchNorm and its own dropout), and
+``timm.create_model("all_cnn_c_bn", pretrained=True)`` loads the bundled CIFAR-10 weights from
+the package, offline.
 """
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
@@ -45,76 +50,6 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
-_HEAD = [(3, 192, 1, 0), (1, 192, 1), (1, None, 1)]  # 8x8 -> 6x6, 1x1, 1x1 to classes
-
-
-LAYERS: dict[str, list] = {
-    # Table 1: base models. Table 2: Strided- (stride on the conv before each pool),
-    # ConvPool- (extra 3x3 conv before each pool), All-CNN- (pool replaced by 3x3 stride-2 conv).
-    "model_a": [(5, 96, 1), "M", (5, 192, 1), "M", *_HEAD],
-    "strided_cnn_a": [(5, 96, 2), "D", (5, 192, 2), "D", *_HEAD],
-    "convpool_cnn_a": [(5, 96, 1), (3, 96, 1), "M", (5, 192, 1), (3, 192, 1), "M", *_HEAD],
-    "all_cnn_a": [(5, 96, 1), (3, 96, 2), "D", (5, 192, 1), (3, 192, 2), "D", *_HEAD],
-    "model_b": [(5, 96, 1), (1, 96, 1), "M", (5, 192, 1), (1, 192, 1), "M", *_HEAD],
-    "strided_cnn_b": [(5, 96, 1), (1, 96, 2), "D", (5, 192, 1), (1, 192, 2), "D", *_HEAD],
-    "convpool_cnn_b": [
-        (5, 96, 1), (1, 96, 1), (3, 96, 1), "M",
-        (5, 192, 1), (1, 192, 1), (3, 192, 1), "M", *_HEAD,
-    ],
-    "all_cnn_b": [
-        (5, 96, 1), (1, 96, 1), (3, 96, 2), "D",
-        (5, 192, 1), (1, 192, 1), (3, 192, 2), "D", *_HEAD,
-    ],
-    "model_c": [(3, 96, 1), (3, 96, 1), "M", (3, 192, 1), (3, 192, 1), "M", *_HEAD],
-    "strided_cnn_c": [(3, 96, 1), (3, 96, 2), "D", (3, 192, 1), (3, 192, 2), "D", *_HEAD],
-    "convpool_cnn_c": [
-        (3, 96, 1), (3, 96, 1), (3, 96, 1), "M",
-        (3, 192, 1), (3, 192, 1), (3, 192, 1), "M", *_HEAD,
-    ],
-    "all_cnn_c": [
-        (3, 96, 1), (3, 96, 1), (3, 96, 2), "D",
-        (3, 192, 1), (3, 192, 1), (3, 192, 2), "D", *_HEAD,
-    ],
-    # Appendix: an upscaled All-CNN-B for 224x224 input. The paper gives no padding; we pad
-    # every conv "same", so the maps are 56 -> 28 -> 14 -> 7 and the global average is 7x7.
-    "all_cnn_imagenet": [
-        (11, 96, 4), (1, 96, 1), (3, 96, 2),
-        (5, 256, 1), (1, 256, 1), (3, 256, 2),
-        (3, 384, 1), (1, 384, 1), (3, 384, 2), "D",
-        (3, 1024, 1), (1, 1024, 1), (1, None, 1),
-    ],
-}
-
-
-# What the paper reports: rounded parameter counts and test error in % (Tables 3-5, appendix).
-# "cifar10" is without augmentation, "cifar10-aug" with flips and translations.
-PAPER: dict[str, dict] = {
-    "model_a": {"params": "~0.9 M", "error": {"cifar10": 12.47}},
-    "strided_cnn_a": {"params": "~0.9 M", "error": {"cifar10": 13.46}},
-    "convpool_cnn_a": {"params": "~1.28 M", "error": {"cifar10": 10.21}},
-    "all_cnn_a": {"params": "~1.28 M", "error": {"cifar10": 10.30}},
-    "model_b": {"params": "~1 M", "error": {"cifar10": 10.20}},
-    "strided_cnn_b": {"params": "~1 M", "error": {"cifar10": 10.98}},
-    "convpool_cnn_b": {"params": "~1.35 M", "error": {"cifar10": 9.33}},
-    "all_cnn_b": {"params": "~1.35 M", "error": {"cifar10": 9.10}},
-    "model_c": {"params": "~1.3 M", "error": {"cifar10": 9.74}},
-    "strided_cnn_c": {"params": "~1.3 M", "error": {"cifar10": 10.19}},
-    "convpool_cnn_c": {"params": "~1.4 M", "error": {"cifar10": 9.31}},
-    "all_cnn_c": {
-        "params": "~1.4 M",
-        "error": {"cifar10": 9.08, "cifar10-aug": 7.25, "cifar100": 33.71},
-    },
-    "all_cnn_imagenet": {"params": "< 10 M", "error": {"imagenet": 41.2}},
-}
-
-
-# Deviations registered for weights of their own: name -> (row of LAYERS, model options). On
-# the command line the same network is --model all-cnn-c --batch-norm --drop-input 0 --drop-rate 0.25.
-VARIANTS: dict[str, tuple[str, dict]] = {
-    "all_cnn_c_bn": ("all_cnn_c", {"batch_norm": True, "drop_input": 0.0, "drop_rate": 0.25}),
-}
-
-
 BUNDLED_WEIGHTS = Path(__file__).parents[1] / "assets" / "all-cnn-c-cifar10.safetensors"
 
 
@@ -126,48 +61,110 @@ BUNDLED_MEAN = (0.4912503957748413, 0.4820902943611145, 0.44652095437049866)
 BUNDLED_STD = (0.24523161351680756, 0.24278154969215393, 0.26062875986099243)
 
 
-def _cfg(**kwargs):
+@dataclass(frozen=True)
+class Network:
+    """A row of the registry: the layers, and what else is known about the network."""
+
+    layers: list  # tokens, see the module's docstring
+    family: str | None = None  # Table 3's block (a, b or c): what 'allconv ablate --family' trains
+    paper_params: str | None = None  # the paper's rounded parameter count, where it gives one
+    # the paper's test error (%) by data set: cifar10 (no augmentation), cifar10-aug (flips and
+    # translations), cifar100, imagenet (top-1); empty where the paper has no figure
+    paper_error: dict[str, float] = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # AllConvNet options; keyword arguments override them
+    cfg: dict = field(default_factory=dict)  # timm configuration beyond the CIFAR-10 one (_cfg)
+    tag: str = ""  # the configuration's tag where it has weights: all_cnn_c_bn.cifar10
+
+
+_HEAD = [(3, 192, 1, 0), (1, 192, 1), (1, None, 1)]  # 8x8 -> 6x6, 1x1, 1x1 to classes
+
+
+ALL_CNN_C = [(3, 96, 1), (3, 96, 1), (3, 96, 2), "D", (3, 192, 1), (3, 192, 1), (3, 192, 2), "D", *_HEAD]
+
+
+# Table 1: base models. Table 2: Strided- (stride on the conv before each pool), ConvPool- (extra
+# 3x3 conv before each pool), All-CNN- (pool replaced by 3x3 stride-2 conv). The paper's figures
+# are its rounded parameter counts and test errors (Tables 3-5, appendix).
+NETWORKS: dict[str, Network] = {
+    "model_a": Network([(5, 96, 1), "M", (5, 192, 1), "M", *_HEAD], "a", "~0.9 M", {"cifar10": 12.47}),
+    "strided_cnn_a": Network([(5, 96, 2), "D", (5, 192, 2), "D", *_HEAD], "a", "~0.9 M", {"cifar10": 13.46}),
+    "convpool_cnn_a": Network([(5, 96, 1), (3, 96, 1), "M", (5, 192, 1), (3, 192, 1), "M", *_HEAD],
+                              "a", "~1.28 M", {"cifar10": 10.21}),
+    "all_cnn_a": Network([(5, 96, 1), (3, 96, 2), "D", (5, 192, 1), (3, 192, 2), "D", *_HEAD],
+                         "a", "~1.28 M", {"cifar10": 10.30}),
+    "model_b": Network([(5, 96, 1), (1, 96, 1), "M", (5, 192, 1), (1, 192, 1), "M", *_HEAD],
+                       "b", "~1 M", {"cifar10": 10.20}),
+    "strided_cnn_b": Network([(5, 96, 1), (1, 96, 2), "D", (5, 192, 1), (1, 192, 2), "D", *_HEAD],
+                             "b", "~1 M", {"cifar10": 10.98}),
+    "convpool_cnn_b": Network([(5, 96, 1), (1, 96, 1), (3, 96, 1), "M", (5, 192, 1), (1, 192, 1), (3, 192, 1), "M",
+                               *_HEAD], "b", "~1.35 M", {"cifar10": 9.33}),
+    "all_cnn_b": Network([(5, 96, 1), (1, 96, 1), (3, 96, 2), "D", (5, 192, 1), (1, 192, 1), (3, 192, 2), "D",
+                          *_HEAD], "b", "~1.35 M", {"cifar10": 9.10}),
+    "model_c": Network([(3, 96, 1), (3, 96, 1), "M", (3, 192, 1), (3, 192, 1), "M", *_HEAD],
+                       "c", "~1.3 M", {"cifar10": 9.74}),
+    "strided_cnn_c": Network([(3, 96, 1), (3, 96, 2), "D", (3, 192, 1), (3, 192, 2), "D", *_HEAD],
+                             "c", "~1.3 M", {"cifar10": 10.19}),
+    "convpool_cnn_c": Network([(3, 96, 1), (3, 96, 1), (3, 96, 1), "M", (3, 192, 1), (3, 192, 1), (3, 192, 1), "M",
+                               *_HEAD], "c", "~1.4 M", {"cifar10": 9.31}),
+    "all_cnn_c": Network(ALL_CNN_C, "c", "~1.4 M", {"cifar10": 9.08, "cifar10-aug": 7.25, "cifar100": 33.71}),
+    # Appendix: an upscaled All-CNN-B for 224x224 input with one dropout, after conv9. The paper
+    # gives no padding; we pad every conv "same", so the maps are 56 -> 28 -> 14 -> 7 and the
+    # global average is 7x7.
+    "all_cnn_imagenet": Network(
+        [(11, 96, 4), (1, 96, 1), (3, 96, 2),
+         (5, 256, 1), (1, 256, 1), (3, 256, 2),
+         (3, 384, 1), (1, 384, 1), (3, 384, 2), "D",
+         (3, 1024, 1), (1, 1024, 1), (1, None, 1)],
+        paper_params="< 10 M", paper_error={"imagenet": 41.2}, options={"drop_input": 0.0},
+        cfg={"num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
+             "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD},
+    ),
+    # A deviation with weights of its own, not in the paper: the bundled weights' network. On the
+    # command line the same layers are --model all-cnn-c --batch-norm --drop-input 0 --drop-rate 0.25.
+    "all_cnn_c_bn": Network(
+        ALL_CNN_C, options={"batch_norm": True, "drop_input": 0.0, "drop_rate": 0.25}, tag="cifar10",
+        cfg={"file": str(BUNDLED_WEIGHTS), "mean": BUNDLED_MEAN, "std": BUNDLED_STD, "label_names": CIFAR10_CLASSES,
+             "notes": ("All-CNN-C with BatchNorm (a deviation), trained by allconv on the CIFAR-10 JPEG copy "
+                       "with flips and translations: 9.97 % top-1 error on its 10,000 test images",)},
+    ),
+}
+
+
+# The AllConvNet options a training run sets (allconv train --batch-norm, --drop-rate, ...).
+MODEL_OPTIONS = ("batch_norm", "class_relu", "drop_input", "drop_rate")
+
+
+def model_options(name: str) -> dict:
+    """A network's MODEL_OPTIONS as it is built without keyword arguments: AllConvNet's
+    defaults (the paper's), then its row's (all-cnn-c-bn: BatchNorm, no input dropout, 25 %)."""
+    defaults = inspect.signature(AllConvNet).parameters
+    row = NETWORKS[resolve_name(name)]
+    return {key: row.options.get(key, defaults[key].default) for key in MODEL_OPTIONS}
+
+
+def _cfg(network: Network) -> dict:
+    """A row's timm configuration: CIFAR-10's, then the row's own."""
+    n_convs = sum(token not in ("M", "D") for token in network.layers)
     return {
         "num_classes": 10,
         "input_size": (3, 32, 32),
-        "pool_size": (6, 6),
+        "pool_size": (6, 6),  # the maps forward_features returns on that input
         "crop_pct": 1.0,
         "interpolation": "bilinear",
         "mean": CIFAR10_MEAN,
         "std": CIFAR10_STD,
         "first_conv": "features.conv1.conv",
-        "classifier": "features.conv9.conv",
+        "classifier": f"features.conv{n_convs}.conv",  # the class conv is the last
         "license": "mit",
         "paper_ids": "arXiv:1412.6806",
         "paper_name": "Striving for Simplicity: The All Convolutional Net",
-        **kwargs,
+        **network.cfg,
     }
 
 
-default_cfgs = generate_default_cfgs({
-    "model_a": _cfg(classifier="features.conv5.conv"),
-    "strided_cnn_a": _cfg(classifier="features.conv5.conv"),
-    "convpool_cnn_a": _cfg(classifier="features.conv7.conv"),
-    "all_cnn_a": _cfg(classifier="features.conv7.conv"),
-    "model_b": _cfg(classifier="features.conv7.conv"),
-    "strided_cnn_b": _cfg(classifier="features.conv7.conv"),
-    "convpool_cnn_b": _cfg(classifier="features.conv9.conv"),
-    "all_cnn_b": _cfg(classifier="features.conv9.conv"),
-    "model_c": _cfg(classifier="features.conv7.conv"),
-    "strided_cnn_c": _cfg(classifier="features.conv7.conv"),
-    "convpool_cnn_c": _cfg(),
-    "all_cnn_c": _cfg(),
-    "all_cnn_imagenet": _cfg(
-        num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
-        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, classifier="features.conv12.conv",
-    ),
-    # the first tag of a name is its default: timm.create_model("all_cnn_c_bn", pretrained=True)
-    "all_cnn_c_bn.cifar10": _cfg(
-        file=str(BUNDLED_WEIGHTS), mean=BUNDLED_MEAN, std=BUNDLED_STD, label_names=CIFAR10_CLASSES,
-        notes=("All-CNN-C with BatchNorm (a deviation), trained by allconv on the CIFAR-10 JPEG copy "
-               "with flips and translations: 9.97 % top-1 error on its 10,000 test images",),
-    ),
-})
+# the first tag of a name is its default: timm.create_model("all_cnn_c_bn", pretrained=True)
+default_cfgs = generate_default_cfgs({".".join(filter(None, (name, network.tag))): _cfg(network)
+                                      for name, network in NETWORKS.items()})
 
 
 def pretrained_names() -> list[str]:
@@ -175,110 +172,54 @@ def pretrained_names() -> list[str]:
     return [f"{name}.{tag}" for name, entry in default_cfgs.items() for tag, cfg in entry.cfgs.items() if cfg.file]
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> AllConvNet:
-    row, options = VARIANTS.get(variant, (variant, {}))
-    kwargs = {**options, **kwargs}
-    if variant == "all_cnn_imagenet":
-        kwargs.setdefault("drop_input", 0.0)  # the appendix net has one dropout, after conv9
+def _create(name: str, pretrained: bool = False, **kwargs) -> AllConvNet:
+    network = NETWORKS[name]
+    kwargs = {**network.options, **kwargs}
     if pretrained:
-        cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+        cfg = resolve_pretrained_cfg(name, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
         if not any(getattr(cfg, key) for key in ("file", "url", "hf_hub_id", "state_dict")):
-            raise ValueError(f"{variant} has no pretrained weights; {', '.join(pretrained_names())} has them: "
+            raise ValueError(f"{name} has no pretrained weights; {', '.join(pretrained_names())} has them: "
                              f"timm.create_model({pretrained_names()[0].split('.')[0]!r}, pretrained=True), "
                              "or pass pretrained_cfg_overlay=dict(file=...) for your own")
-    features = feature_layers(LAYERS[row])
-    return build_model_with_cfg(AllConvNet, variant, pretrained, layers=LAYERS[row],
-                                feature_cfg={"flatten_sequential": True, "out_indices": tuple(range(len(features)))},
+    levels = len(feature_layers(network.layers))
+    return build_model_with_cfg(AllConvNet, name, pretrained, layers=network.layers,
+                                feature_cfg={"flatten_sequential": True, "out_indices": tuple(range(levels))},
                                 pretrained_filter_fn=_fit_class_block, **kwargs)
 
 
 def _fit_class_block(state_dict: dict, model: AllConvNet) -> dict:
-    """Drop the class conv block's tensors where their shape differs (another number of classes):
+    """Drop the class block's tensors that do not fit (another number of classes, or none):
     timm drops the class conv's weight and bias itself, but not the BatchNorm after it."""
-    prefix, own = f"features.{model.layer_names[-1]}.", model.state_dict()
+    prefix, own = f"features.{model.class_conv[0]}.", model.state_dict()
     return {key: value for key, value in state_dict.items()
-            if not (key.startswith(prefix) and key in own and own[key].shape != value.shape)}
+            if not (key.startswith(prefix) and (key not in own or own[key].shape != value.shape))}
 
 
-@register_model
-def model_a(pretrained=False, **kwargs) -> AllConvNet:
-    return _create("model_a", pretrained, **kwargs)
+def _entrypoint(name: str):
+    """The registered function of a row, as timm's own are written by hand: named as the row."""
+
+    def entrypoint(pretrained: bool = False, **kwargs) -> AllConvNet:
+        return _create(name, pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__doc__ = f"{name}: a row of allconv_cli.models.registry.NETWORKS, built as an AllConvNet."
+    return register_model(entrypoint)
 
 
-@register_model
-def strided_cnn_a(pretrained=False, **kwargs) -> AllConvNet:
-    return _create("strided_cnn_a", pretrained, **kwargs)
-
-
-@register_model
-def convpool_cnn_a(pretrained=False, **kwargs) -> AllConvNet:
-    return _create("convpool_cnn_a", pretrained, **kwargs)
-
-
-@register_model
-def all_cnn_a(pretrained=False, **kwargs) -> AllConvNet:
-    return _create("all_cnn_a", pretrained, **kwargs)
-
-
-@register_model
-def model_b(pretrained=False, **kwargs) -> AllConvNet:
-    return _create("model_b", pretrained, **kwargs)
-
-
-@register_model
-def strided_cnn_b(pretrained=False, **kwargs) -> AllConvNet:
-    return _create("strided_cnn_b", pretrained, **kwargs)
-
-
-@register_model
-def convpool_cnn_b(pretrained=False, **kwargs) -> AllConvNet:
-    return _create("convpool_cnn_b", pretrained, **kwargs)
-
-
-@register_model
-def all_cnn_b(pretrained=False, **kwargs) -> AllConvNet:
-    return _create("all_cnn_b", pretrained, **kwargs)
-
-
-@register_model
-def model_c(pretrained=False, **kwargs) -> AllConvNet:
-    return _create("model_c", pretrained, **kwargs)
-
-
-@register_model
-def strided_cnn_c(pretrained=False, **kwargs) -> AllConvNet:
-    return _create("strided_cnn_c", pretrained, **kwargs)
-
-
-@register_model
-def convpool_cnn_c(pretrained=False, **kwargs) -> AllConvNet:
-    return _create("convpool_cnn_c", pretrained, **kwargs)
-
-
-@register_model
-def all_cnn_c(pretrained=False, **kwargs) -> AllConvNet:
-    return _create("all_cnn_c", pretrained, **kwargs)
-
-
-@register_model
-def all_cnn_imagenet(pretrained=False, **kwargs) -> AllConvNet:
-    return _create("all_cnn_imagenet", pretrained, **kwargs)
-
-
-@register_model
-def all_cnn_c_bn(pretrained=False, **kwargs) -> AllConvNet:
-    return _create("all_cnn_c_bn", pretrained, **kwargs)
+# One module attribute per row (model_a, ..., all_cnn_c_bn), as @register_model leaves them.
+globals().update({name: _entrypoint(name) for name in NETWORKS})
 
 
 def list_models() -> list[str]:
-    """The registered names as users type them on the command line (``all-cnn-c``)."""
-    return [name.replace("_", "-") for name in LAYERS]
+    """The registered names as users type them on the command line (``all-cnn-c``), in the
+    table's order: the paper's, then the variants."""
+    return [name.replace("_", "-") for name in NETWORKS]
 
 
 def resolve_name(name: str) -> str:
     """``all-cnn-c`` or ``all_cnn_c`` -> ``all_cnn_c``; an unknown name raises with a hint."""
     key = name.strip().lower().replace("-", "_")
-    if key not in LAYERS:
+    if key not in NETWORKS:
         raise ValueError(f"unknown model {name!r}{did_you_mean(name.replace('_', '-'), list_models())}; "
                          "run 'allconv models' for the list")
     return key
@@ -287,7 +228,10 @@ def resolve_name(name: str) -> str:
 def default_config(name: str) -> dict:
     """A model's registered configuration (input_size, mean, std, interpolation, crop_pct,
     num_classes...) by its CLI, Python or ``name.tag`` name, without building the model."""
-    key = name if name.split(".")[0] in VARIANTS else resolve_name(name)
+    base, dot, tag = name.partition(".")
+    key = resolve_name(base) + dot + tag
+    if dot and key not in pretrained_names():
+        raise ValueError(f"unknown tag {name!r}: the tagged names are {', '.join(pretrained_names())}")
     return get_pretrained_cfg(key).to_dict()
 
 
@@ -298,12 +242,13 @@ def create_model(name: str, **kwargs) -> AllConvNet:
 
 
 def describe(name: str | None = None, num_classes: int | None = None) -> list[dict]:
-    """The registry as rows (name, exact params, paper params and error, input size, layers).
+    """The registry as rows (name, family, exact params, the paper's params and errors where it
+    gives them, input size, layers).
 
     With ``name``, one row that also lists every layer with its output (C, H, W) on the
     model's native input and its parameter count.
     """
-    names = [resolve_name(name)] if name is not None else list(LAYERS)
+    names = [resolve_name(name)] if name is not None else list(NETWORKS)
     rows = []
     for key in names:
         kwargs = {} if num_classes is None else {"num_classes": num_classes}
@@ -312,10 +257,11 @@ def describe(name: str | None = None, num_classes: int | None = None) -> list[di
         row = {
             "name": key.replace("_", "-"),
             "python_name": key,
+            "family": NETWORKS[key].family,
             "num_classes": model.num_classes,
             "params": sum(p.numel() for p in model.parameters()),
-            "paper_params": PAPER[key]["params"],
-            "paper_error": PAPER[key]["error"],
+            "paper_params": NETWORKS[key].paper_params,
+            "paper_error": NETWORKS[key].paper_error,
             "input_size": list(input_size),
             "layer_names": model.layer_names,
         }
@@ -330,6 +276,8 @@ def _layer_table(model: AllConvNet, input_size: tuple) -> list[dict]:
     x = torch.zeros(1, *input_size)
     with torch.no_grad():
         for layer_name, module in model.features.named_children():
+            if isinstance(module, nn.Identity):  # the class block's place at 0 classes: no layer
+                continue
             x = module(x)
             kind = type(module).__name__
             if isinstance(module, ConvBlock):

@@ -58,12 +58,17 @@ class TrainConfig:
     # what to train
     model: str = setting("all-cnn-c", "Registry name, e.g. all-cnn-c (see 'allconv models').",
                          flags=("--model", "-m"))
-    batch_norm: bool = setting(False, "Deviation: BatchNorm after every conv.")
-    class_relu: bool = setting(True, "The paper's ReLU after the class conv.")
+    # The model's options: None is the model's own (models.registry.model_options), the paper's for
+    # its networks and a variant's for a variant; a value given overrides it, as timm.create_model's do.
+    batch_norm: bool | None = setting(None, "Deviation: BatchNorm after every conv.",
+                                      default_text="the model's own, off for the paper's networks (a variant such "
+                                                   "as all-cnn-c-bn sets its own; 'allconv models NAME' shows it)")
+    class_relu: bool | None = setting(None, "The paper's ReLU after the class conv.",
+                                      default_text="the model's own, on")
     drop_input: float | None = setting(None, "Dropout on the input.", check=DROPOUT,
-                                       default_text="the model's, 0.2 as in the paper")
+                                       default_text="the model's own, 0.2 as in the paper (0 for all-cnn-imagenet and all-cnn-c-bn)")
     drop_rate: float | None = setting(None, "Dropout after each pool or the conv replacing it.",
-                                      check=DROPOUT, default_text="the model's, 0.5 as in the paper")
+                                      check=DROPOUT, default_text="the model's own, 0.5 as in the paper (0.25 for all-cnn-c-bn)")
     # data
     dataset: str = setting("sample", "The data set: sample is bundled (4,000 + 1,000 CIFAR-10 images); cifar10 and "
                            "cifar100 read torchvision's layout; imagefolder reads train/ and val/ or test/.",
@@ -170,11 +175,6 @@ class TrainConfig:
     eval_every: int = setting(1, "Evaluate every N epochs; the last is always evaluated.",
                               check=(lambda v: v >= 1, "of at least 1 (epochs)"))
     preset: str | None = setting(None, "A bundled preset or a .toml path; the options override its keys.", flags=("--preset", "-p"), default_text="none")
-
-    def model_kwargs(self, num_classes: int) -> dict:
-        """The model's options; a dropout left at None keeps the model's own (the paper's) rate."""
-        dropout = {k: getattr(self, k) for k in ("drop_input", "drop_rate") if getattr(self, k) is not None}
-        return {"num_classes": num_classes, "batch_norm": self.batch_norm, "class_relu": self.class_relu, **dropout}
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

@@ -33,6 +33,7 @@ from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.learner import Learner, Setup, make_learner
 from allconv_cli.train.loop import Position, Progress, finished, fit
 from allconv_cli.train.run_folder import RESUME_MAY_CHANGE, RunFolder
+from allconv_cli.train.settings import model_kwargs
 from allconv_cli.train.step import _memory_format
 
 LSUV_IMAGES = 64  # training images the lsuv initialization measures variances on
@@ -66,7 +67,7 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
     if config.shuffle_labels:  # once, fixed by the seed: the labels no longer say what the image shows
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
         train = dataclasses.replace(train, labels=train.labels[order])
-    model = create_model(name, **config.model_kwargs(len(train.classes)))
+    model = create_model(name, **model_kwargs(config, len(train.classes)))
     for norm in model.modules():  # a training setting, not the model's: set on every build, resumes included
         if isinstance(norm, nn.modules.batchnorm._BatchNorm):
             norm.momentum = config.bn_momentum

@@ -23,7 +23,7 @@ from allconv_cli.models.registry import resolve_name
 from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.learner import Learner, Setup
 from allconv_cli.train.loop import Position
-from allconv_cli.train.settings import from_json
+from allconv_cli.train.settings import from_json, model_kwargs
 from allconv_cli.util import atomic_write, atomic_write_text
 
 CONFIG_NAME, STATE_NAME, METRICS_NAME, CURVES_NAME, LOCK_NAME = (
@@ -183,7 +183,7 @@ class RunFolder:
             return
         config = learner.config
         prep_meta, prep_tensors = setup.preprocess.to_meta()
-        meta = {"model": resolve_name(config.model), "model_kwargs": config.model_kwargs(len(setup.classes)),
+        meta = {"model": resolve_name(config.model), "model_kwargs": model_kwargs(config, len(setup.classes)),
                 "classes": setup.classes, "input_size": list(setup.input_size), "preprocess": prep_meta,
                 "dataset": config.dataset, "data_dir": config.data_dir, "augment": config.augment,
                 "precision": config.precision, "epoch": position.epoch,

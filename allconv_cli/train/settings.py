@@ -17,7 +17,12 @@ from timm.models import get_pretrained_cfg_value
 
 from allconv_cli.data.datasets import check_folder, check_source
 from allconv_cli.files.weights import check_weights_file
-from allconv_cli.models.registry import list_models, resolve_name
+from allconv_cli.models.registry import (
+    MODEL_OPTIONS,
+    list_models,
+    model_options,
+    resolve_name,
+)
 from allconv_cli.train.config import (
     FIELDS,
     NUMBER,
@@ -210,7 +215,7 @@ def validate(config: TrainConfig, origin: dict[str, str] | None = None):
     if config.nesterov and config.momentum == 0:
         raise ValueError(f"{where('nesterov', 'momentum')}: nesterov needs a momentum above 0: "
                          "give a momentum or turn nesterov off")
-    if config.optimizer == "muon" and not config.batch_norm:
+    if config.optimizer == "muon" and not network_options(config)["batch_norm"]:
         raise ValueError(f"{where('optimizer', 'batch_norm')}: optimizer muon needs batch_norm: it rescales every "
                          "conv's weights, which only a BatchNorm after the conv makes harmless; "
                          "turn batch_norm on or use optimizer sgd")
@@ -235,3 +240,15 @@ def _show(key: str, value, where: str) -> str:
 
 def _flag(key: str, where: str) -> str:
     return f"--{key.replace('_', '-')}" if where == OPTIONS else key
+
+
+def network_options(config: TrainConfig) -> dict:
+    """batch_norm, class_relu, drop_input, drop_rate as the model is built: the registry's for the
+    model (a variant's own, else the paper's), then those the settings give."""
+    given = {key: getattr(config, key) for key in MODEL_OPTIONS if getattr(config, key) is not None}
+    return {**model_options(config.model), **given}
+
+
+def model_kwargs(config: TrainConfig, num_classes: int) -> dict:
+    """The keyword arguments that build the run's model."""
+    return {"num_classes": num_classes, **network_options(config)}
