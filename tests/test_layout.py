@@ -95,3 +95,20 @@ def test_library_imports_at_the_top():
                     if module.startswith("allconv_cli") or (name, module.split(".")[0]) not in FUNCTION_IMPORTS_ALLOWED:
                         hidden.append(f"{name}.{function.name}: import {module}")
     assert not hidden, "imports inside library functions: " + "; ".join(hidden)
+
+
+LONGEST_FUNCTION = 60  # lines of a library function's body, its docstring not counted
+
+
+def test_no_long_library_function():
+    long = []
+    for name, tree in modules().items():
+        if not is_library(name):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                body = node.body[1:] if ast.get_docstring(node) is not None and len(node.body) > 1 else node.body
+                lines = node.end_lineno - body[0].lineno + 1
+                if lines > LONGEST_FUNCTION:
+                    long.append(f"{name}.{node.name} ({lines} lines)")
+    assert not long, "library functions over 60 lines: " + ", ".join(long)
