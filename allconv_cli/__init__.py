@@ -10,6 +10,8 @@ import importlib.abc
 import importlib.util
 import sys
 
+from allconv_cli.util import lazy_attributes
+
 __version__ = "0.1.0"
 
 # Public API name -> submodule that defines it; imported on first access.
@@ -25,14 +27,7 @@ _API = {
 __all__ = ["__version__", *_API]
 
 
-def __getattr__(name):
-    if name in _API:
-        return getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_attributes(__name__, _API)
 
 
 class _RegisterWhenTimmLoads(importlib.abc.MetaPathFinder):

@@ -4,6 +4,7 @@ TOML / JSON write them. Imports nothing of allconv's."""
 from __future__ import annotations
 
 import difflib
+import importlib
 import json
 import os
 import tempfile
@@ -77,3 +78,14 @@ def show_value(value, quote: bool = True, most: int = 60) -> str:
         text = str(value)
     text = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
     return text if len(text) <= most else text[: most - 3] + "..."
+
+
+def lazy_attributes(package: str, api: dict[str, str]):
+    """``(__getattr__, __dir__)`` for a package whose public names (``api``: name -> submodule)
+    import their submodule on first use, so importing the package itself stays cheap."""
+    def getattr_(name):
+        if name in api:
+            return getattr(importlib.import_module(f"{package}.{api[name]}"), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return getattr_, lambda: sorted(api)

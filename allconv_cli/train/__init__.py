@@ -7,7 +7,7 @@ The names below load their module on first use, so that ``allconv --help`` can r
 without importing torch.
 """
 
-import importlib
+from allconv_cli.util import lazy_attributes
 
 # Public name -> the submodule that defines it.
 _API = {
@@ -22,11 +22,4 @@ _API = {
 __all__ = sorted(_API)
 
 
-def __getattr__(name):
-    if name in _API:
-        return getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_attributes(__name__, _API)
