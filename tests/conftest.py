@@ -60,3 +60,9 @@ def cifar10_test_folder(cifar10_archive, tmp_path_factory) -> Path:
     with tarfile.open(cifar10_archive) as tar:
         tar.extractall(root, members=[m for m in tar if m.name.startswith("test/")], filter="data")
     return root
+
+
+@pytest.fixture(scope="session")
+def cuda_count() -> int:
+    """How many GPUs the `gpu` tests' subprocesses see."""
+    return cuda_devices()
