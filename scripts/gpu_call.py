@@ -48,7 +48,7 @@ STOP_S = {False: (45, 30), True: (10, 4)}  # by --rehearsal: (grace, reserve)
 SMALL = ("config.json", "metrics.jsonl", "result.json", "ablation.json", "table.md", "table.csv", "table.json",
          "curves.png", "chart.png")
 # --rehearsal: the sizes that keep each step to seconds on two CPU cores (the paper protocol's
-# 100 epochs do not end in its 50 s: the guard stops it, as a GPU call's budget does)
+# 100 epochs never end: the guard stops it after its first checkpoint, as a GPU call's budget does)
 REHEARSAL = {"fast-recipe": ["--train-limit", 64, "--test-limit", 32, "--batch-size", 32],
              "fast-protocol": ["--train-limit", 64, "--test-limit", 32, "--batch-size", 32, "--epochs", 1],
              "paper-protocol": ["--train-limit", 128, "--test-limit", 32, "--batch-size", 32, "--epochs", 100]}
@@ -83,10 +83,13 @@ class Call:
             f.write(json.dumps(entry) + "\n")
 
 
-def run_step(call: Call, name: str, argv: list[str], limit: float) -> dict:
+def run_step(call: Call, name: str, argv: list[str], limit: float, checkpoints: Path | None = None) -> dict:
     """Run ``argv`` in its own session under a guard: at ``limit`` s (or when the budget nears
     its reserve) SIGTERM to the whole group (the trainer writes a resumable checkpoint), SIGKILL
-    after the grace. Records and returns the step's entry; its --json stdout is parsed."""
+    after the grace. In a rehearsal, a step given ``checkpoints`` (a folder of runs) is stopped
+    as soon as one of its runs has written a checkpoint in this call, so that the stop always
+    finds a run training, however slow the machine. Records and returns the step's entry; its
+    --json stdout is parsed."""
     if name in call.done:
         call.log(f"skip {name}: done in an earlier call")
         return {"step": name, "skipped": "done in an earlier call"}
@@ -99,7 +102,14 @@ def run_step(call: Call, name: str, argv: list[str], limit: float) -> dict:
     started = time.monotonic()
     with open(call.log_path, "a") as err, tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=err, env=call.env, cwd=call.work, start_new_session=True)
-        stopped = _guard(proc, limit, call.grace)
+        ready = None
+        if call.rehearsal and checkpoints is not None:
+            clock = time.time()
+
+            def ready():
+                return any(p.stat().st_mtime > clock for p in checkpoints.rglob("state.pt"))
+
+        stopped = _guard(proc, limit, call.grace, ready)
         out.seek(0)
         text = out.read()
     entry = {"step": name, "rc": proc.returncode, "wall_s": round(time.monotonic() - started, 1), "stopped": stopped,
@@ -112,13 +122,15 @@ def run_step(call: Call, name: str, argv: list[str], limit: float) -> dict:
     return entry
 
 
-def _guard(proc: subprocess.Popen, limit: float, grace: float) -> bool:
-    """Wait ``limit`` s; then stop the process group resumably. True if it had to be stopped."""
-    try:
-        proc.wait(timeout=limit)
+def _guard(proc: subprocess.Popen, limit: float, grace: float, ready=None) -> bool:
+    """Wait ``limit`` s (or until ``ready()``); then stop the process group resumably. True if it
+    had to be stopped."""
+    end = time.monotonic() + limit
+    while proc.poll() is None and time.monotonic() < end and not (ready and ready()):
+        time.sleep(0.5)
+    if proc.poll() is not None:
         return False
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
@@ -273,7 +285,7 @@ def experiments(call: Call, data: list[str], chosen: dict):
     models = "all-cnn-c" if call.rehearsal else "all-cnn-c,model-c,strided-cnn-c,convpool-cnn-c"
     run_step(call, "paper-protocol", allconv(
         "ablate", "--models", models, "--preset", "paper-cifar10", *data, "--jobs", chosen["paper_jobs"], *device,
-        *tiny, "--out", call.runs / "paper-protocol", "--json"), 50 if call.rehearsal else call.left())
+        *tiny, "--out", call.runs / "paper-protocol", "--json"), call.left(), call.runs / "paper-protocol")
 
 
 def small_files(runs: Path) -> list[Path]:
@@ -355,7 +367,8 @@ def pack_weights(call: Call):
 
     from allconv_cli.files.weights import load_model, save_weights
 
-    results = [(json.loads(p.read_text()), p.parent) for p in call.runs.rglob("result.json")]
+    results = [(json.loads(p.read_text()), p.parent) for p in call.runs.rglob("result.json")
+               if (p.parent / "model.safetensors").is_file()]  # trained in this call: carried runs came back before
     results.sort(key=lambda item: (item[0]["model"].replace("_", "-") != "all-cnn-c", item[0]["test_error"] or 100))
     buffer, total = io.BytesIO(), 0
     with tempfile.TemporaryDirectory() as tmp, tarfile.open(fileobj=buffer, mode="w") as tar:
