@@ -66,15 +66,16 @@ DEFAULT_WARMUP = {"cpu": 5, "cuda": 50}
 MATMUL_SIZE = {"cpu": 4096, "cuda": 8192}  # n of the n x n matmul that measures the achievable rate
 
 # Peak dense TFLOP/s of one GPU (no 2:4 sparsity; NVIDIA's datasheets print sparse tensor-core
-# figures, twice these). fp32 runs on the CUDA cores; tf32 and bf16 on the tensor cores. Keys
-# are matched against torch.cuda.get_device_name() in this order, most specific first.
+# figures, twice these). fp32 runs on the CUDA cores; tf32, bf16 and fp16 on the tensor cores,
+# fp16 at bf16's rate on these GPUs. Keys are matched against torch.cuda.get_device_name() in
+# this order, most specific first.
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    r"\bH200 NVL\b": {"bf16": 835.5, "tf32": 417.5, "fp32": 60.0},
-    r"\bH200\b": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},  # SXM
-    r"\bH100 NVL\b": {"bf16": 835.5, "tf32": 417.5, "fp32": 60.0},
-    r"\bH100 PCIe\b": {"bf16": 756.5, "tf32": 378.0, "fp32": 51.2},
-    r"\bH100\b": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},  # SXM5, "NVIDIA H100 80GB HBM3"
-    r"\bA100\b": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},  # SXM4 and PCIe alike
+    r"\bH200 NVL\b": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    r"\bH200\b": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},  # SXM
+    r"\bH100 NVL\b": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    r"\bH100 PCIe\b": {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.2},
+    r"\bH100\b": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},  # SXM5, "NVIDIA H100 80GB HBM3"
+    r"\bA100\b": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},  # SXM4 and PCIe alike
 }
 
 
@@ -114,22 +115,29 @@ def arithmetic(device: torch.device, precision: str) -> str:
     return precision
 
 
-def matmul_tflops(device: torch.device, precision: str, seconds: float = 1.0) -> float:
-    """TFLOP/s of square matmuls in ``precision`` on ``device`` (2 n^3 FLOPs each), timed for
-    about ``seconds`` (and at least two calls) after one untimed call, at ``MATMUL_SIZE``:
-    sizes at which the BLAS runs at its best rate."""
+def matmul_tflops(device: torch.device, arithmetic: str, seconds: float = 1.0) -> float:
+    """TFLOP/s of square matmuls in ``arithmetic`` (see ``arithmetic``) on ``device`` (2 n^3
+    FLOPs each), timed for about ``seconds`` (and at least two calls) after one untimed call, at
+    ``MATMUL_SIZE``: sizes at which the BLAS runs at its best rate. tf32 matmuls are allowed
+    exactly when the convolutions run in tf32 (cuDNN's default for fp32, while torch keeps fp32
+    matmuls in IEEE fp32 by default), so the two are compared in the same arithmetic."""
     n = MATMUL_SIZE["cuda" if device.type == "cuda" else "cpu"]
-    dtype = AUTOCAST_DTYPES.get(precision, torch.float32)
+    dtype = AUTOCAST_DTYPES.get(arithmetic, torch.float32)
     generator = torch.Generator(device=device).manual_seed(0)
     a, b = (torch.randn(n, n, generator=generator, device=device).to(dtype) for _ in range(2))
     calls = 0
-    a @ b
-    _sync(device)
-    start = time.perf_counter()
-    while calls < 2 or time.perf_counter() - start < seconds:
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = arithmetic == "tf32"
+    try:
         a @ b
-        calls += 1
         _sync(device)
+        start = time.perf_counter()
+        while calls < 2 or time.perf_counter() - start < seconds:
+            a @ b
+            calls += 1
+            _sync(device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
     return calls * 2 * n**3 / (time.perf_counter() - start) / 1e12
 
 
@@ -149,7 +157,7 @@ def peak_tflops(device: torch.device, arithmetic: str) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peaks[arithmetic] for pattern, peaks in PEAK_TFLOPS.items() if re.search(pattern, name)), None)
+    return next((peaks.get(arithmetic) for pattern, peaks in PEAK_TFLOPS.items() if re.search(pattern, name)), None)
 
 
 def device_name(device: torch.device) -> str:
@@ -214,12 +222,15 @@ def resolve_steps(device: torch.device, steps: int | None, warmup: int | None) -
             DEFAULT_WARMUP[kind] if warmup is None else warmup)
 
 
-def timed(step: Callable[[], None], warmup: int, steps: int, device: torch.device) -> float:
+def timed(step: Callable[[], None], warmup: int, steps: int, device: torch.device,
+          begin: Callable[[], None] | None = None) -> float:
     """Seconds that ``steps`` calls of ``step`` take after ``warmup`` untimed ones, measured
-    between device synchronizations (CUDA runs asynchronously)."""
+    between device synchronizations (CUDA runs asynchronously); ``begin()`` runs between the two."""
     for _ in range(warmup):
         step()
     _sync(device)
+    if begin is not None:
+        begin()
     start = time.perf_counter()
     for _ in range(steps):
         step()
@@ -253,7 +264,7 @@ def run(model: str = "all-cnn-c", mode: str = "all", batch_size: int = 128, step
         tune_cpu_allocator()  # as the trainer does
     resolved = resolve_precision(precision, dev)
     peak = peak_tflops(dev, arithmetic(dev, resolved))
-    matmul = matmul_tflops(dev, resolved)
+    matmul = matmul_tflops(dev, arithmetic(dev, resolved))
     step_model = torch.compile(net) if compile else net
     config = TrainConfig(model=name, precision=resolved, channels_last=channels_last, compile=compile)
     bench = _Bench(dev, batch_size, steps, warmup, peak, matmul)
@@ -341,10 +352,13 @@ class _Bench:
         return self._measure(step, flops)
 
     def _measure(self, step: Callable[[], None], flops: int | None) -> dict:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
         rss_reset = reset_peak_rss()
-        seconds = timed(step, self.warmup, self.steps, self.device)
+
+        def begin():  # the timed steps' peak, not cuDNN's trials of workspaces in the warm-up
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+
+        seconds = timed(step, self.warmup, self.steps, self.device, begin)
         images_per_s = self.steps * self.batch_size / seconds
         tflop_per_s = None if flops is None else images_per_s * flops / 1e12
         return {

@@ -10,17 +10,39 @@ import torch
 from allconv_cli.choices import PRECISIONS
 
 
-def resolve_device(name: str | None = "auto") -> torch.device:
-    """``auto`` -> the first CUDA device if there is one, else the CPU; bad names raise."""
+def resolve_device(name: str | None = "auto", local_rank: int | None = None) -> torch.device:
+    """``auto`` -> the first CUDA device if there is one, else the CPU; bad names raise, and so
+    does a CUDA device this machine does not have. Under torchrun (``local_rank`` given), a CUDA
+    device becomes the process's own, ``cuda:LOCAL_RANK``."""
     if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available here: use --device cpu")
+    count = torch.cuda.device_count()
+    if local_rank is not None:
+        if local_rank >= count:
+            raise ValueError(f"torchrun started process {local_rank} of this machine, but it has {count} "
+                             f"GPU{'s' if count != 1 else ''}: give torchrun --nproc-per-node {count} or fewer")
+        return torch.device("cuda", local_rank)
+    if device.index is not None and device.index >= count:
+        # a run resumed on a machine with fewer GPUs, say: CUDA's own error is "invalid device ordinal"
+        raise ValueError(f"device {name!r} asked for, but this machine has {count} GPU{'s' if count != 1 else ''} "
+                         f"(cuda:0 to cuda:{count - 1}): give --device cuda or cuda:N below {count} "
+                         "(--resume takes a new --device too)")
     return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes bf16 on its tensor cores: compute capability 8.0 (Ampere) or
+    later. ``torch.cuda.is_bf16_supported()`` also counts bf16 that older GPUs (T4, V100) only
+    emulate, far slower than their fp16 or fp32."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,7 +73,7 @@ def resolve_precision(name: str | None, device: torch.device) -> str:
     AVX-512 BF16), else fp32; an explicit name is checked against the device."""
     if name in (None, "auto"):
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+            return "bf16" if native_bf16(device) else "fp32"
         return "bf16" if any(cpu_bf16_kernels().values()) else "fp32"
     if name not in PRECISIONS:
         raise ValueError(f"unknown precision {name!r}: use one of {', '.join(PRECISIONS)}")

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from allconv_cli.evaluate import evaluate_checkpoint
 from allconv_cli.files import weights as checkpoint
 from allconv_cli.files.loading import BUNDLED_CHECKPOINT
-from allconv_cli.evaluate import evaluate_checkpoint
 from allconv_cli.train import load_run_config
 
 

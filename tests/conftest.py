@@ -1,15 +1,48 @@
+import functools
 import os
+import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
-# Tests run on the CPU with two threads, the size of the CI machine.
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# The tests run in this process on the CPU (two threads, the size of the CI machine), so CUDA is
+# hidden from it before torch looks; tests marked `gpu` run their commands in subprocesses with
+# the environment pytest was started with, CUDA included, and are skipped where there is none.
+STARTED_WITH = dict(os.environ)
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 CIFAR10_ARCHIVE = SHARED / "data" / "cifar10-jpeg.tar.gz"
+
+
+@functools.cache
+def cuda_devices() -> int:
+    """GPUs visible to the environment pytest started with: asked of torch in a subprocess (this
+    one has CUDA hidden), and only where an NVIDIA driver is present at all."""
+    if not (Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi")):
+        return 0
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                           capture_output=True, text=True, env=STARTED_WITH, timeout=120)
+    return int(probe.stdout.strip() or 0) if probe.returncode == 0 else 0
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu_items and cuda_devices() == 0:
+        skip = pytest.mark.skip(reason="needs CUDA: no GPU is visible to this machine")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def gpu_env() -> dict:
+    """The environment for a `gpu` test's subprocesses: pytest's own (CUDA visible), unbuffered,
+    with this checkout on PYTHONPATH."""
+    return {**STARTED_WITH, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +60,9 @@ def cifar10_test_folder(cifar10_archive, tmp_path_factory) -> Path:
     with tarfile.open(cifar10_archive) as tar:
         tar.extractall(root, members=[m for m in tar if m.name.startswith("test/")], filter="data")
     return root
+
+
+@pytest.fixture(scope="session")
+def cuda_count() -> int:
+    """How many GPUs the `gpu` tests' subprocesses see."""
+    return cuda_devices()

@@ -47,7 +47,7 @@ class _TrainProgress:
             config = fields["config"]
             self.console.print(f"[bold]{config.model}[/bold] on {config.dataset}: {fields['examples']:,} "
                                f"training images, {fields['steps']} steps an epoch, {fields['device']}"
-                               f"{' x ' + str(fields['world']) if fields['world'] > 1 else ''}, {config.precision} "
+                               f"{_processes(fields)}, {config.precision} "
                                f"-> {fields['run_dir']}")
             self.bars.start()
             self.epochs = self.bars.add_task("epochs", total=config.epochs, completed=fields["start_epoch"], info="")
@@ -69,6 +69,14 @@ class _TrainProgress:
 
     def stop(self):
         self.bars.stop()
+
+
+def _processes(fields: dict) -> str:
+    """' x 4 (32 images a process, SyncBatchNorm)' under DDP; '' for one process."""
+    if fields["world"] == 1:
+        return ""
+    synced = ", SyncBatchNorm" if fields["sync_batch_norm"] else ""
+    return f" x {fields['world']} ({fields['batch_per_process']} images a process{synced})"
 def train(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder. Default: runs/MODEL-DATASET-TIME.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", metavar="", help="Replace the run that --out already holds (otherwise refused).")] = False,

@@ -435,7 +435,9 @@ class Batches:
 
     Shuffling draws a permutation from ``(seed, epoch)`` alone, so any epoch and step can be
     replayed exactly after a resume. In-memory data is moved to ``device`` once and batches are
-    index_select-ed there; folder data goes through DataLoader workers.
+    index_select-ed there; folder data goes through DataLoader workers. Training shards
+    (``drop_last``) are of equal length, ``len // world``, so every process takes the same
+    number of steps; evaluation shards cover every example once (they differ by at most one).
     """
 
     def __init__(self, data: Split, batch_size: int, shuffle: bool, drop_last: bool = False,
@@ -447,10 +449,11 @@ class Batches:
         if isinstance(data, ImageData):
             self.images = data.images.to(self.device)
             self.labels = data.labels.to(self.device)
-        per_rank = len(data) // world if world > 1 else len(data)
+        # drop_last: len // world each; else rank r takes examples r, r + world, ... of all len
+        per_rank = len(data) // world if drop_last else len(range(rank, len(data), world))
         self.per_rank = per_rank
         self.steps = per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
-        if self.steps == 0:
+        if self.steps == 0 and (drop_last or rank == 0):  # a later rank may get no image of a tiny split
             raise ValueError(f"{len(data)} examples make no batch of {batch_size} (on {world} "
                              "processes): lower --batch-size")
 

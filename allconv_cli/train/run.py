@@ -33,7 +33,7 @@ from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.learner import Learner, Setup, make_learner
 from allconv_cli.train.loop import Position, Progress, finished, fit
 from allconv_cli.train.run_folder import RESUME_MAY_CHANGE, RunFolder
-from allconv_cli.train.settings import model_kwargs
+from allconv_cli.train.settings import model_kwargs, network_options
 from allconv_cli.train.step import _memory_format
 
 LSUV_IMAGES = 64  # training images the lsuv initialization measures variances on
@@ -127,6 +127,7 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
     """
     run = RunFolder(run_dir)
     rank, world, local_rank = _distributed()
+    check_batch(config, world)
     progress = progress if progress is not None and rank == 0 else None
     device = _start(config, world, local_rank)
     config = dataclasses.replace(config, precision=resolve_precision(config.precision, device))
@@ -138,9 +139,11 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
                                  "nothing to resume (start a new run, e.g. with --epochs)")
             if state is None and rank == 0:
                 run.refuse_a_run(replace or resume)  # before loading data, which can take minutes
-            _seed(config, rank)
+            _seed(config)
             setup = build(config, device, rank, world, (state["preprocess_meta"], state["preprocess_tensors"])
                           if state else None)
+            if rank:  # every rank built the same model; dropout now draws per process (rank 0 goes on as one process)
+                torch.manual_seed(config.seed + rank)
             if state is None and rank == 0:  # after build: a run whose data fails to load writes nothing
                 run.begin(config, replace or resume)  # a resume without state.pt restarts from scratch
             learner = make_learner(config, setup.model, setup.preprocess, len(setup.classes), len(setup.train),
@@ -148,7 +151,8 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
             position = run.restore(learner, state, rank, world) if state else Position()
             if progress is not None:
                 progress("start", config=config, run_dir=run.path, classes=setup.classes, steps=len(setup.train),
-                         start_epoch=position.epoch, examples=len(setup.train.data), device=str(device), world=world)
+                         start_epoch=position.epoch, examples=len(setup.train.data), device=str(device), world=world,
+                         batch_per_process=setup.train.batch_size, sync_batch_norm=world > 1 and network_options(config)["batch_norm"])
             started = time.perf_counter()
             with _catch_signals() as caught:
                 position = fit(learner, setup.train, position, config.epochs,
@@ -175,16 +179,30 @@ def resume(run_dir: str | Path, progress: Progress | None = None, stop_after: in
     return train(config, run_dir, progress=progress, resume=True, stop_after=stop_after)
 
 
+def check_batch(config: TrainConfig, world: int):
+    """Refuse a batch that ``--augment strong`` cannot mix: timm's Mixup pairs each image with
+    another of the same process's batch, so that batch (``batch_size // world``) must be even."""
+    per_process = config.batch_size // world
+    if config.augment != "strong" or per_process % 2 == 0:
+        return
+    step = 2 * world  # global batches whose share is even on every process
+    lower, upper = config.batch_size // step * step, (config.batch_size // step + 1) * step
+    spread = f" over {world} processes gives {per_process} each" if world > 1 else " is odd"
+    raise ValueError(f"--augment strong mixes pairs of images and needs an even batch per process: --batch-size "
+                     f"{config.batch_size}{spread}; give --batch-size {upper}"
+                     + (f" or {lower}" if lower else ""))
+
+
 def _start(config: TrainConfig, world: int, local_rank: int) -> torch.device:
-    """Join the process group under torchrun, pick the device and tune the CPU allocator."""
+    """Pick the device (under torchrun a GPU per process, checked against the machine's count),
+    join the process group and tune the CPU allocator."""
+    device = resolve_device(config.device, local_rank if world > 1 else None)
+    if device.type == "cuda" and world > 1:
+        torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo")
-    device = resolve_device(config.device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cpu":
         tune_cpu_allocator()
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
     return device
 
 
@@ -215,6 +233,7 @@ def _summary(learner: Learner, setup: Setup, config: TrainConfig, run: RunFolder
     done = finished(position.history, config.epochs)
     summary = {"run_dir": str(run.path), "model": resolve_name(config.model), "dataset": config.dataset,
                "epochs_done": position.epoch, "epochs": config.epochs, "finished": done, "seconds": seconds,
+               "processes": setup.train.world, "batch_per_process": setup.train.batch_size,
                "precision": config.precision, "last": position.history[-1] if position.history else {},
                "paper_error": paper_error(config.model, config.dataset, setup.classes, config.augment)}
     if config.target is not None and done and position.history[-1].get("target_reached"):
@@ -228,8 +247,8 @@ def _summary(learner: Learner, setup: Setup, config: TrainConfig, run: RunFolder
     return summary
 
 
-def _seed(config: TrainConfig, rank: int):
-    torch.manual_seed(config.seed + rank)
+def _seed(config: TrainConfig):
+    torch.manual_seed(config.seed)
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)

@@ -1,6 +1,6 @@
 """The one reader and writer of a run folder: ``config.json`` (the resolved settings),
 ``model.safetensors`` (weights and what rebuilds the model and its preprocessing), ``state.pt``
-(optimizer, scheduler, EMA, every rank's RNG, position; plain tensors and numbers, read with
+(optimizer, scheduler, EMA, fp16's loss scale, every rank's RNG, position; plain tensors and numbers, read with
 ``torch.load(weights_only=True)`` and validated), ``metrics.jsonl`` (one JSON object per
 epoch), ``curves.png`` and ``.lock`` (held for the whole run)."""
 
@@ -44,6 +44,7 @@ _STATE_TYPES = {
     "format": int, "config": str, "epoch": int, "step": int, "sums": torch.Tensor, "history": str,
     "model": dict, "optimizer": dict, "scheduler": dict, "ema": (dict, type(None)), "world": int,
     "lookahead": (dict, type(None)),
+    "scaler": (dict, type(None)),  # fp16's GradScaler; absent (None) in states written before it was saved
     "rng_cpu": torch.Tensor, "rng_cuda": (torch.Tensor, type(None)),
     "preprocess_meta": dict, "preprocess_tensors": dict,
 }
@@ -156,6 +157,8 @@ class RunFolder:
                 learner.ema.load_state_dict(state["ema"])
             if learner.lookahead is not None:
                 learner.lookahead.load_state_dict(state["lookahead"])
+            if learner.scaler is not None and state.get("scaler"):  # the loss scale goes on where it was
+                learner.scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["rng_cpu"][rank].clone())  # a row of its own: torch reads from offset 0
             history = json.loads(state["history"])
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
@@ -199,6 +202,7 @@ class RunFolder:
             "scheduler": learner.scheduler.state_dict(),
             "ema": learner.ema.state_dict() if learner.ema is not None else None,
             "lookahead": learner.lookahead.state_dict() if learner.lookahead is not None else None,
+            "scaler": learner.scaler.state_dict() if learner.scaler is not None else None,
             "rng_cpu": rng_cpu.cpu(), "rng_cuda": None if rng_cuda is None else rng_cuda.cpu(),
             "preprocess_meta": prep_meta, "preprocess_tensors": prep_tensors,
         }
