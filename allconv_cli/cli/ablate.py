@@ -9,7 +9,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from allconv_cli.cli.common import duration, make_console, parse_numbers, user_errors
+from allconv_cli.cli.common import (
+    EXIT_SIGNAL,
+    duration,
+    make_console,
+    parse_numbers,
+    user_errors,
+)
 
 
 def ablate(
@@ -40,6 +46,7 @@ def ablate(
     with user_errors():
         from allconv_cli import ablate as ablation
         from allconv_cli.train import settings as configuration
+        from allconv_cli.train.loop import TrainingStopped
 
         names = ablation.select_models(family, models.split(",") if models else None)
         grid = parse_numbers(lr_grid, "--lr-grid", float, ablation.PAPER_GRID) if lr_grid else None
@@ -59,9 +66,9 @@ def ablate(
         progress = _printed_progress(errors) if show else None
         try:
             rows = ablation.ablate(base, names, grid, seed_list, out, jobs or 1, progress)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, TrainingStopped) as stop:  # a stopped run keeps its checkpoint
             typer.echo(f"interrupted; run the same command again to continue {out}", err=True)
-            raise typer.Exit(130) from None
+            raise typer.Exit(EXIT_SIGNAL.get(getattr(stop, "signum", 2), 130)) from None
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
