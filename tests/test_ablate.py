@@ -156,3 +156,20 @@ def test_table_piped_reads_as_markdown(tmp_path, monkeypatch):
     assert result.stderr == ""  # no progress lines when stderr is not a terminal
     assert "| all-cnn-c | 1,369,738 | ~1.4 M | 0.05 | 12.50 ± 0.00 (1) |  |  |" in result.stdout.splitlines()
     assert f"tables and chart: {out}/table.md, table.csv, table.json, chart.png\n" in result.stdout
+
+
+@pytest.mark.slow
+def test_sigterm_stops_an_ablation_with_one_line(tmp_path):
+    out = tmp_path / "ablation"
+    args = [ALLCONV, "ablate", "--models", "all-cnn-c", "--preset", "smoke", "--train-limit", "256",
+            "--epochs", "20", "--out", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = out / "all-cnn-c" / "lr0.05-seed0" / "metrics.jsonl"  # after the first epoch
+    deadline = time.time() + 180
+    while not started.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr and "run the same command again" in stderr
+    assert (out / "all-cnn-c" / "lr0.05-seed0" / "state.pt").exists()  # resumable
