@@ -61,7 +61,10 @@ class Run:
 
 
 def select_models(family: str | None = None, patterns: list[str] | None = None) -> list[str]:
-    """``family`` a, b or c (the four models of Table 3's block), or names / glob patterns."""
+    """``family`` a, b or c (the four models of Table 3's block), or names / glob patterns;
+    ``all`` is the twelve networks of Table 3 (families A, B, C; not the ImageNet net)."""
+    if patterns == ["all"]:
+        return [m for f in "abc" for m in FAMILIES[f]]
     if family is not None:
         if family.lower() not in FAMILIES:
             raise ValueError(f"unknown family {family!r}: use a, b or c")

@@ -82,6 +82,8 @@ def test_selection_and_dry_run(monkeypatch):
     fake_speed(monkeypatch)
     assert ablate.select_models("c") == ["model-c", "strided-cnn-c", "convpool-cnn-c", "all-cnn-c"]
     assert ablate.select_models(patterns=["all-cnn-*"])[-1] == "all-cnn-imagenet"
+    table3 = ablate.select_models(patterns=["all"])
+    assert len(table3) == 12 and table3[:2] == ["model-a", "strided-cnn-a"] and "all-cnn-imagenet" not in table3
     with pytest.raises(ValueError, match="did you mean"):
         ablate.select_models(patterns=["all-cnn-x"])
     result = CliRunner().invoke(app, ["ablate", "--family", "c", "--lr-grid", "paper", "--seeds", "3",
