@@ -32,6 +32,7 @@ from allconv_cli import benchmark
 from allconv_cli.charts import ablation_bars
 from allconv_cli.data import datasets
 from allconv_cli.models.registry import (
+    CIFAR10_CLASSES,
     NETWORKS,
     create_model,
     list_models,
@@ -63,7 +64,10 @@ class Run:
 
 
 def select_models(family: str | None = None, patterns: list[str] | None = None) -> list[str]:
-    """``family`` a, b or c (the four models of Table 3's block), or names / glob patterns."""
+    """``family`` a, b or c (the four models of Table 3's block), or names / glob patterns;
+    ``all`` is the twelve networks of Table 3 (families A, B, C; not the ImageNet net)."""
+    if patterns == ["all"]:
+        return [m for f in "abc" for m in FAMILIES[f]]
     if family is not None:
         if family.lower() not in FAMILIES:
             raise ValueError(f"unknown family {family!r}: use one of {', '.join(FAMILIES)}")
@@ -235,46 +239,89 @@ def _devices(base: TrainConfig, jobs: int) -> list[str | None]:
     return [None]
 
 
-def table_rows(models, chosen, seeds, results, base: TrainConfig) -> list[dict]:
+# The paper's figure for a run's protocol, by the key ``paper_key`` returns: the setting it was measured in
+PROTOCOLS = {"cifar10": "Table 3: 350 epochs, no augmentation",
+             "cifar10-aug": "with flips and translations",
+             "cifar100": "CIFAR-100, no augmentation"}
 
-    key = "cifar10" if base.augment == "none" else "cifar10-aug"
-    key = "cifar100" if base.dataset == "cifar100" else key
+
+def paper_key(base: TrainConfig) -> str | None:
+    """Which of the paper's figures the runs compare with: None where it reports none (the
+    bundled sample, or an image folder whose classes are not CIFAR-10's)."""
+    if base.dataset == "cifar100":
+        return "cifar100"
+    cifar10 = base.dataset == "cifar10" or (
+        base.dataset == "imagefolder" and base.data_dir is not None
+        and tuple(datasets._class_names(Path(base.data_dir) / "train")) == CIFAR10_CLASSES)
+    return None if not cifar10 else "cifar10" if base.augment == "none" else "cifar10-aug"
+
+
+def table_rows(models, chosen, seeds, results, base: TrainConfig) -> list[dict]:
+    """One row per model: test error's mean and spread (None for one seed: one run has no spread),
+    the paper's Table 3 figure on CIFAR-10 and its figure for the run's protocol, if any."""
+    key = paper_key(base)
     rows = []
     for model in models:
         errors = [results[Run(model, chosen[model], s)]["test_error"] for s in seeds]
         python_name = resolve_name(model)
-        paper = NETWORKS[python_name].paper_error.get(key) if base.dataset != "sample" else None
+        paper = NETWORKS[python_name].paper_error
+        table3 = paper.get("cifar10") if key in ("cifar10", "cifar10-aug") else None
         mean = statistics.fmean(errors)
+        reference = table3 if table3 is not None else paper.get(key)
         rows.append({
             "model": model,
             "params": sum(p.numel() for p in create_model(python_name).parameters()),
             "paper_params": NETWORKS[python_name].paper_params,
             "lr": chosen[model],
             "test_error_mean": mean,
-            "test_error_std": statistics.stdev(errors) if len(errors) > 1 else 0.0,
+            "test_error_std": statistics.stdev(errors) if len(errors) > 1 else None,
             "seeds": len(errors),
-            "paper_error": paper,
-            "difference": None if paper is None else mean - paper,
+            "paper_table3": table3,
+            "paper_error": paper.get(key) if key is not None else None,
+            "paper_protocol": PROTOCOLS.get(key),
+            "difference": None if reference is None else mean - reference,
         })
     return rows
+
+
+def _figure(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def paper_columns(rows: list[dict]) -> list[tuple[str, str]]:
+    """(row key, label) of the paper's columns to show: Table 3's whenever the runs are on CIFAR-10,
+    and the protocol's own beside it where that is another of the paper's settings."""
+    protocol = rows[0]["paper_protocol"]
+    columns = [("paper_table3", f"paper, {PROTOCOLS['cifar10']}")]
+    if protocol != PROTOCOLS["cifar10"]:
+        columns.append(("paper_error", f"paper, {protocol}"))
+    return [(key, label) for key, label in columns if any(r[key] is not None for r in rows)]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    columns = paper_columns(rows)
+    table3 = any(r["paper_table3"] is not None for r in rows)
+    header = ["model", "params", "paper's params", "lr", "test error %", *(f"{label} %" for _, label in columns),
+              f"difference from {'Table 3' if table3 else 'the paper'}"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for r in rows:
+        error = (f"{r['test_error_mean']:.2f} (1 seed)" if r["test_error_std"] is None
+                 else f"{r['test_error_mean']:.2f} ± {r['test_error_std']:.2f} ({r['seeds']} seeds)")
+        cells = [r["model"], f"{r['params']:,}", r["paper_params"] or "", f"{r['lr']:g}", error]
+        cells += ["" if r[key] is None else f"{r[key]:.2f}" for key, _ in columns]
+        cells += ["" if r["difference"] is None else f"{r['difference']:+.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def write_tables(rows: list[dict], out: Path):
     """table.md, table.csv, table.json and chart.png in ``out``."""
 
-    lines = ["| model | params | paper's params | lr | test error % (mean ± std, n) | paper's error % | difference |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        paper = "" if r["paper_error"] is None else f"{r['paper_error']:.2f}"
-        diff = "" if r["difference"] is None else f"{r['difference']:+.2f}"
-        lines.append(f"| {r['model']} | {r['params']:,} | {r['paper_params'] or ''} | {r['lr']:g} | "
-                     f"{r['test_error_mean']:.2f} ± {r['test_error_std']:.2f} ({r['seeds']}) | {paper} | {diff} |")
-    atomic_write_text(out / "table.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "table.md", markdown_table(rows))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out / "table.csv", buffer.getvalue())
     atomic_write_text(out / "table.json", json.dumps(rows, indent=2))
-    ablation_bars(rows, out / "chart.png")
-
+    ablation_bars(rows, paper_columns(rows), out / "chart.png")

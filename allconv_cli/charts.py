@@ -63,17 +63,22 @@ def confusion_matrix(confusion: list[list[int]], classes: list[str], path: str |
     return _save(fig, Path(path))
 
 
-def ablation_bars(rows: list[dict], path: str | Path) -> Path:
-    """Test error per model: ours (mean, with the spread over seeds) beside the paper's."""
+def ablation_bars(rows: list[dict], paper: list[tuple[str, str]], path: str | Path) -> Path:
+    """Test error per model: ours (the mean, with the spread where there are several seeds) beside
+    the paper's columns, given as (row key, legend label)."""
 
     x = np.arange(len(rows))
+    seeds = rows[0]["seeds"]
+    width = 0.8 / (1 + len(paper))
+    offsets = (np.arange(1 + len(paper)) - len(paper) / 2) * width
     fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows)), 3.6))
-    ax.bar(x - 0.2, [r["test_error_mean"] for r in rows], 0.4, yerr=[r["test_error_std"] for r in rows],
-           capsize=3, label="allconv (mean ± std over seeds)")
-    paper = [r["paper_error"] if r["paper_error"] is not None else np.nan for r in rows]
-    ax.bar(x + 0.2, paper, 0.4, label="paper")
+    ax.bar(x + offsets[0], [r["test_error_mean"] for r in rows], width, capsize=3,
+           label="allconv, one seed" if seeds == 1 else f"allconv, mean ± std over {seeds} seeds",
+           yerr=None if seeds == 1 else [r["test_error_std"] for r in rows])  # one run has no spread to draw
+    for offset, (key, label) in zip(offsets[1:], paper):
+        ax.bar(x + offset, [np.nan if r[key] is None else r[key] for r in rows], width, label=label)
     ax.set_xticks(x, [r["model"] for r in rows], rotation=20, ha="right")
     ax.set(ylabel="test error %", title="ablation: test error by model")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     return _save(fig, Path(path))

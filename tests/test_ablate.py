@@ -1,5 +1,6 @@
 """allconv ablate: the table files, resumption after a kill, the learning-rate choice."""
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -81,6 +82,8 @@ def test_selection_and_dry_run(monkeypatch):
     fake_speed(monkeypatch)
     assert ablate.select_models("c") == ["model-c", "strided-cnn-c", "convpool-cnn-c", "all-cnn-c"]
     assert ablate.select_models(patterns=["all-cnn-*"])[-2:] == ["all-cnn-imagenet", "all-cnn-c-bn"]
+    table3 = ablate.select_models(patterns=["all"])
+    assert len(table3) == 12 and table3[:2] == ["model-a", "strided-cnn-a"] and "all-cnn-imagenet" not in table3
     with pytest.raises(ValueError, match="did you mean"):
         ablate.select_models(patterns=["all-cnn-x"])
     result = CliRunner().invoke(app, ["ablate", "--family", "c", "--lr-grid", "paper", "--seeds", "3",
@@ -140,21 +143,24 @@ def test_known_sizes_are_the_bundled_samples():
     assert ablate.SPLIT_IMAGES["sample"] == tuple(len(load_split("sample", s)) for s in ("train", "test"))
 
 
-def test_table_piped_reads_as_markdown(tmp_path, monkeypatch):
-    def fake_train_one(config_json, folder, device):
-        config = json.loads(config_json)
-        result = {"model": config["model"], "lr": config["lr"], "seed": config["seed"], "seconds": 0,
-                  "epochs": 1, "val_error": None, "test_error": 12.5}
-        Path(folder).mkdir(parents=True)
-        (Path(folder) / ablate.RESULT_NAME).write_text(json.dumps(result))
-        return result
+def fake_train_one(config_json, folder, device):
+    """A finished run whose test error is 12.5 % plus its seed (no training)."""
+    config = json.loads(config_json)
+    result = {"model": config["model"], "lr": config["lr"], "seed": config["seed"], "seconds": 0,
+              "epochs": 1, "val_error": None, "test_error": 12.5 + config["seed"]}
+    Path(folder).mkdir(parents=True)
+    (Path(folder) / ablate.RESULT_NAME).write_text(json.dumps(result))
+    return result
 
+
+def test_table_piped_reads_as_markdown(tmp_path, monkeypatch):
     monkeypatch.setattr(ablate, "_train_one", fake_train_one)
     out = tmp_path / ("a-folder-name-long-enough-to-pass-eighty-columns-" * 2)
     result = CliRunner().invoke(app, ["ablate", "--models", "all-cnn-c", "--preset", "smoke", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert result.stderr == ""  # no progress lines when stderr is not a terminal
-    assert "| all-cnn-c | 1,369,738 | ~1.4 M | 0.05 | 12.50 ± 0.00 (1) |  |  |" in result.stdout.splitlines()
+    # the bundled sample is not comparable with the paper: no paper column, and one seed no spread
+    assert "| all-cnn-c | 1,369,738 | ~1.4 M | 0.05 | 12.50 (1 seed) |  |" in result.stdout.splitlines()
     assert f"tables and chart: {out}/table.md, table.csv, table.json, chart.png\n" in result.stdout
 
 
@@ -173,3 +179,60 @@ def test_sigterm_stops_an_ablation_with_one_line(tmp_path):
     assert proc.returncode == 143, stderr
     assert "Traceback" not in stderr and "run the same command again" in stderr
     assert (out / "all-cnn-c" / "lr0.05-seed0" / "state.pt").exists()  # resumable
+
+
+def test_table_3_column_beside_the_protocols_own(tmp_path, monkeypatch):
+    """fast-cifar10 augments: Table 3's figure for every network, and Table 4's where it has one."""
+    monkeypatch.setattr(ablate, "_train_one", fake_train_one)
+    out = tmp_path / "fast"
+    result = CliRunner().invoke(app, ["ablate", "--models", "model-a,all-cnn-c", "--preset", "fast-cifar10",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == ("| model | params | paper's params | lr | test error % | paper, Table 3: 350 epochs, no "
+                        "augmentation % | paper, with flips and translations % | difference from Table 3 |")
+    assert lines[2].startswith("| model-a |") and lines[2].endswith("| 12.50 (1 seed) | 12.47 |  | +0.03 |")
+    assert lines[3].endswith("| 12.50 (1 seed) | 9.08 | 7.25 | +3.42 |")
+    assert "± 0.00" not in result.stdout
+    rows = json.loads((out / "table.json").read_text())
+    assert rows[0]["test_error_std"] is None and rows[1]["paper_protocol"] == "with flips and translations"
+    assert (out / "chart.png").stat().st_size > 0
+
+
+def test_seeds_give_a_spread_and_other_data_no_paper_figure(tmp_path, monkeypatch):
+    monkeypatch.setattr(ablate, "_train_one", fake_train_one)
+    from allconv_cli.train.settings import resolve
+
+    rows = ablate.ablate(resolve("paper-cifar10"), ["all-cnn-c"], [0.05], [0, 1], tmp_path / "two")
+    assert rows[0]["test_error_std"] == pytest.approx(0.5 ** 0.5) and rows[0]["paper_table3"] == 9.08
+    assert "| 13.00 ± 0.71 (2 seeds) | 9.08 | +3.92 |" in (tmp_path / "two" / "table.md").read_text()
+    # an image folder: CIFAR-10's class names get the paper's figures, other classes none
+    for classes, expected in ((ablate.CIFAR10_CLASSES, 9.08), (("zero", "one"), None)):
+        root = tmp_path / classes[0]
+        for name in classes:
+            (root / "train" / name).mkdir(parents=True)
+        base = dataclasses.replace(resolve("paper-cifar10"), dataset="imagefolder", data_dir=str(root))
+        assert ablate.paper_key(base) == ("cifar10" if expected else None)
+        rows = ablate.table_rows(["all-cnn-c"], {"all-cnn-c": 0.05}, [0], {ablate.Run("all-cnn-c", 0.05, 0):
+                                 {"test_error": 10.0}}, base)
+        assert rows[0]["paper_table3"] == expected and rows[0]["paper_error"] == expected
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_fast_protocol_runs_on_families_a_and_c(cifar10_test_folder, tmp_path):
+    """fast-cifar10 (whitened first conv) trains model-a (5x5 first conv) and all-cnn-c (3x3) on
+    real CIFAR-10 images: 20 per class to train on, 5 to test on, one epoch."""
+    root = tmp_path / "cifar"
+    for split, images in (("train", slice(0, 20)), ("test", slice(20, 25))):
+        for folder in sorted((cifar10_test_folder / "test").iterdir()):
+            (root / split / folder.name).mkdir(parents=True)
+            for image in sorted(folder.iterdir())[images]:
+                (root / split / folder.name / image.name).write_bytes(image.read_bytes())
+    result = CliRunner().invoke(app, ["ablate", "--models", "model-a,all-cnn-c", "--preset", "fast-cifar10",
+                                      "--dataset", "imagefolder", "--data-dir", str(root), "--epochs", "1",
+                                      "--batch-size", "32", "--device", "cpu",
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| 12.47 |" in table and "| 9.08 | 7.25 |" in table and "± 0.00" not in table

@@ -146,6 +146,24 @@ def test_patch_whitening_whitens_the_patches():
     assert covariance.diagonal()[-20:].min() > 0.95
 
 
+def test_a_5x5_first_conv_takes_the_strongest_components_it_can_hold():
+    """Model A's first conv (96 filters, 5x5 on RGB: 75 components) whitens the 48 of largest
+    variance in both signs, filling all 96 filters, instead of refusing the whitening."""
+    torch.manual_seed(8)
+    images = torch.nn.functional.avg_pool2d(torch.randn(16, 3, 20, 20), 3, 1, 1)  # correlated patches
+    model = create_model("model_a")  # with conv biases, which the whitened filters set to 0
+    whiten_first_conv(model, images)
+    first = convs(model)[0]
+    everything = patch_whitening(images, 5)  # (150, 3, 5, 5): the 75 components, ascending, then negated
+    assert first.weight.shape[0] == 96 and torch.allclose(first.weight[:48], everything[27:75], atol=1e-5)
+    assert torch.allclose(first.weight[48:], -first.weight[:48]) and torch.all(first.bias == 0)
+    # the 48 kept have the largest variance: each output has unit variance (but for the eps)
+    out = torch.nn.functional.conv2d(images.double(), first.weight[:48].double())
+    assert out.permute(1, 0, 2, 3).flatten(1).var(1).min() > 0.9
+    with pytest.raises(ValueError, match="1 to 75 components"):
+        patch_whitening(images, 5, 76)
+
+
 def test_whiten_first_conv_and_dirac_set_only_their_filters():
     torch.manual_seed(7)
     model = create_model("all_cnn_c", batch_norm=True)
@@ -176,3 +194,9 @@ def test_whiten_frozen_is_never_trained_and_dirac_reaches_the_run(tmp_path):
     assert torch.equal(train_run.first_conv(model).weight, start)  # same seed, same start, never moved
     conv2 = model.features.conv2.conv.weight
     assert conv2[0, 0, 1, 1] != 0  # trained from the identity, still there
+
+
+def test_the_default_init_is_the_one_measured_on_two_kinds_of_data():
+    """xavier-open was chosen on validation splits of CIFAR-10 and of the handwritten digits
+    (docs/RESULTS.md, issue #36): a new default needs new measurements there, not a silent edit."""
+    assert configuration.TrainConfig().weight_init == "xavier-open" and CLASS_BIAS == 1.0

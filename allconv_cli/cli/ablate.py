@@ -20,7 +20,7 @@ from allconv_cli.cli.common import (
 
 def ablate(
     family: Annotated[Optional[str], typer.Option(help="a, b or c: the four models of that block of Table 3.", show_default=False)] = None,
-    models: Annotated[Optional[str], typer.Option("--models", help="Comma-separated names or globs, e.g. 'all-cnn-*,model-c'.", show_default=False)] = None,
+    models: Annotated[Optional[str], typer.Option("--models", help="Comma-separated names or globs, e.g. 'all-cnn-*,model-c', or 'all': Table 3's twelve networks.", show_default=False)] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="The protocol every model is trained with (see 'allconv train --help').", show_default=False)] = None,
     lr_grid: Annotated[Optional[str], typer.Option("--lr-grid", help="'paper' for {0.25, 0.1, 0.05, 0.01}, or comma-separated rates; picked on --val-fraction. Default: the preset's one rate.", show_default=False)] = None,
     seeds: Annotated[str, typer.Option(help="How many seeds, e.g. 3 (seeds 0, 1 and 2), or which, e.g. 0,4,7.")] = "1",

@@ -17,10 +17,13 @@
 
 Two options change single layers after that, for the fast recipe (Keller Jordan's airbench):
 
-- ``whiten_first_conv``: the first conv's first 2 k^2 C filters become the whitening of the
-  training images' k x k patches (each eigenvector of the patch covariance, scaled by
+- ``whiten_first_conv``: the first conv's first filters become the whitening of the training
+  images' k x k patches (each eigenvector of the patch covariance, scaled by
   1 / sqrt(eigenvalue + WHITEN_EPS), and its negative), so that the net starts from
-  decorrelated, unit-variance edges and colours instead of random filters.
+  decorrelated, unit-variance edges and colours instead of random filters. A 3x3 conv on RGB
+  holds all 27 components (54 filters of 96); a 5x5 conv (families A and B) has 75 components,
+  more than 96 filters can hold in both signs, so it takes the 48 of largest variance (all 96
+  filters) and drops the faintest, highest-frequency ones.
 - ``dirac``: each later conv with at least as many outputs as inputs starts with its first
   ``in`` filters as the identity (``torch.nn.init.dirac_``), so that the deep stack starts close
   to passing its input through.
@@ -36,7 +39,8 @@ from allconv_cli.models.net import init_conv
 
 CLASS_BIAS = 1.0  # xavier-open's class-conv bias: above the spread of the class scores at the start
 WHITEN_EPS = 5e-4  # added to the eigenvalues (input units squared): limits the gain on the faintest patterns
-WHITEN_IMAGES = 2_000  # training images whose patches give the covariance (2,000 x 900 patches for CIFAR)
+WHITEN_IMAGES = 2_000  # training images whose patches give the covariance (2,000 x 900 3x3 patches for CIFAR)
+WHITEN_CHUNK = 250  # images unfolded at a time: 250 x 784 5x5 RGB patches are 118 MB in float64
 LSUV_TOLERANCE = 0.05  # |variance - 1| accepted
 LSUV_ROUNDS = 10
 
@@ -71,27 +75,41 @@ def initialize(model: nn.Module, scheme: str, images: torch.Tensor | None = None
         nn.init.constant_(head.bias, CLASS_BIAS)
 
 
-def patch_whitening(images: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Float (N, C, H, W) images -> (2 C k^2, C, k, k) filters: the eigenvectors of the
-    covariance of their k x k patches, each divided by sqrt(eigenvalue + WHITEN_EPS), then the
-    same filters negated (a ReLU after them keeps both signs of each pattern)."""
-    patches = torch.nn.functional.unfold(images.double(), kernel)  # (N, C k^2, patches per image)
-    patches = patches.transpose(1, 2).reshape(-1, patches.shape[1])
-    covariance = torch.cov(patches.T)  # (C k^2, C k^2), about the patches' mean
-    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+def patch_whitening(images: torch.Tensor, kernel: int, components: int | None = None) -> torch.Tensor:
+    """Float (N, C, H, W) images -> (2 m, C, k, k) filters: the eigenvectors of the covariance of
+    their k x k patches (the ``components`` = m of largest eigenvalue; all C k^2 by default), in
+    ascending order of eigenvalue, each divided by sqrt(eigenvalue + WHITEN_EPS), then the same
+    filters negated (a ReLU after them keeps both signs of each pattern)."""
+    dims = images.shape[1] * kernel * kernel
+    components = dims if components is None else components
+    if not 0 < components <= dims:
+        raise ValueError(f"a {kernel}x{kernel} patch whitening has 1 to {dims} components, not {components}")
+    # the covariance summed over chunks of images, in float64: 2,000 CIFAR images hold 1.6 M
+    # 5x5 patches, 0.9 GB at once
+    total, outer, count = torch.zeros(dims, dtype=torch.float64), torch.zeros(dims, dims, dtype=torch.float64), 0
+    for chunk in images.split(WHITEN_CHUNK):
+        patches = torch.nn.functional.unfold(chunk.double(), kernel)  # (n, C k^2, patches per image)
+        patches = patches.transpose(1, 2).reshape(-1, dims)
+        total, outer, count = total + patches.sum(0), outer + patches.T @ patches, count + len(patches)
+    mean = total / count
+    covariance = (outer - count * torch.outer(mean, mean)) / (count - 1)  # (C k^2, C k^2), about the mean
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+    eigenvalues, eigenvectors = eigenvalues[-components:], eigenvectors[:, -components:]
     filters = (eigenvectors.T / (eigenvalues.clamp_min(0) + WHITEN_EPS).sqrt()[:, None])
     filters = filters.reshape(-1, images.shape[1], kernel, kernel).float()
     return torch.cat([filters, -filters])
 
 
 def whiten_first_conv(model: nn.Module, images: torch.Tensor):
-    """Set the first conv's first 2 C k^2 filters (54 of All-CNN-C's 96) to ``patch_whitening``
-    of ``images`` (float (N, C, H, W), preprocessed as the model sees them), biases 0."""
+    """Set the first conv's first filters to ``patch_whitening`` of ``images`` (float (N, C, H, W),
+    preprocessed as the model sees them), biases 0: as many components as the conv holds in both
+    signs (54 of All-CNN-C's 96 filters; all 96 of a 5x5 conv on RGB, its 48 strongest of 75)."""
     first = convs(model)[0]
-    filters = patch_whitening(images, first.kernel_size[0])
-    if len(filters) > first.out_channels:
-        raise ValueError(f"the first conv has {first.out_channels} filters, fewer than the {len(filters)} "
-                         "of a patch whitening: train without --whiten")
+    kernel = first.kernel_size[0]
+    if first.out_channels < 2:
+        raise ValueError(f"the first conv has {first.out_channels} filter: a whitening needs 2: train without --whiten")
+    components = min(first.in_channels * kernel * kernel, first.out_channels // 2)
+    filters = patch_whitening(images, kernel, components)
     with torch.no_grad():
         first.weight[: len(filters)] = filters.to(first.weight)
         if first.bias is not None:
