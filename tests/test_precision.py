@@ -28,9 +28,10 @@ def test_auto_follows_the_cpu(monkeypatch, kernels, expected):
     assert devices.resolve_precision("fp32", CPU) == "fp32" and devices.resolve_precision("bf16", CPU) == "bf16"
 
 
-@pytest.mark.parametrize("bf16, expected", [(True, "bf16"), (False, "fp32")])
-def test_auto_follows_the_gpu(monkeypatch, bf16, expected):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+@pytest.mark.parametrize("capability, expected", [((8, 0), "bf16"), ((7, 5), "fp32")])
+def test_auto_follows_the_gpu(monkeypatch, capability, expected):
+    """bf16 where the GPU computes it natively (Ampere and later), else fp32."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args, **kwargs: capability)
     assert devices.resolve_precision("auto", torch.device("cuda")) == expected
     assert devices.resolve_precision("fp16", torch.device("cuda")) == "fp16"
 
