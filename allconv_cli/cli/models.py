@@ -26,31 +26,7 @@ def models(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    from rich import box
-    from rich.table import Table
-
-    if name is None:
-        table = Table(title="Exact parameters (weights + biases) beside the paper's",
-                      box=box.SIMPLE_HEAD)
-        table.add_column("name", no_wrap=True)
-        for column in ("params", "paper", "err %"):
-            table.add_column(column, justify="right", no_wrap=True, min_width=9)
-        table.add_column("input", no_wrap=True)
-        table.add_column("layers", no_wrap=True)
-        for row in rows:
-            errors = list(row["paper_error"].values())  # blanks where the paper has no figure
-            table.add_row(row["name"], f"{row['params']:,}", row["paper_params"] or "",
-                          f"{errors[0]:.2f}" if errors else "",
-                          "x".join(map(str, row["input_size"])),
-                          f"{row['layer_names'][0]}..{row['layer_names'][-1]}")
-    else:
-        table = Table(box=box.SIMPLE_HEAD, title=f"{rows[0]['name']}: {rows[0]['params']:,} parameters, "
-                      f"input {'x'.join(map(str, rows[0]['input_size']))}")
-        for column in ("layer", "type", "output (C, H, W)", "params"):
-            table.add_column(column, justify="right" if column == "params" else "left")
-        for layer in rows[0]["layers"]:
-            table.add_row(layer["name"], layer["type"], "x".join(map(str, layer["output"])),
-                          f"{layer['params']:,}" if layer["params"] else "")
+    table = _registry_table(rows) if name is None else _layer_table(rows[0])
     console = make_console(False)
     console.print(table)
     if name is None:
@@ -60,3 +36,39 @@ def models(
         for weights in pretrained_names():
             console.print(f"pretrained: {weights}, the bundled weights (All-CNN-C with BatchNorm): "
                           f"timm.create_model({weights.split('.')[0]!r}, pretrained=True)")
+
+
+def _registry_table(rows: list[dict]):
+    """Every registered network: exact parameters beside the paper's, its error, input and layers."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title="Exact parameters (weights + biases) beside the paper's",
+                  box=box.SIMPLE_HEAD)
+    table.add_column("name", no_wrap=True)
+    for column in ("params", "paper", "err %"):
+        table.add_column(column, justify="right", no_wrap=True, min_width=9)
+    table.add_column("input", no_wrap=True)
+    table.add_column("layers", no_wrap=True)
+    for row in rows:
+        errors = list(row["paper_error"].values())  # blanks where the paper has no figure
+        table.add_row(row["name"], f"{row['params']:,}", row["paper_params"] or "",
+                      f"{errors[0]:.2f}" if errors else "",
+                      "x".join(map(str, row["input_size"])),
+                      f"{row['layer_names'][0]}..{row['layer_names'][-1]}")
+    return table
+
+
+def _layer_table(row: dict):
+    """One network's layers with their output shapes and parameters."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, title=f"{row['name']}: {row['params']:,} parameters, "
+                  f"input {'x'.join(map(str, row['input_size']))}")
+    for column in ("layer", "type", "output (C, H, W)", "params"):
+        table.add_column(column, justify="right" if column == "params" else "left")
+    for layer in row["layers"]:
+        table.add_row(layer["name"], layer["type"], "x".join(map(str, layer["output"])),
+                      f"{layer['params']:,}" if layer["params"] else "")
+    return table
