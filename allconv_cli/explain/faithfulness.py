@@ -228,7 +228,7 @@ def _deletion_insertion(model, inputs, base, ranks, classes, steps, precision, b
     return out.view(2, len(inner), count)
 
 
-def _road(model, inputs, ranks, classes, generator, precision, batch_size) -> torch.Tensor:
+def _road(model, inputs, ranks, classes, noise, generator, precision, batch_size) -> torch.Tensor:
     """Probabilities (len(ROAD_FRACTIONS), 2, B) with each level's pixels imputed, most (index 0)
     or least (1) relevant first. The (level, order, image) rows are imputed in chunks of about
     ``_IMPUTE_VALUES`` values, neighbouring levels together (similar numbers of iterations)."""
@@ -243,7 +243,7 @@ def _road(model, inputs, ranks, classes, generator, precision, batch_size) -> to
         removed_count = counts[p // 2].view(-1, 1, 1)
         rank = ranks[b, 0]  # (rows, H, W)
         removed = torch.where(p.view(-1, 1, 1) % 2 == 0, rank < removed_count, rank >= pixels - removed_count)
-        imputed = impute(inputs[b], removed, generator=generator)
+        imputed = impute(inputs[b], removed, noise, generator)
         for sub in range(0, len(rows), batch_size):
             part = slice(sub, sub + batch_size)
             out[rows[part]] = _probabilities(model, imputed[part], classes[b[part]], precision)
@@ -252,13 +252,13 @@ def _road(model, inputs, ranks, classes, generator, precision, batch_size) -> to
 
 def perturbation_curves(model: nn.Module, inputs: torch.Tensor, classes: torch.Tensor, scores: torch.Tensor, *,
                         baseline: str | torch.Tensor = "blur", steps: int = 10, generator: torch.Generator | None = None,
-                        precision: str = "fp32", batch_size: int = 250) -> dict[str, torch.Tensor]:
+                        precision: str = "fp32", batch_size: int = 250, noise: float = ROAD_NOISE) -> dict[str, torch.Tensor]:
     """The four curves (see ``METRICS``) for inputs (B, C, H, W) in the model's input space, the
     explained classes (B,) and the pixels' relevance ``scores`` (B, H, W) (``relevance`` of a
     map): class probabilities, deletion and insertion (B, steps + 1) at fractions k / steps,
     road_morf and road_lerf (B, 9) at ``ROAD_FRACTIONS``. ``baseline``: a name of
-    ``BASELINES`` or a tensor like ``inputs``; ``batch_size``: images per forward pass. Score a
-    map of your own with this."""
+    ``BASELINES`` or a tensor like ``inputs``; ``batch_size``: images per forward pass; ``noise``:
+    ROAD's, see ``impute``. Score a map of your own with this."""
     if scores.shape != (inputs.shape[0], *inputs.shape[2:]):
         raise ValueError(f"scores {tuple(scores.shape)} do not fit inputs {tuple(inputs.shape)}: one (H, W) "
                          "relevance per image")
@@ -271,7 +271,7 @@ def perturbation_curves(model: nn.Module, inputs: torch.Tensor, classes: torch.T
     with eval_mode(model):
         full, empty = _probabilities(model, torch.cat([inputs, base]), classes.repeat(2), precision).view(2, -1)
         inner = _deletion_insertion(model, inputs, base, ranks, classes, steps, precision, batch_size)
-        road = _road(model, inputs, ranks, classes, generator, precision, batch_size)
+        road = _road(model, inputs, ranks, classes, noise, generator, precision, batch_size)
     curves = {"deletion": torch.cat([full[:, None], inner[0].T, empty[:, None]], 1),
               "insertion": torch.cat([empty[:, None], inner[1].T, full[:, None]], 1),
               "road_morf": road[:, 0].T, "road_lerf": road[:, 1].T}
