@@ -276,3 +276,30 @@ def test_bad_input_is_one_line(workdir, tmp_path, args, expected):
     assert result.exit_code == 2, result.output
     assert expected in result.output and len(result.output.strip().splitlines()) == 1, result.output
     assert "Traceback" not in result.output and not (tmp_path / "out.png").exists()
+
+
+def test_both_neighbour_sums_agree():
+    from allconv_cli.explain import faithfulness as faith
+
+    x = torch.randn(2, 3, 9, 70, generator=torch.Generator().manual_seed(5))  # wider than _MATMUL_SIZE: slices
+    sliced = faith._neighbour_sum(x)
+    products = torch.cat([faith._neighbour_sum(x[..., i:i + 35]) for i in (0, 35)], -1)  # 35 px: matrix products
+    inner = [c for c in range(70) if c not in (34, 35)]  # the seam between the halves lacks its other neighbours
+    torch.testing.assert_close(products[..., inner], sliced[..., inner])
+
+
+def test_a_timm_net_from_a_plain_state_dict(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    save_file(timm.create_model("test_resnet").state_dict(), str(tmp_path / "net.safetensors"))
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 60, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    result = runner.invoke(app, ["faithfulness", str(tmp_path / "a.png"), "--model", "test_resnet", "--checkpoint",
+                                 str(tmp_path / "net.safetensors"), "--methods", "backprop,gradcam,sobel", "--steps",
+                                 "2", "--json", "--out", str(tmp_path / "c.png"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    last_stage = timm.create_model("test_resnet").feature_info[-1]["module"]
+    assert report["model"] == "test_resnet" and report["cam_layer"] == last_stage
+    assert len(report["per_image"]["scores"]["gradcam"]["road_lerf"]) == 1

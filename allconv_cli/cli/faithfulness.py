@@ -82,20 +82,25 @@ def faithfulness(
         atomic_write(out, lambda tmp: tmp.write_bytes(chart))
     rows = result.table()
     if as_json:
-        scores = result.scores()
-        typer.echo(json.dumps({
-            "model": loaded.name, "weights": loaded.source, "images": result.source, "selection": result.selection,
-            "baseline": baseline, "steps": steps, "seed": seed, "precision": result.precision,
-            "cam_layer": result.cam_layer, "seconds": round(result.seconds, 2), "table": rows,
-            "fractions": {"deletion": result.fractions, "insertion": result.fractions,
-                          "road_morf": list(faith.ROAD_FRACTIONS), "road_lerf": list(faith.ROAD_FRACTIONS)},
-            "mean_curves": {m: {k: c.mean(0).tolist() for k, c in curves.items()} for m, curves in result.curves.items()},
-            "per_image": {"names": result.names, "classes": result.classes.tolist(),
-                          "labels": None if result.labels is None else result.labels.tolist(),
-                          "scores": {m: {k: v.tolist() for k, v in s.items()} for m, s in scores.items()}},
-            "out": str(out)}, indent=2))
+        typer.echo(json.dumps(_report(rows, result, loaded, out, faith.ROAD_FRACTIONS), indent=2))
         return
     _print_table(rows, result, out)
+
+
+def _report(rows: list[dict], result, loaded, out: Path, road_fractions) -> dict:
+    """What --json prints: the table, the mean curves and every image's scores."""
+    scores = result.scores()
+    return {
+        "model": loaded.name, "weights": loaded.source, "images": result.source, "selection": result.selection,
+        "baseline": result.baseline, "steps": result.steps, "seed": result.seed, "precision": result.precision,
+        "cam_layer": result.cam_layer, "seconds": round(result.seconds, 2), "table": rows,
+        "fractions": {"deletion": result.fractions, "insertion": result.fractions,
+                      "road_morf": list(road_fractions), "road_lerf": list(road_fractions)},
+        "mean_curves": {m: {k: c.mean(0).tolist() for k, c in curves.items()} for m, curves in result.curves.items()},
+        "per_image": {"names": result.names, "classes": result.classes.tolist(),
+                      "labels": None if result.labels is None else result.labels.tolist(),
+                      "scores": {m: {k: v.tolist() for k, v in s.items()} for m, s in scores.items()}},
+        "out": str(out)}
 
 
 def _print_table(rows: list[dict], result, out: Path):

@@ -80,6 +80,7 @@ RESAMPLES = 2000  # bootstrap resamples of the images for the 95 % interval
 # neighbours 1/6, diagonal ones 1/12; Rong et al.). The kernel is ([1 2 1]^T [1 2 1] - 4 delta) / 12.
 _IMPUTE_TOLERANCE = 1e-4  # relative residual of the linear system: values within ~5e-4, well below the noise
 _IMPUTE_MAX_ITERATIONS = 2000  # conjugate gradient needs ~50 at 32 x 32 with 90 % removed
+_MATMUL_SIZE = 64  # px: the largest side whose neighbour sums are matrix products (see _neighbour_sum)
 _IMPUTE_VALUES = 2**22  # values per imputed chunk (16 MiB per fp32 tensor): few, large tensor operations
 
 
@@ -159,11 +160,17 @@ def _tridiagonal(size: int, like: torch.Tensor) -> torch.Tensor:
     return 2 * torch.eye(size, dtype=like.dtype, device=like.device) + torch.diag(ones, 1) + torch.diag(ones, -1)
 
 
-def _neighbour_sum(x: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """The weighted sum of each pixel's in-image neighbours, (B, C, H, W) (zero outside): the
-    kernel written as two matrix products (``_tridiagonal`` of H and W), 3x faster on the CPU
-    than shifted slices, measured at 32 x 32."""
-    return (rows @ (x @ columns) - 4 * x) / 12
+def _neighbour_sum(x: torch.Tensor) -> torch.Tensor:
+    """The weighted sum of each pixel's in-image neighbours, (B, C, H, W) (zero outside). Up to
+    ``_MATMUL_SIZE`` px the kernel is two matrix products with ``_tridiagonal`` matrices (3x
+    faster on the CPU than shifted slices at 32 x 32, measured); above, where a product costs
+    O(size) per pixel, shifted slices."""
+    height, width = x.shape[-2:]
+    if max(height, width) <= _MATMUL_SIZE:
+        return (_tridiagonal(height, x) @ (x @ _tridiagonal(width, x)) - 4 * x) / 12
+    padded = F.pad(x, (1, 1, 1, 1))
+    rows = padded[..., :, :-2] + 2 * padded[..., :, 1:-1] + padded[..., :, 2:]
+    return (rows[..., :-2, :] + 2 * rows[..., 1:-1, :] + rows[..., 2:, :] - 4 * x) / 12
 
 
 def impute(inputs: torch.Tensor, removed: torch.Tensor, noise: float = ROAD_NOISE,
@@ -176,10 +183,9 @@ def impute(inputs: torch.Tensor, removed: torch.Tensor, noise: float = ROAD_NOIS
     if removed.flatten(1).all(1).any():
         raise ValueError("impute needs at least one kept pixel per image")
     x = inputs.float()
-    rows, columns = _tridiagonal(x.shape[-2], x), _tridiagonal(x.shape[-1], x)
     hole = removed[:, None].to(x.dtype)  # (B, 1, H, W): 1 where imputed
-    weight = _neighbour_sum(torch.ones_like(hole[:1]), rows, columns)  # neighbour weights' total: 1 inside, less at edges
-    rhs = hole * _neighbour_sum(x * (1 - hole), rows, columns)
+    weight = _neighbour_sum(torch.ones_like(hole[:1]))  # neighbour weights' total: 1 inside, less at edges
+    rhs = hole * _neighbour_sum(x * (1 - hole))
     # Conjugate gradient on the hole: (weight - neighbours) u = rhs is symmetric positive
     # definite there (every hole touches a kept pixel); iterates stay zero outside the hole.
     solution, residual, direction = torch.zeros_like(x), rhs.clone(), rhs.clone()
@@ -188,7 +194,7 @@ def impute(inputs: torch.Tensor, removed: torch.Tensor, noise: float = ROAD_NOIS
     for _ in range(_IMPUTE_MAX_ITERATIONS):
         if bool((rr <= stop).all()):  # one host sync per iteration
             break
-        product = weight * direction - hole * _neighbour_sum(direction, rows, columns)
+        product = weight * direction - hole * _neighbour_sum(direction)
         step = rr / (direction * product).sum((2, 3), keepdim=True).clamp_min(1e-30)
         solution.addcmul_(step, direction)
         residual.addcmul_(step, product, value=-1)
