@@ -297,7 +297,8 @@ def test_a_timm_net_from_a_plain_state_dict(tmp_path):
     save_file(timm.create_model("test_resnet").state_dict(), str(tmp_path / "net.safetensors"))
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 60, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     result = runner.invoke(app, ["faithfulness", str(tmp_path / "a.png"), "--model", "test_resnet", "--checkpoint",
-                                 str(tmp_path / "net.safetensors"), "--methods", "gradcam", "--steps", "2", "--json", "--out", str(tmp_path / "c.png"), "--device", "cpu"])
+                                 str(tmp_path / "net.safetensors"), "--methods", "gradcam", "--steps", "2", "--json",
+                                 "--out", str(tmp_path / "c.png"), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     last_stage = timm.create_model("test_resnet").feature_info[-1]["module"]
