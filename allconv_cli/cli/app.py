@@ -12,7 +12,16 @@ from typing import Annotated
 import typer
 
 from allconv_cli import __version__
-from allconv_cli.cli import ablate, benchmark, evaluate, explain, export, models, train
+from allconv_cli.cli import (
+    ablate,
+    benchmark,
+    evaluate,
+    explain,
+    export,
+    faithfulness,
+    models,
+    train,
+)
 
 app = typer.Typer(
     name="allconv",
@@ -42,7 +51,8 @@ def main(
 for command in (models.models, train.train):
     app.command()(command)
 app.command("eval")(evaluate.evaluate)
-for command in (ablate.ablate, explain.visualize, explain.sanity, export.export, benchmark.benchmark):
+for command in (ablate.ablate, explain.visualize, explain.sanity, faithfulness.faithfulness, export.export,
+                benchmark.benchmark):
     app.command()(command)
 
 
