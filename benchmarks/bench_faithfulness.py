@@ -40,9 +40,10 @@ from allconv_cli.explain.faithfulness import (
     model_free_map,
     relevance,
 )
-from allconv_cli.explain.saliency import METHODS, saliency_maps
+from allconv_cli.explain.methods import METHODS
+from allconv_cli.explain.saliency import saliency_maps
 from allconv_cli.explain.targets import default_layer, select_targets
-from allconv_cli.files.loading import load_for_saliency
+from allconv_cli.files.loading import load_checkpoint
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -107,7 +108,7 @@ def plain_side(loaded, count: int, batch_size: int, steps: int = 10) -> dict:
 
 def main(argv=None):
     options = parse_args(argv)
-    loaded = load_for_saliency()
+    loaded = load_checkpoint()
     load_before = os.getloadavg()
     rows = [("allconv", allconv_side(loaded, options.images, options.precision, options.batch_size)),
             ("allconv, the baseline's images", allconv_side(loaded, options.baseline_images, options.precision,

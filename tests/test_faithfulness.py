@@ -207,7 +207,7 @@ def workdir(tmp_path_factory):
 
 
 def test_faithfulness_on_files_leaves_the_model_and_is_seeded(workdir):
-    loaded = loading.load_for_saliency(workdir / "run")
+    loaded = loading.load_checkpoint(workdir / "run")
     state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     paths = [workdir / "a.png", workdir / "b.png"]
     result = faithfulness(loaded, paths, methods=["guided", "gradcam", "random", "sobel"], steps=4, precision="fp32")

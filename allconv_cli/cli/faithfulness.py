@@ -61,13 +61,13 @@ def faithfulness(
         refuse_existing([out], force)
         from allconv_cli.device import resolve_device
         from allconv_cli.explain import faithfulness as faith
-        from allconv_cli.files.loading import load_for_saliency
+        from allconv_cli.files.loading import load_checkpoint
         from allconv_cli.util import atomic_write
 
         method_list = faith.check_methods(methods.split(",") if methods else None)
         faith.check_baseline(baseline)
         dev = resolve_device(device)
-        loaded = load_for_saliency(checkpoint, model, dev)
+        loaded = load_checkpoint(checkpoint, model, dev)
         progress, stop = progress_bar("scoring maps", quiet)
         try:
             result = faith.faithfulness(loaded, images, dataset=dataset, split=split, data_dir=data_dir, count=limit,

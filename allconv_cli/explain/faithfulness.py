@@ -50,8 +50,8 @@ from torch.fx.proxy import TraceError
 
 from allconv_cli.data.datasets import Batches, limit, load_split
 from allconv_cli.device import autocast, resolve_precision, tune_cpu_allocator
-from allconv_cli.explain.figures import METHOD_TITLES
-from allconv_cli.explain.saliency import METHODS, saliency_maps
+from allconv_cli.explain.methods import METHODS, SALIENCY_METHODS
+from allconv_cli.explain.saliency import saliency_maps
 from allconv_cli.explain.targets import (
     class_index,
     class_label,
@@ -467,7 +467,8 @@ def faithfulness_chart(result: FaithfulnessResult, title: str) -> bytes:
         xs = result.fractions if metric in ("deletion", "insertion") else list(ROAD_FRACTIONS)
         for method in result.methods:
             style = dict(linestyle="--", color="grey" if method == "random" else "black") if method in MODEL_FREE else {}
-            label = f"{METHOD_TITLES.get(method, method)} ({rows[method][metric]:.3f})"
+            title = SALIENCY_METHODS[method].title if method in SALIENCY_METHODS else f"{method} map"
+            label = f"{title} ({rows[method][metric]:.3f})"
             ax.plot([100 * x for x in xs], result.curves[method][metric].mean(0).tolist(), marker="o", markersize=2.5,
                     label=label, **style)
         ax.set_title(panel, fontsize=_FONT + 1)
