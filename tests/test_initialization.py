@@ -86,7 +86,7 @@ def test_inits_are_deterministic_and_reach_the_run(tmp_path):
         """(conv1, conv2) weights of a run built from ``seed``."""
         config = configuration.resolve(None, train_limit=64, test_limit=32, batch_size=32, epochs=1,
                                        seed=seed, precision="fp32", **settings)
-        train_run._seed(config, 0)
+        train_run._seed(config)
         features = trainer.build(config, torch.device("cpu")).model.features
         return torch.cat([features.conv1.conv.weight.flatten(), features.conv2.conv.weight.flatten()]).detach()
 
@@ -184,7 +184,7 @@ def test_whiten_first_conv_and_dirac_set_only_their_filters():
 def test_whiten_frozen_is_never_trained_and_dirac_reaches_the_run(tmp_path):
     config = configuration.resolve(None, train_limit=64, test_limit=32, batch_size=32, epochs=1, batch_norm=True,
                                    whiten="frozen", dirac=True, precision="fp32")
-    train_run._seed(config, 0)
+    train_run._seed(config)
     setup = trainer.build(config, torch.device("cpu"))
     start = train_run.first_conv(setup.model).weight.detach().clone()
     trainer.train(config, tmp_path / "run")
