@@ -125,14 +125,14 @@ def split_sizes(config: TrainConfig) -> dict[str, int]:
 def estimate_seconds(config: TrainConfig, models: list[str], grid: list[float], seeds: list[int],
                      sizes: dict[str, int]) -> dict:
     """The ablation's duration from speeds measured here: one timed training step of each model
-    (``allconv benchmark``'s train mode, after one warm-up step, on synthetic data) at the run's
-    batch size, device and precision; evaluation at that speed scaled by the forward pass's share
-    of a training step's FLOPs. Assumes full-size images (--crop epochs are cheaper)."""
-
+    with the runs' own recipe (``allconv benchmark``'s train mode: its optimizer, lookahead,
+    precision, batch size and device, after one warm-up step, on synthetic data); evaluation at
+    that speed scaled by the forward pass's share of a training step's FLOPs. Assumes full-size
+    images (--crop epochs are cheaper)."""
     per_model, total = {}, 0.0
     for model in models:
-        measured = benchmark.run(model, "train", min(config.batch_size, max(1, sizes["train"])), steps=1, warmup=1,
-                             device=config.device, precision=config.precision, channels_last=config.channels_last)
+        recipe = dataclasses.replace(config, model=model, batch_size=min(config.batch_size, max(1, sizes["train"])))
+        measured = benchmark.run(recipe, "train", steps=1, warmup=1)
         train_speed = measured["results"]["train"]["images_per_s"]
         flops = measured["gflop_per_image"]
         eval_speed = train_speed * flops["train"] / flops["forward"]

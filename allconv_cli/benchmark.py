@@ -3,9 +3,11 @@
 
 - ``train``: the trainer's own step, ``train.train_step``, on uint8 batches from
   ``datasets.Batches`` (held in memory on the device): augmentation, /255, standardization,
-  memory format, autocast forward, cross-entropy, backward, SGD step and schedule, with the
-  trainer's default settings. The loop's bookkeeping (running sums, a check every 10 steps) is
-  not timed.
+  memory format, autocast forward, loss, backward, optimizer, schedule, lookahead and EMA, with
+  the recipe's settings (a preset's, else the trainer's defaults). The loop's bookkeeping
+  (running sums, a check every 10 steps) is not timed. Then five steps in a row are run once
+  more under a ``TorchDispatchMode`` that counts the aten ops they dispatch (``ops_per_step``):
+  on a GPU each is at least one kernel launch, so the count says how launch-bound a step is.
 - ``infer``: the network alone in eval mode under ``torch.inference_mode`` on one fixed,
   already standardized batch (what timm's inference benchmark times).
 - ``data``: the data path alone: batch, augmentation and standardization, on the device.
@@ -29,6 +31,7 @@ this machine reaches, where a vendor peak is unknown (most CPUs).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -41,6 +44,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from allconv_cli.data import datasets
 from allconv_cli.data.preprocess import Standardize
@@ -55,7 +59,8 @@ from allconv_cli.device import (
 )
 from allconv_cli.models.registry import create_model, resolve_name
 from allconv_cli.train.config import TrainConfig
-from allconv_cli.train.learner import make_learner
+from allconv_cli.train.learner import Lookahead, make_learner
+from allconv_cli.train.settings import model_kwargs
 from allconv_cli.train.step import batch_inputs, train_step
 
 MODES = ("train", "infer", "data", "all")
@@ -238,60 +243,62 @@ def timed(step: Callable[[], None], warmup: int, steps: int, device: torch.devic
     return time.perf_counter() - start
 
 
-def run(model: str = "all-cnn-c", mode: str = "all", batch_size: int = 128, steps: int | None = None,
-        warmup: int | None = None, device: str = "auto", precision: str = "auto", channels_last: bool = True,
-        compile: bool = False) -> dict:
-    """Benchmark ``mode`` (train | infer | data | all) of ``model`` -> settings and one result
-    per mode: images/s, step time (ms), GFLOP per image, achieved TFLOP/s, share of the
-    device's peak (None where unknown) and peak memory."""
+def run(config: TrainConfig, mode: str = "all", steps: int | None = None, warmup: int | None = None) -> dict:
+    """Benchmark ``mode`` (train | infer | data | all) of the recipe ``config`` (its model, batch
+    size, device, precision, memory format, compile and, in train mode, its whole step: optimizer,
+    lookahead, EMA, augmentation) -> settings and one result per mode: images/s, step time (ms),
+    GFLOP per image, achieved TFLOP/s, share of the device's peak (None where unknown), peak
+    memory and, in train mode, the aten ops one step dispatches."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
-    for name, value, least in (("--batch-size", batch_size, 1), ("--steps", steps, 1), ("--warmup", warmup, 0)):
+    for name, value, least in (("--steps", steps, 1), ("--warmup", warmup, 0)):
         if value is not None and value < least:
             raise ValueError(f"{name} must be at least {least}, got {value}")
-    name = resolve_name(model)
-    dev = resolve_device(device)
+    name = resolve_name(config.model)
+    dev = resolve_device(config.device)
     steps, warmup = resolve_steps(dev, steps, warmup)
     net = create_model(name)
+    net = create_model(name, **model_kwargs(config, net.num_classes))
     input_size = tuple(net.pretrained_cfg["input_size"])
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    net = prepare_model(net, dev, channels_last)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    net = prepare_model(net, dev, config.channels_last)
     flops = count_flops(net, input_size)
     prep = Standardize(net.pretrained_cfg["mean"], net.pretrained_cfg["std"]).to(dev)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the trainer sets it; tuning falls in the warm-up
     else:
         tune_cpu_allocator()  # as the trainer does
-    resolved = resolve_precision(precision, dev)
-    peak = peak_tflops(dev, arithmetic(dev, resolved))
-    matmul = matmul_tflops(dev, arithmetic(dev, resolved))
-    step_model = torch.compile(net) if compile else net
-    config = TrainConfig(model=name, precision=resolved, channels_last=channels_last, compile=compile)
-    bench = _Bench(dev, batch_size, steps, warmup, peak, matmul)
+    config = dataclasses.replace(config, precision=resolve_precision(config.precision, dev))
+    peak = peak_tflops(dev, arithmetic(dev, config.precision))
+    matmul = matmul_tflops(dev, arithmetic(dev, config.precision))
+    step_model = torch.compile(net) if config.compile else net
+    bench = _Bench(dev, config.batch_size, steps, warmup, peak, matmul)
     data = None
     results = {}
     for each in ("data", "infer", "train") if mode == "all" else (mode,):
         if each != "infer" and data is None:
-            data = synthetic_data(input_size, net.num_classes, batch_size, dev)
+            data = synthetic_data(input_size, net.num_classes, config.batch_size, dev)
         if each == "data":
             results[each] = bench.data(config, data, prep)
         elif each == "infer":
-            results[each] = bench.infer(step_model, net, input_size, prep, memory_format, resolved, flops["forward"])
+            results[each] = bench.infer(step_model, net, input_size, prep, memory_format, config.precision,
+                                        flops["forward"])
         else:
             results[each] = bench.train(config, net, data, prep, flops["train"])
     return {
         "model": name.replace("_", "-"),
+        "preset": config.preset,
         "device": str(dev),
         "device_name": device_name(dev),
         "cpus": cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "precision": arithmetic(dev, resolved),
-        "kernels": kernel_path(dev, resolved),
+        "precision": arithmetic(dev, config.precision),
+        "kernels": kernel_path(dev, config.precision),
         "matmul_tflops": matmul,
-        "channels_last": channels_last,
-        "compile": compile,
-        "batch_size": batch_size,
+        "channels_last": config.channels_last,
+        "compile": config.compile,
+        "batch_size": config.batch_size,
         "steps": steps,
         "warmup": warmup,
         "input_size": list(input_size),
@@ -300,6 +307,24 @@ def run(model: str = "all-cnn-c", mode: str = "all", batch_size: int = 128, step
         "peak_tflops": peak,
         "results": results,
     }
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while active (backward's included: the mode travels to the
+    autograd engine), in two kinds: ``count``, ops that compute (on a GPU each launches at least
+    one kernel, so the count says how launch-bound a step is, whatever the device), and ``views``,
+    ops that only make another view of a tensor (detach, transpose, expand...: no kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.is_view:
+            self.views += 1
+        else:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 class _Bench:
@@ -338,9 +363,9 @@ class _Bench:
 
     def train(self, config: TrainConfig, net: nn.Module, data: datasets.ImageData, prep: nn.Module,
               flops: int) -> dict:
-
         net.train()
-        learner = make_learner(config, net, prep, net.num_classes, steps_per_epoch=self.warmup + self.steps + 1)
+        steps_per_epoch = self.warmup + self.steps + Lookahead.EVERY + 1
+        learner = make_learner(config, net, prep, net.num_classes, steps_per_epoch=steps_per_epoch)
         batches = _stream(data, self.batch_size, self.device)
         generator = torch.Generator(device=self.device)
         counter = itertools.count()
@@ -349,7 +374,16 @@ class _Bench:
             images, labels = next(batches)
             train_step(learner, images, labels, 0, next(counter), generator)
 
-        return self._measure(step, flops)
+        result = self._measure(step, flops)
+        ops, views = [], []  # over Lookahead.EVERY steps in a row, so that a lookahead step is among them
+        for _ in range(Lookahead.EVERY):
+            images, labels = next(batches)
+            with OpCounter() as dispatched:
+                train_step(learner, images, labels, 0, next(counter), generator)
+            ops.append(dispatched.count)
+            views.append(dispatched.views)
+        return {**result, "ops_per_step": sum(ops) / len(ops), "ops_per_step_max": max(ops),
+                "view_ops_per_step": sum(views) / len(views)}
 
     def _measure(self, step: Callable[[], None], flops: int | None) -> dict:
         rss_reset = reset_peak_rss()

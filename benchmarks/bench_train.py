@@ -69,11 +69,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 def allconv_side(options: argparse.Namespace) -> dict:
     """allconv's training step, data path and inference, from its benchmark library."""
     from allconv_cli import benchmark
+    from allconv_cli.train.settings import resolve
 
-    common = dict(model=options.model, steps=options.steps, warmup=options.warmup, device=options.device)
-    train = benchmark.run(mode="train", batch_size=options.batch_size, **common)
-    data = benchmark.run(mode="data", batch_size=options.batch_size, **common)
-    infer = benchmark.run(mode="infer", batch_size=options.infer_batch_size, **common)
+    def config(batch_size: int):  # the trainer's default settings
+        return resolve(None, model=options.model, batch_size=batch_size, device=options.device)
+
+    common = dict(steps=options.steps, warmup=options.warmup)
+    train = benchmark.run(config(options.batch_size), "train", **common)
+    data = benchmark.run(config(options.batch_size), "data", **common)
+    infer = benchmark.run(config(options.infer_batch_size), "infer", **common)
     keys = ("device", "device_name", "cpus", "threads", "precision", "kernels", "matmul_tflops", "steps", "warmup")
     return {**{k: train[k] for k in keys}, "train": train["results"]["train"], "data": data["results"]["data"],
             "infer": infer["results"]["infer"]}

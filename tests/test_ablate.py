@@ -70,7 +70,7 @@ def test_rate_is_picked_on_validation_not_test(tmp_path, monkeypatch):
 
 def fake_speed(monkeypatch, images_per_s=100.0):
     """benchmark.run as the dry run calls it, at a fixed speed (a training step is 3 forwards)."""
-    def run(model, mode, batch_size, **kwargs):
+    def run(config, mode, **kwargs):
         return {"device": "cpu", "device_name": "test CPU", "precision": "fp32",
                 "gflop_per_image": {"forward": 1.0, "train": 3.0},
                 "results": {mode: {"images_per_s": images_per_s}}}

@@ -22,6 +22,7 @@ runner = CliRunner()
 TINY = ["--steps", "1", "--warmup", "1", "--batch-size", "2", "--device", "cpu"]
 RESULT_KEYS = {"images_per_s", "step_ms", "gflop_per_image", "tflop_per_s", "peak_share", "matmul_share",
                "peak_rss_mb", "peak_rss_since", "peak_cuda_mb"}
+TRAIN_KEYS = RESULT_KEYS | {"ops_per_step", "ops_per_step_max", "view_ops_per_step"}  # ops: tests/test_step_ops.py
 # All-CNN-C on 32x32, multiply-adds per conv: out C x H x W x (in C x kernel area).
 ALL_CNN_C_MACS = [
     96 * 32 * 32 * 3 * 9,  # conv1, 3x3
@@ -76,7 +77,7 @@ def test_benchmark_all_modes_json():
     assert 2.9 < out["gflop_per_image"]["train"] / out["gflop_per_image"]["forward"] < 3.0
     assert list(out["results"]) == ["data", "infer", "train"]
     for mode, row in out["results"].items():
-        assert set(row) == RESULT_KEYS, mode
+        assert set(row) == (TRAIN_KEYS if mode == "train" else RESULT_KEYS), mode
         assert row["images_per_s"] > 0 and row["step_ms"] > 0 and row["peak_rss_mb"] > 0
         assert row["peak_share"] is None and row["peak_cuda_mb"] is None
         assert (row["matmul_share"] is None) == (mode == "data")
@@ -90,7 +91,7 @@ def test_benchmark_one_mode(mode):
     out = benchmark_json("--mode", mode, "--no-channels-last")
     assert list(out["results"]) == [mode] and not out["channels_last"]
     row = out["results"][mode]
-    assert set(row) == RESULT_KEYS
+    assert set(row) == (TRAIN_KEYS if mode == "train" else RESULT_KEYS)
     assert (row["tflop_per_s"] is None) == (mode == "data")
 
 

@@ -134,10 +134,13 @@ def test_muon_steps_conv_weights_by_orthogonalized_momentum_and_the_rest_by_sgd(
         sgd.step()
         for w, buffer, g in zip(expected, buffers, [g for p, g in zip(model.parameters(), grads) if p.ndim > 1]):
             buffer.mul_(0.6).add_(g)
-            direction = g.add(buffer, alpha=0.6)  # Nesterov, as the step computes it: bf16 rounds alike
+            direction = g.add(buffer, alpha=0.6)  # Nesterov
             update = train_optim.orthogonalize(direction.flatten(1), optimizer.dtype) * max(1, w.shape[0] / w[0].numel()) ** 0.5
             w.mul_(w.shape[0] ** 0.5 / w.norm()).add_(update.view_as(w), alpha=-0.05)
-    assert all(torch.allclose(w, e, rtol=0, atol=1e-6) for w, e in zip(weights, expected))
+    # fp32: the batched, zero-padded orthogonalization is each matrix's own; bf16: up to the
+    # rounding of products summed in other blocks when batched (7e-5 measured, weights ~0.05)
+    tolerance = 1e-6 if dtype == torch.float32 else 2e-4
+    assert all(torch.allclose(w, e, rtol=0, atol=tolerance) for w, e in zip(weights, expected))
     for a, b in zip(model.parameters(), twin.parameters()):
         if a.ndim <= 1:  # BatchNorm scales and shifts: exactly the SGD of the plain recipe
             assert torch.equal(a, b)

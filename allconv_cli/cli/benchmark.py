@@ -11,27 +11,32 @@ from allconv_cli.cli.common import make_console, user_errors
 
 
 def benchmark(
-    model: Annotated[str, typer.Option("--model", "-m", help="Registry name (see 'allconv models').")] = "all-cnn-c",
+    preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Time this recipe's step (a bundled preset or a .toml): its model, batch size, optimizer, lookahead, EMA, augmentation and precision; the options below override it. Default: the trainer's defaults.", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name (see 'allconv models'). Default: the preset's, else all-cnn-c.", show_default=False)] = None,
     mode: Annotated[str, typer.Option(help="train (the trainer's own step with its data path), infer (the network alone), data (batches, augmentation, standardization) or all.")] = "all",
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per step.")] = 128,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per step. Default: the preset's, else 128.", show_default=False)] = None,
     steps: Annotated[Optional[int], typer.Option(help="Timed steps. Default: 20 on the CPU, 200 on CUDA.", show_default=False)] = None,
     warmup: Annotated[Optional[int], typer.Option(help="Untimed steps before them. Default: 5 on the CPU, 50 on CUDA.", show_default=False)] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (bf16 autocast where the CPU or GPU computes bf16 natively, else fp32), fp32, bf16 or fp16 (CUDA only).")] = "auto",
-    channels_last: Annotated[bool, typer.Option("--channels-last/--no-channels-last", metavar="", help="channels_last memory format.")] = True,
-    compile: Annotated[bool, typer.Option("--compile", metavar="", help="torch.compile the network; compiling happens in the warm-up.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N. Default: the preset's, else auto.", show_default=False)] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 autocast where the CPU or GPU computes bf16 natively, else fp32), fp32, bf16 or fp16 (CUDA only). Default: the preset's, else auto.", show_default=False)] = None,
+    channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", metavar="", help="channels_last memory format. Default: the preset's, else on.", show_default=False)] = None,
+    compile: Annotated[bool, typer.Option("--compile", metavar="", help="torch.compile the network (CUDA: with CUDA graphs); compiling happens in the warm-up.")] = False,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the results as JSON.")] = False,
 ):
     """Measure speed on synthetic data (random uint8 images of the model's input size, so it runs offline): images/s and step time of the trainer's own training step, of inference and of the data path alone, with GFLOP per image (convolutions, counted from the layer shapes), achieved TFLOP/s, its share of a large matmul's rate measured in the same process and precision, the share of the GPU's peak where it is known, and peak memory.
 
     Examples: [bold]allconv benchmark --model all-cnn-c --mode train[/bold] ·
+    [bold]allconv benchmark --preset fast-cifar10 --mode train[/bold] ·
     [bold]allconv benchmark --precision fp32[/bold] ·
     [bold]allconv benchmark --device cuda --batch-size 512 --json[/bold]
     """
     with user_errors():
         from allconv_cli.benchmark import run as run_benchmark
+        from allconv_cli.train.settings import resolve
 
-        result = run_benchmark(model, mode, batch_size, steps, warmup, device, precision, channels_last, compile)
+        config = resolve(preset, model=model, batch_size=batch_size, device=device, precision=precision,
+                         channels_last=channels_last, compile=compile or None)
+        result = run_benchmark(config, mode, steps, warmup)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -40,17 +45,19 @@ def benchmark(
 
     table = Table(title=f"{result['model']} on {result['device_name']} ({result['device']}, "
                   f"{result['threads']} threads, {result['kernels']}): {result['precision']}, "
-                  f"{'channels_last' if result['channels_last'] else 'NCHW'}{', compiled' if compile else ''}, "
+                  f"{'channels_last' if result['channels_last'] else 'NCHW'}{', compiled' if result['compile'] else ''}, "
                   f"batch {result['batch_size']}, {result['steps']} timed steps after {result['warmup']} warm-up; "
                   f"matmul {result['matmul_tflops']:.3f} TFLOP/s", box=box.SIMPLE_HEAD)
-    for column in ("mode", "images/s", "step ms", "GFLOP/image", "TFLOP/s", "% of matmul", "% of peak", "peak memory"):
+    for column in ("mode", "images/s", "step ms", "ops/step", "GFLOP/image", "TFLOP/s", "% of matmul", "% of peak",
+                   "peak memory"):
         table.add_column(column, justify="left" if column == "mode" else "right")
     for name, row in result["results"].items():
         counted = row["gflop_per_image"] is not None
         share = "unknown" if row["peak_share"] is None else f"{100 * row['peak_share']:.1f}"
         memory = (f"{row['peak_cuda_mb']:,.0f} MiB CUDA" if row["peak_cuda_mb"] is not None
                   else f"{row['peak_rss_mb']:,.0f} MiB RSS")
-        table.add_row(name, f"{row['images_per_s']:,.0f}", f"{row['step_ms']:.2f}",
+        ops = f"{row['ops_per_step']:.0f}" if "ops_per_step" in row else "-"
+        table.add_row(name, f"{row['images_per_s']:,.0f}", f"{row['step_ms']:.2f}", ops,
                       f"{row['gflop_per_image']:.4f}" if counted else "-",
                       f"{row['tflop_per_s']:.3f}" if counted else "-",
                       f"{100 * row['matmul_share']:.1f}" if counted else "-", share if counted else "-", memory)
@@ -58,5 +65,5 @@ def benchmark(
     console.print(table)
     console.print("GFLOP: convolutions only, 2 x multiply-adds, counted from the layer shapes; a training "
                   "step is forward + backward. % of matmul: against a 4096x4096 (CPU) or 8192x8192 (CUDA) "
-                  "matmul in the same precision, measured just before. Data: synthetic uint8 images held in "
-                  "memory on the device.")
+                  "matmul in the same precision, measured just before. ops/step: aten ops one training step "
+                  "dispatches (mean of 5 in a row). Data: synthetic uint8 images held in memory on the device.")

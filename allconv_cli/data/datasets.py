@@ -512,24 +512,31 @@ def augment(images: torch.Tensor, kind: str, generator: torch.Generator, shift: 
     if kind == "none" and (out_height, out_width) == (height, width):
         return images
     device = images.device
-
-    def offsets(most: int) -> torch.Tensor:  # (B, 1), uniform in [0, most]
-        return torch.randint(0, most + 1, (batch, 1), generator=generator, device=device)
-
-    flip = torch.zeros(batch, dtype=torch.bool, device=device)
-    dy = dx = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    flip = None
     if kind != "none":
         flip = torch.rand(batch, generator=generator, device=device) < 0.5 if flips is None else flips
-        if size is None:
-            dy, dx = offsets(2 * shift) - shift, offsets(2 * shift) - shift
-    if size is not None:
-        dy, dx = offsets(height - out_height), offsets(width - out_width)
-    rows = _reflect(dy + torch.arange(out_height, device=device), height)  # (B, h) source rows
-    cols = dx + torch.arange(out_width, device=device)  # (B, w), before flipping
-    cols = _reflect(torch.where(flip[:, None], width - 1 - cols, cols), width)  # (B, w) source columns
-    index = (rows[:, :, None] * width + cols[:, None, :]).view(batch, 1, out_height * out_width)
-    crops = images.flatten(2).gather(2, index.expand(-1, channels, -1))  # (B, C, h * w)
+    # offsets: a translation by -shift..shift px each way, or a crop window's corner at 0..(side - size)
+    reach = ((-shift, shift),) * 2 if size is None else ((0, height - out_height), (0, width - out_width))
+    rows, cols = _source_tables((height, width), (out_height, out_width), reach, device)
+    dy = torch.randint(0, len(rows), (batch,), generator=generator, device=device)
+    dx = torch.randint(0, cols.shape[1], (batch,), generator=generator, device=device)
+    mirrored = torch.zeros_like(dx) if flip is None else flip.long()
+    index = rows[dy][:, :, None] + cols[mirrored, dx][:, None, :]  # (B, h, w) flat source pixels
+    crops = images.flatten(2).gather(2, index.view(batch, 1, -1).expand(-1, channels, -1))  # (B, C, h * w)
     return crops.view(batch, channels, out_height, out_width)
+
+
+@functools.lru_cache(maxsize=8)
+def _source_tables(size: tuple[int, int], out: tuple[int, int], reach: tuple[tuple[int, int], ...],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each output pixel of an augmented image comes from, for every offset, built once
+    so that a step only looks them up: rows (offsets, h) of source row x width; columns
+    (2, offsets, w), [1] mirrored. ``reach``: the (first, last) offset down and across;
+    coordinates past the border are reflected."""
+    (height, width), (out_height, out_width), ((top, bottom), (left, right)) = size, out, reach
+    rows = torch.arange(top, bottom + 1, device=device)[:, None] + torch.arange(out_height, device=device)
+    cols = torch.arange(left, right + 1, device=device)[:, None] + torch.arange(out_width, device=device)
+    return _reflect(rows, height) * width, torch.stack([_reflect(cols, width), _reflect(width - 1 - cols, width)])
 
 
 def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:

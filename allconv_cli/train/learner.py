@@ -71,11 +71,19 @@ def make_learner(config: TrainConfig, model: nn.Module, preprocess: nn.Module, n
     lookahead = (Lookahead(model, config.lookahead_decay, steps_per_epoch, config.epochs * steps_per_epoch)
                  if config.lookahead_decay > 0 else None)
     if config.compile:
-        step_model = torch.compile(step_model)
+        step_model = torch.compile(step_model, mode=compile_mode(device, world))
     scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
     mixup, criterion = _loss(config, num_classes)
     return Learner(model, step_model, optimizer, make_scheduler(optimizer, config, steps_per_epoch), ema, lookahead, scaler,
                    criterion, mixup, preprocess, config, rank)
+
+
+def compile_mode(device: torch.device, world: int = 1) -> str | None:
+    """torch.compile's mode for the step's network: on one GPU "reduce-overhead", which replays
+    the forward and the backward as CUDA graphs, a few launches instead of one per op (the step
+    is launch-bound there); elsewhere the default (CPU kernels gain nothing from graphs, and DDP's
+    gradient hooks run between the backward's kernels)."""
+    return "reduce-overhead" if device.type == "cuda" and world == 1 else None
 
 
 class SyncBatchNorm(nn.BatchNorm2d):
@@ -155,9 +163,9 @@ class Lookahead:
             return
         rho = self.decay ** self.EVERY * (done / self.total_steps) ** 3
         trained = model.state_dict()  # shares storage with the model: copying into it moves the model
-        for name, slow in self.slow.items():
-            slow.lerp_(trained[name], 1 - rho)
-            trained[name].copy_(slow)
+        slow, fast = list(self.slow.values()), [trained[name] for name in self.slow]
+        torch._foreach_lerp_(slow, fast, 1 - rho)  # two launches (per dtype) for all the tensors
+        torch._foreach_copy_(fast, slow)
 
     def state_dict(self) -> dict:
         return self.slow

@@ -31,21 +31,22 @@ def flip_plan(count: int, seed: int) -> torch.Tensor:
 
 def epoch_flips(plan: torch.Tensor | None, batches: datasets.Batches, epoch: int) -> torch.Tensor | None:
     """The mirroring of this rank's images in ``epoch``, in batch order, under ``plan`` (None:
-    random flips); step k's images are entries k * batch_size onwards."""
+    random flips), on the batches' device, copied there once an epoch rather than every step;
+    step k's images are entries k * batch_size onwards."""
     if plan is None:
         return None
-    return plan[batches.order(epoch)] ^ bool(epoch % 2)
+    return (plan[batches.order(epoch)] ^ bool(epoch % 2)).to(batches.device)
 
 
 def batch_inputs(config: TrainConfig, preprocess: nn.Module, images: torch.Tensor, epoch: int, step: int,
                  generator: torch.Generator, rank: int = 0, flips: torch.Tensor | None = None) -> torch.Tensor:
     """The data path of a step: uint8 (B, C, H, W) -> augmented (seeded by the step; ``flips``,
     (B,) bool, chooses the mirrored images instead of chance), scaled to [0, 1], preprocessed
-    float input in the run's memory format."""
+    float input in the run's memory format. ``flips`` must be on the images' device."""
     generator.manual_seed(step_seed(config.seed, rank, epoch, step))
     x = datasets.augment(images, config.augment, generator, config.shift,
                          size=config.crop if epoch < config.crop_epochs else None,
-                         flips=None if flips is None else flips.to(images.device))
+                         flips=flips)
     return preprocess(x.float() / 255).contiguous(memory_format=_memory_format(config))
 
 
@@ -54,6 +55,8 @@ def train_step(learner: Learner, images: torch.Tensor, labels: torch.Tensor, epo
     """One step on a uint8 (B, C, H, W) batch -> (loss, correct count), both still on the device:
     reading them is left to the caller, so the step itself never waits for the device."""
     config = learner.config
+    if config.compile:  # a new iteration for CUDA graphs: last step's graph outputs may be overwritten
+        torch.compiler.cudagraph_mark_step_begin()
     x = batch_inputs(config, learner.preprocess, images, epoch, step, generator, learner.rank, flips)
     target = labels
     if learner.mixup is not None:
