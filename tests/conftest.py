@@ -38,11 +38,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def image_cache(tmp_path_factory) -> Path:
+    """The folder decoded image folders are cached in (allconv_cli.data.cache): one of this
+    session's, so no test writes to the user's ~/.cache or reads an entry another session left."""
+    folder = tmp_path_factory.mktemp("image-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ALLCONV_CACHE_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
-def gpu_env() -> dict:
+def gpu_env(image_cache) -> dict:
     """The environment for a `gpu` test's subprocesses: pytest's own (CUDA visible), unbuffered,
-    with this checkout on PYTHONPATH."""
-    return {**STARTED_WITH, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    with this checkout on PYTHONPATH and this session's image cache."""
+    return {**STARTED_WITH, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), "ALLCONV_CACHE_DIR": str(image_cache)}
 
 
 @pytest.fixture(scope="session")

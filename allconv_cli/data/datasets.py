@@ -5,7 +5,8 @@ Every source yields ``(images, labels)`` with images uint8 (B, C, H, W) at the m
 size and labels int64 (B,). Augmentation and normalization happen afterwards, a batch at a
 time on the training device (``augment`` here, ``preprocess`` for normalization), so one code
 path serves the CPU, the GPU and every data set. CIFAR-sized splits are held in memory as one
-uint8 tensor (on the GPU when training there); larger ImageFolders stream through DataLoader
+uint8 tensor (on the GPU when training there); an ImageFolder's is decoded on its first load
+only, then read back from disk (``data.cache``). Larger ImageFolders stream through DataLoader
 workers that only decode and resize.
 """
 
@@ -16,6 +17,7 @@ import functools
 import io
 import json
 import math
+import os
 import pickle
 import shutil
 import socket
@@ -34,6 +36,7 @@ from safetensors.torch import save_file
 from torchvision.datasets import utils as torchvision_utils
 
 from allconv_cli.choices import AUGMENTATIONS, DATASETS
+from allconv_cli.data import cache
 from allconv_cli.data.images import fit_image, open_image
 from allconv_cli.util import atomic_write, did_you_mean
 
@@ -373,10 +376,19 @@ def _load_folder(root: Path, split: str, input_size, workers: int, fit: tuple[st
                         tuple(input_size), fit)
     if len(folder) * math.prod(input_size) > IN_MEMORY_LIMIT:
         return folder
-    # Threads, not processes: PIL decodes without the GIL, and a bad file raises right here.
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        images = list(pool.map(lambda path: _fit(open_image(path, input_size[0]), input_size, fit), folder.files))
-    return ImageData(torch.stack(images), folder.labels, classes)
+    images = cache.load_or_decode(root / name, folder.files, folder.labels, classes, folder.input_size, fit,
+                                  lambda: _decode_files(folder, workers))
+    return ImageData(images, folder.labels, classes)
+
+
+def _decode_files(folder: FolderData, workers: int) -> torch.Tensor:
+    """Every file of ``folder`` decoded and fitted, uint8 (N, C, H, W). Threads, not processes:
+    PIL decodes without the GIL, and a bad file raises right here. Every core, not just
+    ``workers``: nothing else runs while a split loads."""
+    with ThreadPoolExecutor(max(1, workers, os.cpu_count() or 1)) as pool:
+        images = list(pool.map(lambda path: _fit(open_image(path, folder.input_size[0]), folder.input_size, folder.fit),
+                               folder.files))
+    return torch.stack(images)
 
 
 class _FolderDataset(torch.utils.data.Dataset):
