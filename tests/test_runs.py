@@ -76,6 +76,7 @@ def straight(tmp_path_factory):
 @pytest.mark.parametrize("epoch, step", [(0, 3), (0, 5), (1, 1)], ids=["middle", "last-step", "first-step"])
 def test_a_stop_at_any_step_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch, straight, epoch, step):
     monkeypatch.setattr("allconv_cli.train.loop.CHECK_EVERY", 1)  # report (and so stop) after every step
+    monkeypatch.setattr("allconv_cli.train.loop.CHECK_SECONDS", 0)
     config = tiny(**FIVE_STEPS)
     with pytest.raises(TrainingStopped):
         train(config, tmp_path / "split", progress=stop_at(epoch, step))
@@ -89,6 +90,7 @@ def test_a_stop_at_any_step_resumes_to_the_uninterrupted_weights(tmp_path, monke
 def test_a_stop_between_lookahead_syncs_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
     """The slow copy is part of the state: a stop at step 3 of 5 (before the first sync) resumes exactly."""
     monkeypatch.setattr("allconv_cli.train.loop.CHECK_EVERY", 1)
+    monkeypatch.setattr("allconv_cli.train.loop.CHECK_SECONDS", 0)
     config = tiny(**FIVE_STEPS, lookahead_decay=0.95)
     train(config, tmp_path / "straight")
     with pytest.raises(TrainingStopped):
@@ -101,12 +103,16 @@ def test_a_stop_between_lookahead_syncs_resumes_to_the_uninterrupted_weights(tmp
 
 def test_a_stop_in_the_very_last_step_finishes_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr("allconv_cli.train.loop.CHECK_EVERY", 1)
+    monkeypatch.setattr("allconv_cli.train.loop.CHECK_SECONDS", 0)
     summary = train(tiny(), tmp_path / "run", progress=stop_at(1, 2))
     assert summary["finished"] and summary["epochs_done"] == 2
 
 
-def test_syncs_with_the_host_are_rare(monkeypatch):
-    """20 steps: the loop reads device values at 2 checks, 1 epoch start and the epoch's end."""
+@pytest.mark.parametrize("seconds, expected", [(0, 4), (3600, 3)], ids=["every-10-steps", "every-hour"])
+def test_syncs_with_the_host_are_rare(monkeypatch, seconds, expected):
+    """20 steps: the loop reads device values at the epoch's start and end and at its checks: every
+    10 steps (2), or where 10 steps take less than CHECK_SECONDS (a GPU), only at the last step."""
+    monkeypatch.setattr("allconv_cli.train.loop.CHECK_SECONDS", seconds)
     config = tiny(train_limit=160, batch_size=8, epochs=1)
     setup = trainer.build(config, torch.device("cpu"))
     learner = trainer.make_learner(config, setup.model, setup.preprocess, len(setup.classes), len(setup.train))
@@ -120,7 +126,7 @@ def test_syncs_with_the_host_are_rare(monkeypatch):
 
         monkeypatch.setattr(torch.Tensor, name, counting)
     trainer.fit(learner, setup.train, trainer.Position(), 1)
-    assert len(setup.train) == 20 and len(reads) == 4, reads
+    assert len(setup.train) == 20 and len(reads) == expected, reads
 
 
 def test_fit_takes_the_batches_it_is_given():

@@ -1,4 +1,4 @@
-"""The epoch loop: steps, the host syncs every ``CHECK_EVERY`` steps, evaluation, checkpoints,
+"""The epoch loop: steps, the host syncs (every ``CHECK_EVERY`` steps, at most every ``CHECK_SECONDS``), evaluation, checkpoints,
 stops agreed by every rank, and the target."""
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ from allconv_cli.data import datasets
 from allconv_cli.train.learner import Learner
 from allconv_cli.train.step import epoch_flips, flip_plan, train_step
 
-CHECK_EVERY = 10  # steps between the loop's host syncs: finiteness, progress, a stop agreed by all ranks
+CHECK_EVERY = 10  # steps between the loop's host syncs: finiteness, progress, a stop agreed by all ranks...
+# ...and, in one process, at least this many seconds: at about 1 ms a step on a GPU, a sync every
+# 10 steps would leave it idle while the host queues the next steps; on a CPU 10 steps take longer
+CHECK_SECONDS = 0.5
 
 
 Progress = Callable[..., None]  # progress(event, **fields); events: start, step, epoch
@@ -75,20 +78,20 @@ def fit(learner: Learner, batches: datasets.Batches, position: Position, epochs:
         learner.model.train()
         started, seen_before = time.perf_counter(), sums[2].item()  # host sync, once an epoch
         lr = learner.optimizer.param_groups[0]["lr"]
-        losses = []  # this window's losses, read at the next check
+        losses, checked = [], started  # this window's losses, read at the next check; when the last was
         flips = epoch_flips(plan, batches, epoch)  # once an epoch: the order is a permutation of the split
         for step, (images, labels) in enumerate(batches.epoch(epoch, position.step), start=position.step):
             lr = learner.optimizer.param_groups[0]["lr"]  # the rate this step uses, before the schedule moves on
             loss, correct = train_step(learner, images, labels, epoch, step, generator, None if flips is None
                                        else flips[step * batches.batch_size:(step + 1) * batches.batch_size])
-            sums += torch.stack([loss.double() * len(labels), correct.double(),
-                                 torch.full((), float(len(labels)), dtype=torch.float64, device=device)])
+            _accumulate(sums, loss, correct, len(labels))
             losses.append(loss)
             last = step + 1 == steps
-            if (step + 1) % CHECK_EVERY == 0 or last or (stop and world == 1):
-                # The loop's one host sync, every CHECK_EVERY steps: losses finite, progress, stop.
+            due = (step + 1) % CHECK_EVERY == 0 and (world > 1 or time.perf_counter() - checked >= CHECK_SECONDS)
+            if due or last or (stop and world == 1):
+                # The loop's one host sync: losses finite, progress, stop (ranks check at the same steps).
                 seen = _check(losses, sums, epoch, step + 1, position.history, run_dir)
-                losses = []
+                losses, checked = [], time.perf_counter()
                 progress("step", epoch=epoch, step=step + 1, steps=steps, loss=seen[0] / seen[2],
                          accuracy=100 * seen[1] / seen[2], lr=lr,
                          images_per_s=world * (seen[2] - seen_before) / (time.perf_counter() - started))
@@ -123,6 +126,13 @@ def target_reached(metrics: dict, target: float | None) -> bool:
 def finished(history: list[dict], epochs: int) -> bool:
     """Whether a run is over: every epoch done, or its target reached."""
     return len(history) >= epochs or bool(history and history[-1].get("target_reached"))
+
+
+def _accumulate(sums: torch.Tensor, loss: torch.Tensor, correct: torch.Tensor, images: int):
+    """sums (loss sum, correct, seen; float64 on the device) += one step's, in three launches."""
+    sums[0].add_(loss, alpha=images)
+    sums[1].add_(correct)
+    sums[2].add_(images)
 
 
 def _check(losses: list[torch.Tensor], sums: torch.Tensor, epoch: int, step: int, history: list,
