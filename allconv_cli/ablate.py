@@ -16,13 +16,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import fnmatch
+import heapq
 import io
 import json
 import math
 import os
 import statistics
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -48,6 +49,9 @@ PAPER_GRID = (0.25, 0.1, 0.05, 0.01)  # Section 3.2
 # (train, test) images of the data sets whose size is fixed: a dry run counts without reading them
 SPLIT_IMAGES = {"sample": (4_000, 1_000), "cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000)}
 RESULT_NAME, PLAN_NAME = "result.json", "ablation.json"
+# Runs at once on each GPU by default: 4 runs at once each trained at a single run's speed on one
+# H200 (2026-12-04); a step is bound by kernel launches, not by the GPU's arithmetic.
+RUNS_PER_GPU = 4
 # Table 3's blocks, as the registry's rows say: family -> its models, as typed (all-cnn-c)
 FAMILIES = {family: [name.replace("_", "-") for name, row in NETWORKS.items() if row.family == family]
             for family in sorted({row.family for row in NETWORKS.values() if row.family})}
@@ -173,10 +177,15 @@ def _worker_init(threads: int):
 
 
 def ablate(base: TrainConfig, models: list[str], grid: list[float], seeds: list[int], out: str | Path,
-           jobs: int = 1, progress: Callable[..., None] | None = None) -> list[dict]:
-    """Run (or continue) the ablation in ``out`` -> one row per model (see ``table_rows``)."""
+           jobs: int | None = None, progress: Callable[..., None] | None = None) -> list[dict]:
+    """Run (or continue) the ablation in ``out``, ``jobs`` runs at once (None: ``default_jobs``)
+    -> one row per model (see ``table_rows``)."""
     out = Path(out)
     progress = progress or (lambda event, **fields: None)
+    if jobs is not None and jobs < 1:
+        raise ValueError(f"--jobs {jobs} is not allowed; --jobs takes a whole number of at least 1 (leave it out "
+                         f"for {RUNS_PER_GPU} runs per GPU, or 1 on the CPU)")
+    jobs = jobs or default_jobs(base.device)
     if len(grid) > 1 and base.val_fraction <= 0:
         raise ValueError("choosing among learning rates needs a validation split: give --val-fraction, e.g. 0.1")
     plan_record = {"config": json.loads(base.to_json()), "models": models, "grid": grid, "seeds": seeds}
@@ -211,32 +220,61 @@ def _execute(base: TrainConfig, runs: list[Run], out: Path, jobs: int, results: 
             progress("skip", run=run, result=results[run])
         else:
             pending.append(run)
-    devices = _devices(base, jobs)
     if jobs <= 1 or len(pending) <= 1:
         for run in pending:
             progress("run", run=run)
             results[run] = _train_one(run_config(base, run).to_json(), str(run.folder(out)), None)
             progress("done", run=run, result=results[run])
         return
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init,
+    workers = min(jobs, len(pending))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
                              initargs=(threads,)) as pool:
-        futures = {}
-        for i, run in enumerate(pending):
+
+        def start(run: Run, device: str | None) -> Future:
             progress("run", run=run)
-            futures[pool.submit(_train_one, run_config(base, run).to_json(), str(run.folder(out)),
-                                devices[i % len(devices)])] = run
-        for future, run in futures.items():
+            return pool.submit(_train_one, run_config(base, run).to_json(), str(run.folder(out)), device)
+
+        for run, future in run_in_slots(pending, device_slots(base.device, workers), start):
             results[run] = future.result()
             progress("done", run=run, result=results[run])
 
 
-def _devices(base: TrainConfig, jobs: int) -> list[str | None]:
-    """One GPU per parallel job when there are several; otherwise the run's own device."""
+def default_jobs(device: str) -> int:
+    """Runs at once when --jobs is not given: RUNS_PER_GPU on each GPU the runs may use (every GPU
+    for ``device`` auto or cuda, the one of cuda:N); 1 on the CPU, whose cores one run fills."""
+    if device == "cpu" or not torch.cuda.is_available():
+        return 1
+    return RUNS_PER_GPU * (torch.cuda.device_count() if device in ("auto", "cuda") else 1)
 
-    if base.device in ("auto", "cuda") and torch.cuda.device_count() > 1:
-        return [f"cuda:{i}" for i in range(min(jobs, torch.cuda.device_count()))]
-    return [None]
+
+def device_slots(device: str, jobs: int) -> list[str | None]:
+    """The device of each of ``jobs`` slots (a slot trains one run at a time): the GPUs in turn,
+    cuda:0, cuda:1, ..., cuda:0, ..., where ``device`` (auto or cuda) lets the runs use every
+    GPU, so that runs spread over them; else None, each run on ``device`` itself."""
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        return [f"cuda:{i % gpus}" for i in range(jobs)]
+    return [None] * jobs
+
+
+def run_in_slots(tasks: list, slots: list,
+                 start: Callable[[object, object], Future]) -> Iterator[tuple[object, Future]]:
+    """``start(task, slot)`` for each of ``tasks`` on a free one of ``slots``, as slots free up:
+    a task starts when one ends, on the slot that task held (the lowest-numbered free slot when
+    several are free), so a GPU whose runs end early takes the next ones and no slot holds two
+    tasks at once -> (task, its future) as each ends."""
+    waiting, free, running = list(tasks), list(range(len(slots))), {}
+    while waiting or running:
+        while waiting and free:
+            slot = heapq.heappop(free)
+            task = waiting.pop(0)
+            running[start(task, slots[slot])] = task, slot
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in done:
+            task, slot = running.pop(future)
+            heapq.heappush(free, slot)
+            yield task, future
 
 
 # The paper's figure for a run's protocol, by the key ``paper_key`` returns: the setting it was measured in

@@ -43,8 +43,11 @@ PART_BYTES = 16 * 2**20  # the device returns files of at most 16 MiB
 CARRY_BYTES = 60 * 2**20  # what may travel into the next call: 64 MiB in all, with room for the code
 CARRY_PARTS = 4  # 8 returned files: results, log, small files, weights and 4 parts
 # (grace after SIGTERM for the checkpoints, reserve at the end for packing), seconds: on the GPU a
-# checkpoint of a paper run writes 49 MB (weights, momentum and the 36 MiB ZCA matrix) twice
+# checkpoint of a paper run writes 54 MB (weights with the 36 MiB ZCA matrix, then weights and momentum)
 STOP_S = {False: (45, 30), True: (10, 4)}  # by --rehearsal: (grace, reserve)
+# what an unfinished run resumes from beyond its small files: the state and the preprocessing
+# (written once a run; the ZCA matrix, 36 MiB)
+STATE = ("state.pt", "preprocess.safetensors")
 SMALL = ("config.json", "metrics.jsonl", "result.json", "ablation.json", "table.md", "table.csv", "table.json",
          "curves.png", "chart.png")
 # --rehearsal: the sizes that keep each step to seconds on two CPU cores (the paper protocol's
@@ -246,7 +249,7 @@ def plan(call: Call, speeds: dict, overhead: float) -> dict:
     protocol (12 networks, 10 epochs) by whole seeds, 12 runs at once at the four-at-once rate,
     each run paying the fast recipe's measured start-up and evaluation time; then the paper
     protocol (350 epochs) for the C family at the single-process rate, as many at once as can
-    travel to the next call (its state holds the 36 MiB ZCA matrix)."""
+    travel to the next call (its state: weights, momentum and the 36 MiB ZCA matrix)."""
     left = call.left() - call.reserve - call.grace
     single = speeds.get("bench-b32" if call.rehearsal else "bench-b128")
     gain = speeds["four-at-once"] / single if speeds.get("four-at-once") and single else 1.0
@@ -292,6 +295,12 @@ def small_files(runs: Path) -> list[Path]:
     return sorted(p for p in runs.rglob("*") if p.name in SMALL and p.is_file())
 
 
+def state_files(run: Path) -> list[Path]:
+    """The files of STATE that ``run`` holds (a state.pt written by an allconv before
+    preprocess.safetensors existed holds the preprocessing itself)."""
+    return [run / name for name in STATE if (run / name).is_file()]
+
+
 def write_small_files(call: Call):
     """runs-small.tar.gz: every run's small files, rewritten whole (atomically) after each step."""
     tmp = call.out / ".runs-small.tar.gz.tmp"
@@ -325,10 +334,11 @@ def pack_carry(call: Call, speeds: dict, overhead: float):
     unfinished.sort(key=lambda item: -item[0])
     total, carried, left_behind = sum(p.stat().st_size for p in small_files(call.runs)), [], []
     for share, state in unfinished:
-        fits = total + state.stat().st_size <= CARRY_BYTES
+        size = sum(p.stat().st_size for p in state_files(state.parent))
+        fits = total + size <= CARRY_BYTES
         (carried if fits else left_behind).append({"run": str(state.parent.relative_to(call.work)),
                                                    "done": round(share, 4)})
-        total += state.stat().st_size if fits else 0
+        total += size if fits else 0
     manifest = {"done": call.done, "speeds": speeds, "overhead": overhead, "carried": carried,
                 "left_behind": left_behind}
     buffer = io.BytesIO()
@@ -337,7 +347,7 @@ def pack_carry(call: Call, speeds: dict, overhead: float):
         info = tarfile.TarInfo("manifest.json")
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
-        for path in [*small_files(call.runs), *(call.work / c["run"] / "state.pt" for c in carried)]:
+        for path in [*small_files(call.runs), *(p for c in carried for p in state_files(call.work / c["run"]))]:
             tar.add(path, arcname=str(path.relative_to(call.work)))
     blob = buffer.getvalue()
     parts = [blob[i:i + PART_BYTES] for i in range(0, len(blob), PART_BYTES)][:CARRY_PARTS]

@@ -1,14 +1,18 @@
 """allconv ablate: the table files, resumption after a kill, the learning-rate choice."""
 
 import dataclasses
+import itertools
 import json
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
+import typer
 from typer.testing import CliRunner
 
 from allconv_cli import ablate
@@ -236,3 +240,68 @@ def test_fast_protocol_runs_on_families_a_and_c(cifar10_test_folder, tmp_path):
     assert result.exit_code == 0, result.output
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| 12.47 |" in table and "| 9.08 | 7.25 |" in table and "± 0.00" not in table
+
+
+# --- parallel runs: how many, and on which GPU --------------------------------------------------
+
+@pytest.mark.parametrize("device, gpus, jobs", [
+    ("auto", 0, 1), ("cpu", 2, 1), ("auto", 1, 4), ("auto", 2, 8), ("cuda", 3, 12), ("cuda:1", 2, 4)])
+def test_default_jobs_are_four_runs_per_gpu_and_one_on_the_cpu(monkeypatch, device, gpus, jobs):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert ablate.default_jobs(device) == jobs == (1 if device == "cpu" or not gpus else
+                                                   ablate.RUNS_PER_GPU * (1 if ":" in device else gpus))
+
+
+def test_slots_spread_over_every_gpu_or_keep_the_runs_own_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert ablate.device_slots("auto", 5) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert ablate.device_slots("cuda:1", 3) == ablate.device_slots("cpu", 3) == [None] * 3
+
+
+def test_the_jobs_help_states_the_runs_per_gpu():
+    [jobs] = [o for o in typer.main.get_command(app).commands["ablate"].params if o.name == "jobs"]
+    assert f"Default: {ablate.RUNS_PER_GPU} per GPU" in jobs.help
+
+
+def test_zero_jobs_is_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["ablate", "--models", "all-cnn-c", "--preset", "smoke", "--jobs", "0",
+                                      "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2 and "--jobs 0 is not allowed" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "a").exists()
+
+
+def in_slots(durations: dict[str, float], slots: list[str]) -> tuple[dict, list, list]:
+    """Run tasks that sleep ``durations`` (s) through ``run_in_slots`` on threads -> (the slot each
+    task got, (slot, start, end) of each, the tasks in the order they were reported ended)."""
+    placed, spans = {}, []
+
+    def work(task, slot):
+        started = time.monotonic()
+        time.sleep(durations[task])
+        spans.append((slot, started, time.monotonic()))
+
+    with ThreadPoolExecutor(len(slots)) as pool:
+        def start(task, slot):
+            placed[task] = slot
+            return pool.submit(work, task, slot)
+
+        ended = [task for task, future in ablate.run_in_slots(list(durations), slots, start) if future.result() is None]
+    return placed, spans, ended
+
+
+def test_a_gpu_freed_early_takes_the_next_runs():
+    # round-robin at submission would put a, c and e behind the long run on gpu0
+    placed, _, ended = in_slots({"long": 1.0, "a": 0.02, "b": 0.02, "c": 0.02, "d": 0.2, "e": 0.02}, ["gpu0", "gpu1"])
+    assert placed == {"long": "gpu0", "a": "gpu1", "b": "gpu1", "c": "gpu1", "d": "gpu1", "e": "gpu1"}
+    assert ended == ["a", "b", "c", "d", "e", "long"]
+
+
+def test_runs_of_uneven_length_never_share_a_slot():
+    durations = {f"run{i}": (0.01, 0.15, 0.05, 0.3, 0.02)[i % 5] for i in range(15)}
+    placed, spans, ended = in_slots(durations, ["s0", "s1", "s2"])
+    assert sorted(ended) == sorted(durations) and set(placed.values()) == {"s0", "s1", "s2"}
+    for slot in ("s0", "s1", "s2"):
+        mine = sorted((start, end) for s, start, end in spans if s == slot)
+        assert all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(mine)), (slot, mine)

@@ -217,6 +217,7 @@ def test_target_stops_the_run_and_reports_epoch_and_time(tmp_path):
     assert summary["target"]["epoch"] == 1 and summary["target"]["wall_seconds"] > 0
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert history[-1]["target_reached"] and history[-1]["wall_seconds"] == summary["target"]["wall_seconds"]
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["epoch"] == 1  # checkpointed at the target
     with pytest.raises(ValueError, match="already finished"):
         trainer.resume(tmp_path / "run")
 

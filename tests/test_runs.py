@@ -245,6 +245,113 @@ def test_ablation_recovers_a_run_that_finished_without_a_result(tmp_path):
     assert json.loads(result.read_text())["test_error"] == recorded["test_error"]
 
 
+# --- the checkpoint cadence and the preprocessing file -----------------------------------------
+
+SPARSE = {"save_every": 10, "save_minutes": 60.0}  # no checkpoint by the cadence in a tiny run, however slow
+
+
+def saved_epochs(monkeypatch) -> list[tuple[int, int]]:
+    """The (epoch, step) of every checkpoint taken from now on, in order."""
+    taken = []
+    real = RunFolder.save
+
+    def save(self, learner, position, setup, world):
+        taken.append((position.epoch, position.step))
+        real(self, learner, position, setup, world)
+
+    monkeypatch.setattr(RunFolder, "save", save)
+    return taken
+
+
+@pytest.fixture(scope="module")
+def straight_zca(tmp_path_factory):
+    """An uninterrupted run of tiny(preprocess="zca"): its 3072 x 3072 matrix makes the preprocessing file 36 MiB."""
+    run = tmp_path_factory.mktemp("straight_zca") / "run"
+    train(tiny(preprocess="zca"), run)
+    return run
+
+
+def test_the_preprocessing_is_written_once_beside_a_state_without_it(tmp_path, monkeypatch, straight_zca):
+    run = tmp_path / "run"
+    train(tiny(preprocess="zca"), run, stop_after=1)
+    state = torch.load(run / "state.pt", weights_only=True)
+    assert state["format"] == 3 and not {"preprocess_meta", "preprocess_tensors"} & set(state)
+    prep = run / "preprocess.safetensors"
+    assert load_file(str(prep))["zca_matrix"].shape == (3072, 3072)
+    written, state_written = prep.stat().st_mtime_ns, (run / "state.pt").stat().st_mtime_ns
+    time.sleep(0.01)  # a later write gets a later mtime even on a coarse clock
+    assert trainer.resume(run, save_every=1)["finished"]
+    assert prep.stat().st_mtime_ns == written and (run / "state.pt").stat().st_mtime_ns > state_written
+    assert same_weights(straight_zca, run)
+    _, meta, tensors = checkpoint.load_weights(run)  # the exported weights still carry the preprocessing
+    assert meta["preprocess"]["kind"] == "zca"
+    assert torch.equal(tensors["zca_matrix"], load_file(str(prep))["zca_matrix"])
+
+
+def test_a_state_of_format_2_with_the_preprocessing_inside_still_resumes(tmp_path, straight_zca):
+    run = tmp_path / "run"
+    train(tiny(preprocess="zca"), run, stop_after=1)
+    meta, tensors = RunFolder(run).read_preprocess()
+    state = torch.load(run / "state.pt", weights_only=True)
+    torch.save({**state, "format": 2, "preprocess_meta": meta, "preprocess_tensors": tensors}, run / "state.pt")
+    (run / "preprocess.safetensors").unlink()  # as an allconv of format 2 left the folder
+    assert trainer.resume(run)["finished"] and same_weights(straight_zca, run)
+    assert torch.load(run / "state.pt", weights_only=True)["format"] == 3
+    assert load_file(str(run / "preprocess.safetensors")).keys() == {"zca_mean", "zca_matrix"}
+
+
+def test_a_state_without_its_preprocessing_file_is_one_line(tmp_path):
+    run = tmp_path / "run"
+    train(tiny(), run, stop_after=1)
+    (run / "preprocess.safetensors").unlink()
+    one_line_error(invoke("train", "--resume", run), 2, "no preprocess.safetensors", "--init")
+
+
+def test_a_cadence_of_two_epochs_saves_every_two_and_a_crash_between_resumes_bit_exactly(tmp_path, monkeypatch):
+    config = tiny(epochs=4, save_every=2, save_minutes=60.0)
+    taken = saved_epochs(monkeypatch)
+    train(config, tmp_path / "straight")
+    assert taken == [(2, 0), (4, 0)]
+
+    def crash_after_epoch_3(event, **fields):
+        if event == "epoch" and fields["metrics"]["epoch"] == 3:
+            raise RuntimeError("killed")  # as a SIGKILL would: no checkpoint at epoch 3
+
+    with pytest.raises(RuntimeError, match="killed"):
+        train(config, tmp_path / "split", progress=crash_after_epoch_3)
+    run = tmp_path / "split"
+    assert torch.load(run / "state.pt", weights_only=True)["epoch"] == 2
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3  # the metrics are written every epoch
+    assert trainer.resume(run)["finished"] and same_weights(tmp_path / "straight", run)
+    straight_history, split_history = ([json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+                                       for path in (tmp_path / "straight", run))
+    assert [m["train_loss"] for m in split_history] == [m["train_loss"] for m in straight_history]
+
+
+@pytest.mark.parametrize("how", ["signal-at-an-epochs-end", "stop-after"])
+def test_a_stop_between_checkpoints_still_checkpoints(tmp_path, monkeypatch, straight, how):
+    monkeypatch.setattr("allconv_cli.train.loop.CHECK_EVERY", 1)
+    config = tiny(**FIVE_STEPS, **SPARSE)
+    taken = saved_epochs(monkeypatch)
+    if how == "stop-after":
+        assert not train(config, tmp_path / "split", stop_after=1)["finished"]
+    else:
+        with pytest.raises(TrainingStopped):
+            train(config, tmp_path / "split", progress=stop_at(0, 5))  # the first epoch's last step
+    assert taken == [(1, 0)]
+    assert trainer.resume(tmp_path / "split")["finished"] and taken == [(1, 0), (2, 0)]
+    assert same_weights(straight, tmp_path / "split")
+
+
+def test_the_cadence_may_change_on_resume_and_is_checked(tmp_path):
+    run = tmp_path / "run"
+    train(tiny(), run, stop_after=1)
+    one_line_error(invoke("train", "--resume", run, "--save-every", "0"), 2, "--save-every 0 is not allowed")
+    one_line_error(invoke("train", "--resume", run, "--save-minutes", "-1"), 2, "--save-minutes -1.0 is not allowed")
+    result = invoke("train", "--resume", run, "--save-every", "1", "--save-minutes", "0.5")
+    assert result.exit_code == 0, result.output
+
+
 # --- full disks and unwritable paths ---------------------------------------------------------
 
 @pytest.fixture

@@ -86,7 +86,7 @@ def test_smoke_preset_on_the_sample_then_eval(tmp_path):
     assert summary["finished"] and summary["epochs_done"] == 1
     assert "epoch 1/1: train loss" in result.output  # a lasting line per epoch, even in a log
     assert sorted(p.name for p in run.iterdir()) == [".lock", "config.json", "curves.png", "metrics.jsonl",
-                                                     "model.safetensors", "state.pt"]
+                                                     "model.safetensors", "preprocess.safetensors", "state.pt"]
     assert (run / ".lock").read_text() == ""  # released: it names a holder only while one runs
     model, meta, _ = checkpoint.load_model(run)
     assert meta["classes"][0] == "airplane" and meta["preprocess"]["kind"] == "standardize"

@@ -1,5 +1,6 @@
-"""The epoch loop: steps, the host syncs (every ``CHECK_EVERY`` steps, at most every ``CHECK_SECONDS``), evaluation, checkpoints,
-stops agreed by every rank, and the target."""
+"""The epoch loop: steps, the host syncs (every ``CHECK_EVERY`` steps, at most every
+``CHECK_SECONDS`` in one process), evaluation, checkpoints at the run's cadence, stops agreed by
+every rank, and the target."""
 
 from __future__ import annotations
 
@@ -48,24 +49,49 @@ class Position:
     history: list[dict] = dataclasses.field(default_factory=list)
 
 
+class Cadence:
+    """When the loop checkpoints at an epoch's end besides the ends it always saves at (the call's
+    last epoch, a stop, the target): once ``every`` epochs or ``minutes`` (wall clock) have passed
+    since the last checkpoint, whichever comes first."""
+
+    def __init__(self, every: int, minutes: float, position: Position):
+        self.every, self.minutes = every, minutes
+        # epochs done in the last checkpoint: the one resumed from, None before a run's first
+        self.epoch = position.epoch if position.epoch or position.step else None
+        self.since = time.monotonic()
+
+    def due(self, epoch: int) -> bool:
+        """Whether the end of ``epoch`` epochs is due a checkpoint by the cadence."""
+        return epoch - (self.epoch or 0) >= self.every or time.monotonic() - self.since >= 60 * self.minutes
+
+    def saved(self, epoch: int):
+        self.epoch, self.since = epoch, time.monotonic()
+
+
 def fit(learner: Learner, batches: datasets.Batches, position: Position, epochs: int, *,
         evaluate_epoch: Callable[[int], dict] | None = None, save: Callable[[Position], None] | None = None,
-        progress: Progress | None = None, stop: list[int] | None = None, stop_after: int | None = None,
-        world: int = 1, run_dir: Path | None = None) -> Position:
+        record: Callable[[list[dict]], None] | None = None, progress: Progress | None = None,
+        stop: list[int] | None = None, stop_after: int | None = None, world: int = 1,
+        run_dir: Path | None = None) -> Position:
     """Train from ``position`` to ``epochs`` on ``batches`` -> the position reached.
 
     ``evaluate_epoch(epoch)`` adds a split's metrics after an epoch (or returns {}); ``save``
-    checkpoints (at the end of every epoch, and at a stop); ``stop`` is the list a signal handler
-    appends to. A stop is taken at a step boundary that every rank agrees on, and a stop during an
-    epoch's last step waits for the epoch's end, so no checkpoint sits between an epoch's last
-    step and its evaluation. ``stop_after`` ends the call after that many epochs. The run ends
-    early after an evaluated epoch whose top-1 accuracy reaches ``config.target`` (%); every
-    epoch's metrics give ``wall_seconds``, the run's time so far with evaluations (not counting
-    the part of an epoch lost to a stop).
+    checkpoints: at the end of the epochs that the config's ``save_every`` / ``save_minutes``
+    cadence picks, of this call's last epoch and of the epoch reaching the target, and at a stop;
+    ``record(history)`` is called at the end of each epoch without a checkpoint, so that the
+    metrics are written every epoch; ``stop`` is the list a signal handler appends to. A stop is
+    taken at a step boundary that every rank agrees on, and a stop during an epoch's last step
+    waits for the epoch's end, so no checkpoint sits between an epoch's last step and its
+    evaluation. ``stop_after`` ends the call after that many epochs. The run ends early after an
+    evaluated epoch whose top-1 accuracy reaches ``config.target`` (%); every epoch's metrics give
+    ``wall_seconds``, the run's time so far with evaluations (not counting the part of an epoch
+    lost to a stop).
     """
     progress = progress or (lambda event, **fields: None)
     save = save or (lambda position: None)
+    record = record or (lambda history: None)
     stop = stop if stop is not None else []
+    cadence = Cadence(learner.config.save_every, learner.config.save_minutes, position)
     device = next(learner.model.parameters()).device
     generator = torch.Generator(device=device)
     if position.sums is None:
@@ -74,7 +100,8 @@ def fit(learner: Learner, batches: datasets.Batches, position: Position, epochs:
     plan = flip_plan(len(batches.data), learner.config.seed) if learner.config.flips == "alternate" else None
     fit_started = time.perf_counter()
     wall_before = position.history[-1].get("wall_seconds", 0.0) if position.history else 0.0
-    for epoch in range(position.epoch, min(epochs, position.epoch + (stop_after or epochs))):
+    end = min(epochs, position.epoch + (stop_after or epochs))  # epochs done when this call ends
+    for epoch in range(position.epoch, end):
         learner.model.train()
         started, seen_before = time.perf_counter(), sums[2].item()  # host sync, once an epoch
         lr = learner.optimizer.param_groups[0]["lr"]
@@ -90,14 +117,14 @@ def fit(learner: Learner, batches: datasets.Batches, position: Position, epochs:
             due = (step + 1) % CHECK_EVERY == 0 and (world > 1 or time.perf_counter() - checked >= CHECK_SECONDS)
             if due or last or (stop and world == 1):
                 # The loop's one host sync: losses finite, progress, stop (ranks check at the same steps).
-                seen = _check(losses, sums, epoch, step + 1, position.history, run_dir)
+                seen = _check(losses, sums, epoch, step + 1, cadence.epoch, run_dir)
                 losses, checked = [], time.perf_counter()
                 progress("step", epoch=epoch, step=step + 1, steps=steps, loss=seen[0] / seen[2],
                          accuracy=100 * seen[1] / seen[2], lr=lr,
                          images_per_s=world * (seen[2] - seen_before) / (time.perf_counter() - started))
                 if not last and _agreed(bool(stop), world, device):
                     position.epoch, position.step = epoch, step + 1
-                    save(position)
+                    save(position)  # a stop always checkpoints, whatever the cadence
                     raise TrainingStopped(stop[0] if stop else signal.SIGTERM, run_dir)
         metrics = _epoch_metrics(epoch, sums, world, time.perf_counter() - started, lr, learner.config.precision)
         metrics.update(evaluate_epoch(epoch) if evaluate_epoch is not None else {})
@@ -108,11 +135,16 @@ def fit(learner: Learner, batches: datasets.Batches, position: Position, epochs:
         sums.zero_()
         position.history.append(metrics)
         position.epoch, position.step = epoch + 1, 0
-        save(position)
+        stopping = not reached and position.epoch < epochs and _agreed(bool(stop), world, device)
+        if reached or stopping or position.epoch == end or _agreed(cadence.due(position.epoch), world, device):
+            save(position)
+            cadence.saved(position.epoch)
+        else:
+            record(position.history)
         progress("epoch", metrics=metrics, epochs=epochs)
         if reached:
             break
-        if position.epoch < epochs and _agreed(bool(stop), world, device):
+        if stopping:
             raise TrainingStopped(stop[0] if stop else signal.SIGTERM, run_dir)
     return position
 
@@ -135,14 +167,15 @@ def _accumulate(sums: torch.Tensor, loss: torch.Tensor, correct: torch.Tensor, i
     sums[2].add_(images)
 
 
-def _check(losses: list[torch.Tensor], sums: torch.Tensor, epoch: int, step: int, history: list,
+def _check(losses: list[torch.Tensor], sums: torch.Tensor, epoch: int, step: int, saved: int | None,
            run_dir: Path | None) -> list[float]:
-    """Read the window's losses and the running sums in one transfer; raise on a bad loss."""
+    """Read the window's losses and the running sums in one transfer; raise on a bad loss, naming
+    the epochs the last checkpoint holds (``saved``; None: no checkpoint yet)."""
     values = torch.cat([sums, torch.stack(losses).double()]).tolist()
     window = values[3:]
     bad = next((i for i, v in enumerate(window) if not np.isfinite(v)), None)
     if bad is not None:
-        kept = (f"{run_dir} keeps the last good checkpoint (epoch {len(history)})" if history
+        kept = (f"{run_dir} keeps the last good checkpoint (epoch {saved})" if saved is not None
                 else "no checkpoint was written")
         raise TrainingDiverged(f"the loss became {window[bad]} at epoch {epoch + 1}, step "
                                f"{step - len(window) + bad + 1}; {kept}. Lower --lr, or add --batch-norm")

@@ -33,7 +33,12 @@ from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.learner import Learner, Setup, make_learner
 from allconv_cli.train.loop import Position, Progress, finished, fit
 from allconv_cli.train.run_folder import RESUME_MAY_CHANGE, RunFolder
-from allconv_cli.train.settings import model_kwargs, network_options
+from allconv_cli.train.settings import (
+    OPTIONS,
+    check_values,
+    model_kwargs,
+    network_options,
+)
 from allconv_cli.train.step import _memory_format
 
 LSUV_IMAGES = 64  # training images the lsuv initialization measures variances on
@@ -140,8 +145,7 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
             if state is None and rank == 0:
                 run.refuse_a_run(replace or resume)  # before loading data, which can take minutes
             _seed(config)
-            setup = build(config, device, rank, world, (state["preprocess_meta"], state["preprocess_tensors"])
-                          if state else None)
+            setup = build(config, device, rank, world, state["preprocess"] if state else None)
             if rank:  # every rank built the same model; dropout now draws per process (rank 0 goes on as one process)
                 torch.manual_seed(config.seed + rank)
             if state is None and rank == 0:  # after build: a run whose data fails to load writes nothing
@@ -158,6 +162,7 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
                 position = fit(learner, setup.train, position, config.epochs,
                                evaluate_epoch=_evaluator(learner, setup, config), stop=caught, stop_after=stop_after,
                                save=lambda at: run.save(learner, at, setup, world), progress=progress,
+                               record=run.write_metrics if rank == 0 else None,
                                world=world, run_dir=run.path)
             return _summary(learner, setup, config, run, position, time.perf_counter() - started)
     finally:
@@ -168,13 +173,14 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
 def resume(run_dir: str | Path, progress: Progress | None = None, stop_after: int | None = None,
            **changes) -> dict:
     """Continue the run in ``run_dir`` with its saved settings: ``changes`` may name only
-    RESUME_MAY_CHANGE (any other key, a setting or not, is refused with its option's name)."""
+    RESUME_MAY_CHANGE, checked as the options are (any other key, a setting or not, is refused
+    with its option's name)."""
     refused = [key for key in changes if key not in RESUME_MAY_CHANGE]
     if refused:
         raise ValueError("--resume continues with the run's saved settings; drop "
                          + ", ".join("--" + key.replace("_", "-") for key in refused))
     config = RunFolder(run_dir).read_config()
-    for key, value in changes.items():
+    for key, value in check_values(changes, dict.fromkeys(changes, OPTIONS)).items():
         setattr(config, key, value)
     return train(config, run_dir, progress=progress, resume=True, stop_after=stop_after)
 

@@ -1,8 +1,16 @@
 """The one reader and writer of a run folder: ``config.json`` (the resolved settings),
-``model.safetensors`` (weights and what rebuilds the model and its preprocessing), ``state.pt``
-(optimizer, scheduler, EMA, fp16's loss scale, every rank's RNG, position; plain tensors and numbers, read with
-``torch.load(weights_only=True)`` and validated), ``metrics.jsonl`` (one JSON object per
-epoch), ``curves.png`` and ``.lock`` (held for the whole run)."""
+``model.safetensors`` (weights and what rebuilds the model and its preprocessing: the exported,
+self-contained artifact), ``state.pt`` (optimizer, scheduler, EMA, fp16's loss scale, every rank's
+RNG, position; plain tensors and numbers, read with ``torch.load(weights_only=True)`` and
+validated), ``preprocess.safetensors`` (the preprocessing's tensors, e.g. ZCA's matrix: constant
+over a run, so written once and read on resume instead of riding in every ``state.pt``),
+``metrics.jsonl`` (one JSON object per epoch, written every epoch, checkpoint or not),
+``curves.png`` and ``.lock`` (held for the whole run).
+
+A checkpoint (``model.safetensors``, then ``state.pt``) is taken at the cadence of the settings
+``save_every`` / ``save_minutes`` and always at a run's end, a stop and the target (``loop.fit``).
+After a kill, ``metrics.jsonl`` can list epochs past ``state.pt``'s: the resume computes them
+again, bit-exactly, and rewrites it."""
 
 from __future__ import annotations
 
@@ -15,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from allconv_cli.charts import learning_curves
 from allconv_cli.evaluate import paper_error
@@ -26,17 +36,22 @@ from allconv_cli.train.loop import Position
 from allconv_cli.train.settings import from_json, model_kwargs
 from allconv_cli.util import atomic_write, atomic_write_text
 
-CONFIG_NAME, STATE_NAME, METRICS_NAME, CURVES_NAME, LOCK_NAME = (
-    "config.json", "state.pt", "metrics.jsonl", "curves.png", ".lock")
+CONFIG_NAME, STATE_NAME, PREPROCESS_NAME, METRICS_NAME, CURVES_NAME, LOCK_NAME = (
+    "config.json", "state.pt", "preprocess.safetensors", "metrics.jsonl", "curves.png", ".lock")
 
 
-RUN_FILES = (CONFIG_NAME, STATE_NAME, WEIGHTS_NAME, METRICS_NAME, CURVES_NAME)
+RUN_FILES = (CONFIG_NAME, STATE_NAME, PREPROCESS_NAME, WEIGHTS_NAME, METRICS_NAME, CURVES_NAME)
 
 
-STATE_FORMAT = 2
+# 3: the preprocessing's tensors live in preprocess.safetensors; format 2 carried them (and their
+# description) in every state.pt, and is still read, so that a run begun before resumes
+STATE_FORMAT = 3
+READ_FORMATS = (2, STATE_FORMAT)
+PREPROCESS_KEY = "preprocess"  # preprocess.safetensors' metadata entry: the description (kind, GCN scale...) as JSON
 
 
-RESUME_MAY_CHANGE = ("device", "workers")  # settings that do not change what is computed
+# settings that do not change what is computed, only where, how fast, or how often it is saved
+RESUME_MAY_CHANGE = ("device", "workers", "save_every", "save_minutes")
 
 
 # state.pt's entries and their types: what a valid file holds, checked on every load
@@ -46,8 +61,8 @@ _STATE_TYPES = {
     "lookahead": (dict, type(None)),
     "scaler": (dict, type(None)),  # fp16's GradScaler; absent (None) in states written before it was saved
     "rng_cpu": torch.Tensor, "rng_cuda": (torch.Tensor, type(None)),
-    "preprocess_meta": dict, "preprocess_tensors": dict,
 }
+_FORMAT_2_TYPES = {**_STATE_TYPES, "preprocess_meta": dict, "preprocess_tensors": dict}
 
 
 class RunFolder:
@@ -121,8 +136,10 @@ class RunFolder:
         return from_json(text, str(path))
 
     def read_state(self, config: TrainConfig) -> dict | None:
-        """``state.pt``, checked for structure and for the settings it was started with; None
-        for a run that was stopped before its first checkpoint (it starts again from scratch)."""
+        """``state.pt``, checked for structure and for the settings it was started with, with the
+        run's preprocessing as ``state["preprocess"]`` = (description, tensors), read from
+        ``preprocess.safetensors`` (from ``state.pt`` itself in format 2); None for a run that was
+        stopped before its first checkpoint (it starts again from scratch)."""
         path = self.path / STATE_NAME
         if not path.is_file():
             if not (self.path / CONFIG_NAME).is_file():
@@ -130,19 +147,38 @@ class RunFolder:
                                         "a run that allconv train started")
             _check_same(json.loads(self.read_config().to_json()), config, self.path)
             return None
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # a truncated or foreign file: torch raises several kinds
-            raise ValueError(f"{path} cannot be read ({type(err).__name__}); it is not an allconv training "
-                             "state, or it is damaged") from None
-        bad = ([k for k, kind in _STATE_TYPES.items() if not isinstance(state.get(k), kind)]
-               if isinstance(state, dict) else ["its structure"])
-        if bad or state["format"] != STATE_FORMAT or state["sums"].shape != (3,):
-            raise ValueError(f"{path} is not an allconv training state of format {STATE_FORMAT} "
-                             f"({', '.join(bad) or 'format or sums'} wrong; an older allconv's state cannot be "
-                             f"resumed): continue from its weights with --init {self.path}, or start a new run")
+        state = _load_state(path)
         _check_same(json.loads(state["config"]), config, self.path)
+        if state["format"] == 2:
+            state["preprocess"] = state.pop("preprocess_meta"), state.pop("preprocess_tensors")
+        else:
+            state["preprocess"] = self.read_preprocess()
         return state
+
+    def write_preprocess(self, meta: dict, tensors: dict[str, torch.Tensor]):
+        """``preprocess.safetensors``: the preprocessing's tensors, its description as JSON in the
+        metadata. Once a run: it never changes, and ZCA's matrix alone is 36 MiB."""
+        plain = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+        atomic_write(self.path / PREPROCESS_NAME,
+                     lambda tmp: save_file(plain, str(tmp), metadata={PREPROCESS_KEY: json.dumps(meta)}))
+
+    def read_preprocess(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """``preprocess.safetensors`` -> (description, tensors), as ``preprocess.from_meta`` takes them."""
+        path = self.path / PREPROCESS_NAME
+        fix = f"restore it, continue from the weights with --init {self.path}, or start a new run"
+        if not path.is_file():
+            raise ValueError(f"{self.path} has a {STATE_NAME} but no {PREPROCESS_NAME} (the run's preprocessing): "
+                             f"{fix}")
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta, names = json.loads((f.metadata() or {})[PREPROCESS_KEY]), f.keys()
+                tensors = {name: f.get_tensor(name) for name in names}
+        except (SafetensorError, OSError, KeyError, ValueError) as err:  # ValueError: bad JSON as well
+            raise ValueError(f"{path} cannot be read ({type(err).__name__}); it is damaged or not allconv's: "
+                             f"{fix}") from None
+        if not isinstance(meta, dict) or "kind" not in meta:
+            raise ValueError(f"{path}: its {PREPROCESS_KEY} metadata does not describe a preprocessing: {fix}")
+        return meta, tensors
 
     def restore(self, learner: Learner, state: dict, rank: int, world: int) -> Position:
         """Load ``state`` into ``learner`` -> the position to continue from."""
@@ -171,8 +207,9 @@ class RunFolder:
         return Position(state["epoch"], state["step"], sums, history)
 
     def save(self, learner: Learner, position: Position, setup: Setup, world: int):
-        """Weights, metrics and chart, then the state: on every rank (they take part in gathering
-        the metric sums and RNG states); rank 0 writes."""
+        """A checkpoint: the preprocessing (once a run), weights, metrics and chart, then the
+        state: on every rank (they take part in gathering the metric sums and RNG states); rank 0
+        writes."""
         device = position.sums.device
         sums = position.sums.clone()
         rng_cpu, rng_cuda = torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -186,6 +223,8 @@ class RunFolder:
             return
         config = learner.config
         prep_meta, prep_tensors = setup.preprocess.to_meta()
+        if not (self.path / PREPROCESS_NAME).is_file():  # the run's first checkpoint (or first since format 2)
+            self.write_preprocess(prep_meta, prep_tensors)
         meta = {"model": resolve_name(config.model), "model_kwargs": model_kwargs(config, len(setup.classes)),
                 "classes": setup.classes, "input_size": list(setup.input_size), "preprocess": prep_meta,
                 "dataset": config.dataset, "data_dir": config.data_dir, "augment": config.augment,
@@ -204,14 +243,30 @@ class RunFolder:
             "lookahead": learner.lookahead.state_dict() if learner.lookahead is not None else None,
             "scaler": learner.scaler.state_dict() if learner.scaler is not None else None,
             "rng_cpu": rng_cpu.cpu(), "rng_cuda": None if rng_cuda is None else rng_cuda.cpu(),
-            "preprocess_meta": prep_meta, "preprocess_tensors": prep_tensors,
         }
         atomic_write(self.path / STATE_NAME, lambda tmp: torch.save(payload, tmp))
 
     def write_metrics(self, history: list[dict]):
-
+        """metrics.jsonl and curves.png: at every checkpoint, and at every epoch's end between them."""
         atomic_write_text(self.path / METRICS_NAME, "".join(json.dumps(m) + "\n" for m in history))
         learning_curves(history, self.path / CURVES_NAME)
+
+
+def _load_state(path: Path) -> dict:
+    """``state.pt`` of a format this version reads, checked for structure."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: torch raises several kinds
+        raise ValueError(f"{path} cannot be read ({type(err).__name__}); it is not an allconv training "
+                         "state, or it is damaged") from None
+    types = _FORMAT_2_TYPES if isinstance(state, dict) and state.get("format") == 2 else _STATE_TYPES
+    bad = ([k for k, kind in types.items() if not isinstance(state.get(k), kind)]
+           if isinstance(state, dict) else ["its structure"])
+    if bad or state["format"] not in READ_FORMATS or state["sums"].shape != (3,):
+        raise ValueError(f"{path} is not an allconv training state of format {' or '.join(map(str, READ_FORMATS))} "
+                         f"({', '.join(bad) or 'format or sums'} wrong; an older allconv's state cannot be "
+                         f"resumed): continue from its weights with --init {path.parent}, or start a new run")
+    return state
 
 
 def _check_same(saved: dict, config: TrainConfig, run_dir: Path):
