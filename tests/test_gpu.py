@@ -88,3 +88,36 @@ def test_two_gpu_ddp_stops_and_resumes_to_the_same_weights(tmp_path, gpu_env, cu
         assert done.returncode == 0, done.stderr[-3000:]
     assert torch.load(tmp_path / "split" / "state.pt", weights_only=True)["world"] == 2
     assert same_weights(tmp_path / "straight", tmp_path / "split")
+
+
+CAPTURED_VS_EAGER = """
+import json, torch
+from allconv_cli.data.preprocess import Standardize
+from allconv_cli.models import create_model
+from allconv_cli.train.learner import make_learner
+from allconv_cli.train.settings import model_kwargs, resolve
+from allconv_cli.train.step import train_step
+losses = {}
+for compile in (False, True):
+    config = resolve("fast-cifar10", compile=compile, precision="fp32", device="cuda")
+    torch.manual_seed(0)
+    net = create_model(config.model, **model_kwargs(config, 10)).cuda().to(memory_format=torch.channels_last)
+    prep = Standardize(net.pretrained_cfg["mean"], net.pretrained_cfg["std"]).cuda()
+    learner = make_learner(config, net, prep, 10, steps_per_epoch=10)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(2))
+    generator = torch.Generator(device="cuda")
+    losses[str(compile)] = [float(train_step(learner, images.cuda(), labels.cuda(), 0, i, generator)[0])
+                            for i in range(6)]
+print(json.dumps(losses))
+"""
+
+
+def test_the_captured_step_gives_the_eager_loss_on_cuda(gpu_env):
+    """--compile on one GPU replays the forward and backward as CUDA graphs (mode reduce-overhead):
+    six steps of the fast recipe in fp32 (TF32 convolutions) give the eager losses to 1e-3."""
+    done = subprocess.run([sys.executable, "-c", CAPTURED_VS_EAGER], capture_output=True, text=True, env=gpu_env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = json.loads(done.stdout.strip().splitlines()[-1])
+    assert losses["True"] == pytest.approx(losses["False"], rel=1e-3), losses
