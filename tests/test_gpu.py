@@ -37,7 +37,7 @@ def test_training_resumes_bit_exactly_on_cuda(tmp_path, gpu_env, precision):
     straight = json.loads(allconv(gpu_env, "train", *settings, "--out", tmp_path / "straight", "--json").stdout)
     assert straight["finished"] and straight["precision"] == precision
     allconv(gpu_env, "train", *settings, "--out", tmp_path / "split", "--stop-after", "1")
-    state = torch.load(tmp_path / "split" / "state.pt", weights_only=True)
+    state = torch.load(tmp_path / "split" / "state.pt", map_location="cpu", weights_only=True)  # this process sees no GPU
     assert state["epoch"] == 1 and (state["scaler"] is not None) == (precision == "fp16")
     allconv(gpu_env, "train", "--resume", tmp_path / "split")
     assert same_weights(tmp_path / "straight", tmp_path / "split")
@@ -86,7 +86,7 @@ def test_two_gpu_ddp_stops_and_resumes_to_the_same_weights(tmp_path, gpu_env, cu
                   "--resume", str(tmp_path / "split")]):
         done = subprocess.run(args, capture_output=True, text=True, env=gpu_env, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
-    assert torch.load(tmp_path / "split" / "state.pt", weights_only=True)["world"] == 2
+    assert torch.load(tmp_path / "split" / "state.pt", map_location="cpu", weights_only=True)["world"] == 2
     assert same_weights(tmp_path / "straight", tmp_path / "split")
 
 
