@@ -40,7 +40,16 @@ def test_a_step_dispatches_few_ops(monkeypatch, preset):
     assert train["view_ops_per_step"] > 0
 
 
-def test_muon_orthogonalizes_all_cnn_c_in_three_batches_exactly_as_one_by_one():
+def test_muon_banks_on_the_cpu_pad_only_the_tiny_matrices():
+    weights = [p for p in create_model("all_cnn_c", batch_norm=True).parameters() if p.ndim > 1]
+    banks = train_optim._make_banks(weights)
+    assert [[tuple(p.shape[:2]) for p in bank.params] for bank in banks] == [
+        [(192, 192)] * 3, [(192, 96)], [(96, 96)] * 2, [(192, 192), (96, 3), (10, 192)]]
+
+
+def test_muon_orthogonalizes_all_cnn_c_in_three_batches_exactly_as_one_by_one(monkeypatch):
+    """The GPU's banks (padding up to 4x a matrix's cost), here on the CPU."""
+    monkeypatch.setitem(train_optim.PAD_COST, "cpu", 4)
     torch.manual_seed(0)
     model = create_model("all_cnn_c", batch_norm=True)
     weights = [p for p in model.parameters() if p.ndim > 1]
