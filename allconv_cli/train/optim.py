@@ -92,11 +92,11 @@ def orthogonalize(matrix: torch.Tensor, dtype: torch.dtype = torch.bfloat16, ste
 
 
 class _Bank:
-    """Conv weights whose (short, long) matrices share a number of rows, stacked for one batched
-    orthogonalization: ``directions`` (k, rows, cols) fp32, each weight's matrix zero-padded to
-    the widest (padding rows and columns stay zero through Newton-Schulz: x x^T keeps the zero
-    blocks, so each matrix's result is its own), with views that show each slot in its weight's
-    shape; a tall matrix (out > in x kh x kw) is held transposed."""
+    """Conv weights stacked for one batched orthogonalization: ``directions`` (k, rows, cols)
+    fp32, sized by the first (largest) weight's (short, long) matrix, each weight's matrix
+    zero-padded into its slot (padding rows and columns stay zero through Newton-Schulz: x x^T
+    keeps the zero blocks, so each matrix's result is its own), with views that show each slot
+    in its weight's shape; a tall matrix (out > in x kh x kw) is held transposed."""
 
     def __init__(self, params: list[torch.Tensor]):
         self.params = params
@@ -144,8 +144,8 @@ class Muon(torch.optim.SGD):
     orthogonalization's: a property of the machine, not of the run, so not in the state.
 
     The step launches little: momentum, rescaling and update are ``foreach`` ops over all the
-    conv weights, and the weights are orthogonalized in a few batches (``_Bank``, one per row
-    count) instead of one by one."""
+    conv weights, and the weights are orthogonalized in a few batches (``_make_banks``) instead
+    of one by one."""
 
     def __init__(self, params, dtype: torch.dtype = torch.bfloat16, **sgd):
         super().__init__(params, **sgd)
