@@ -286,9 +286,10 @@ def experiments(call: Call, data: list[str], chosen: dict):
             "--out", call.runs / "fast-protocol", "--json"), call.left())
     tiny = REHEARSAL["paper-protocol"] if call.rehearsal else []
     models = "all-cnn-c" if call.rehearsal else "all-cnn-c,model-c,strided-cnn-c,convpool-cnn-c"
-    paper = call.work / "paper-compiled.toml"  # on the GPU its step replays as CUDA graphs (1.9x, 2026-12-04)
-    paper.write_text((REPO / "presets" / "paper-cifar10.toml").read_text()
-                     + ("" if call.rehearsal else "compile = true\n"))
+    paper = "paper-cifar10"
+    if not call.rehearsal:  # on the GPU its step replays as CUDA graphs (1.9x, 2026-12-04); the path is
+        paper = call.work / "paper-compiled.toml"  # the same in every call, as a continued ablation demands
+        paper.write_text((REPO / "presets" / "paper-cifar10.toml").read_text() + "compile = true\n")
     run_step(call, "paper-protocol", allconv(
         "ablate", "--models", models, "--preset", paper, *data, "--jobs", chosen["paper_jobs"], *device,
         *tiny, "--out", call.runs / "paper-protocol", "--json"), call.left(), call.runs / "paper-protocol")

@@ -100,7 +100,7 @@ OUT_OF_RANGE = {
     "epochs": ["0", "-3"], "batch_size": ["0"], "eval_every": ["0"], "workers": ["-1"], "crop": ["-1"], "shift": ["-1"],
     "crop_epochs": ["-1"], "train_limit": ["-5", "0"], "test_limit": ["0"], "seed": ["-1"],
     "lr": ["0", "-0.1"], "momentum": ["1.0", "-0.5"], "weight_decay": ["-0.001"], "gamma": ["0"],
-    "warmup_epochs": ["-1"], "label_smoothing": ["1"], "bias_lr_scale": ["0", "-1"], "muon_lr": ["0", "-0.02"], "muon_momentum": ["1", "-0.6"], "bn_momentum": ["0", "1.5"], "ema_decay": ["1.0"], "lookahead_decay": ["1", "-0.5"], "val_fraction": ["1", "-0.1"],
+    "warmup_epochs": ["-1"], "label_smoothing": ["1"], "bias_lr_scale": ["0", "-1"], "muon_lr": ["0", "-0.02"], "muon_momentum": ["1", "-0.6"], "bn_momentum": ["0", "1.5"], "ema_decay": ["1.0"], "lookahead_decay": ["1", "-0.5"], "save_every": ["0"], "save_minutes": ["-1"], "val_fraction": ["1", "-0.1"],
     "drop_input": ["1"], "drop_rate": ["-0.5"], "milestones": ["[0]", "[250, 200]", "[200, 200]"],
     "model": ['"all-cnn-x"', '""'], "dataset": ['"cifar11"'], "augment": ['"paperr"'], "preprocess": ['"pca"'],
     "schedule": ['"step"'], "precision": ['"fp8"'], "weight_init": ['"he"'],

@@ -100,6 +100,8 @@ def test_benchmark_times_the_trainers_own_step(monkeypatch):
     real = trainer.train_step
     monkeypatch.setattr("allconv_cli.benchmark.train_step", lambda *args: calls.append(args[3:5]) or real(*args))
     monkeypatch.setitem(benchmark.MATMUL_SIZE, "cpu", 256)
-    result = benchmark.run(mode="train", batch_size=4, steps=2, warmup=1, device="cpu", precision="bf16")
-    assert calls == [(0, 0), (0, 1), (0, 2)] and result["precision"] == "bf16"
+    config = configuration.resolve(None, batch_size=4, device="cpu", precision="bf16")
+    result = benchmark.run(config, mode="train", steps=2, warmup=1)
+    # warm-up, timed steps, then five steps whose dispatched ops are counted
+    assert calls == [(0, i) for i in range(8)] and result["precision"] == "bf16"
     assert result["results"]["train"]["matmul_share"] > 0
