@@ -6,8 +6,9 @@
   memory format, autocast forward, loss, backward, optimizer, schedule, lookahead and EMA, with
   the recipe's settings (a preset's, else the trainer's defaults). The loop's bookkeeping
   (running sums, a check every 10 steps) is not timed. Then five steps in a row are run once
-  more under a ``TorchDispatchMode`` that counts the aten ops they dispatch (``ops_per_step``):
-  on a GPU each is at least one kernel launch, so the count says how launch-bound a step is.
+  more under a ``TorchDispatchMode`` that counts the aten ops they dispatch (``ops_per_step``,
+  views apart): on a GPU each launches at least one kernel, so the count says how launch-bound
+  a step is.
 - ``infer``: the network alone in eval mode under ``torch.inference_mode`` on one fixed,
   already standardized batch (what timm's inference benchmark times).
 - ``data``: the data path alone: batch, augmentation and standardization, on the device.
@@ -57,9 +58,10 @@ from allconv_cli.device import (
     resolve_precision,
     tune_cpu_allocator,
 )
-from allconv_cli.models.registry import create_model, resolve_name
+from allconv_cli.models.registry import create_model, default_config, resolve_name
 from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.learner import Lookahead, make_learner
+from allconv_cli.train.run import first_conv
 from allconv_cli.train.settings import model_kwargs
 from allconv_cli.train.step import batch_inputs, train_step
 
@@ -257,8 +259,9 @@ def run(config: TrainConfig, mode: str = "all", steps: int | None = None, warmup
     name = resolve_name(config.model)
     dev = resolve_device(config.device)
     steps, warmup = resolve_steps(dev, steps, warmup)
-    net = create_model(name)
-    net = create_model(name, **model_kwargs(config, net.num_classes))
+    net = create_model(name, **model_kwargs(config, default_config(name)["num_classes"]))
+    if config.whiten == "frozen":  # as the trainer builds it: no gradient for the first conv
+        first_conv(net).requires_grad_(False)
     input_size = tuple(net.pretrained_cfg["input_size"])
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     net = prepare_model(net, dev, config.channels_last)

@@ -20,7 +20,7 @@ from allconv_cli.train.step import train_step
 runner = CliRunner()
 
 # Targets of issue 39 for ops that compute (views such as detach or transpose launch nothing).
-# Before it: 255 for the default step and 884 (999 on lookahead steps) for fast-cifar10, on a
+# Before it: 205 for the default step and 696 (768 on lookahead steps) for fast-cifar10, on a
 # bf16 CPU (fp32 CPUs cast less).
 MOST_OPS = {None: 120, "fast-cifar10": 250}
 
