@@ -58,10 +58,10 @@ from allconv_cli.device import (
     resolve_precision,
     tune_cpu_allocator,
 )
+from allconv_cli.models.initialization import first_conv
 from allconv_cli.models.registry import create_model, default_config, resolve_name
 from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.learner import Lookahead, make_learner
-from allconv_cli.train.run import first_conv
 from allconv_cli.train.settings import model_kwargs
 from allconv_cli.train.step import batch_inputs, train_step
 

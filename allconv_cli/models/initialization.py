@@ -49,6 +49,11 @@ def convs(model: nn.Module) -> list[nn.Conv2d]:
     return [m for m in model.modules() if isinstance(m, nn.Conv2d)]
 
 
+def first_conv(model: nn.Module) -> nn.Conv2d:
+    """The conv that ``whiten_first_conv`` sets (and ``--whiten frozen`` keeps fixed)."""
+    return convs(model)[0]
+
+
 def initialize(model: nn.Module, scheme: str, images: torch.Tensor | None = None):
     """Re-initialize every conv of ``model`` in place by ``scheme``, drawing from torch's global
     generator (the run's seed); ``lsuv`` needs ``images``, a float (B, C, H, W) batch as the model
@@ -104,7 +109,7 @@ def whiten_first_conv(model: nn.Module, images: torch.Tensor):
     """Set the first conv's first filters to ``patch_whitening`` of ``images`` (float (N, C, H, W),
     preprocessed as the model sees them), biases 0: as many components as the conv holds in both
     signs (54 of All-CNN-C's 96 filters; all 96 of a 5x5 conv on RGB, its 48 strongest of 75)."""
-    first = convs(model)[0]
+    first = first_conv(model)
     kernel = first.kernel_size[0]
     if first.out_channels < 2:
         raise ValueError(f"the first conv has {first.out_channels} filter: a whitening needs 2: train without --whiten")

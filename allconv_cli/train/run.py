@@ -25,6 +25,7 @@ from allconv_cli.files.weights import load_state, load_weights
 from allconv_cli.models.initialization import (
     WHITEN_IMAGES,
     dirac,
+    first_conv,
     initialize,
     whiten_first_conv,
 )
@@ -107,10 +108,6 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
     evaluate_on = validation if validation is not None else test
     return Setup(model, prep.to(device), train.classes, input_size, batches(train, True),
                  batches(evaluate_on, False), batches(test, False) if validation is not None else None)
-
-
-def first_conv(model: nn.Module) -> nn.Conv2d:
-    return next(m for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
 def _fit_images(split: datasets.Split, seed: int, most: int = 10_000) -> torch.Tensor:
