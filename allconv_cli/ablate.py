@@ -18,10 +18,12 @@ import dataclasses
 import fnmatch
 import heapq
 import io
+import itertools
 import json
 import math
 import os
 import statistics
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from multiprocessing import get_context
@@ -42,7 +44,8 @@ from allconv_cli.models.registry import (
 from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.run import train
 from allconv_cli.train.run_folder import RunFolder
-from allconv_cli.train.settings import from_json
+from allconv_cli.train.settings import from_json, parse_setting, validate
+from allconv_cli.evaluate import paper_setting
 from allconv_cli.util import atomic_write_text
 
 PAPER_GRID = (0.25, 0.1, 0.05, 0.01)  # Section 3.2
@@ -57,14 +60,57 @@ FAMILIES = {family: [name.replace("_", "-") for name, row in NETWORKS.items() if
             for family in sorted({row.family for row in NETWORKS.values() if row.family})}
 
 
+Variant = tuple[tuple[str, object], ...]  # ((setting, value), ...): one combination of --grid, in its order
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
     model: str  # registry name, as typed (all-cnn-c)
     lr: float
     seed: int
+    variant: Variant = ()
 
     def folder(self, root: Path) -> Path:
-        return root / self.model / f"lr{self.lr:g}-seed{self.seed}"
+        unit = root / self.model / variant_name(self.variant) if self.variant else root / self.model
+        return unit / f"lr{self.lr:g}-seed{self.seed}"
+
+
+def variant_name(variant: Variant) -> str:
+    """A combination as a folder name and a label: 'batch_size=256,weight_init=caffe-xavier'."""
+    return ",".join(f"{key}={_shown(value)}" for key, value in variant)
+
+
+def _shown(value) -> str:
+    return ":".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) \
+        else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+# Settings that --grid cannot vary: the ablation's own options vary them, or they name the ablation.
+NOT_IN_GRID = {"model": "--models", "seed": "--seeds", "lr": "--lr-grid", "preset": "--preset"}
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    """'KEY=V1,V2' items (repeatable, a key once) -> {setting: [values]}, each value converted to the
+    setting's type and checked as an option's is; a list setting's value is written 200:250:300."""
+    grid: dict[str, list] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip().removeprefix("--").replace("-", "_")
+        if not sep or not values.strip():
+            raise ValueError(f"--grid {item!r}: write KEY=V1,V2, e.g. --grid batch_size=128,256")
+        if key in NOT_IN_GRID:
+            raise ValueError(f"--grid {item!r}: {key} is varied by {NOT_IN_GRID[key]}, not --grid")
+        if key in grid:
+            raise ValueError(f"--grid names {key} twice: give all its values in one --grid {key}=V1,V2")
+        grid[key] = [parse_setting(key, v.strip(), "--grid") for v in values.split(",")]
+        if len(set(map(_shown, grid[key]))) < len(grid[key]):
+            raise ValueError(f"--grid {item!r} repeats a value: give each once")
+    return grid
+
+
+def variants(grid: dict[str, list]) -> list[Variant]:
+    """Every combination of the grid's values (one empty variant without a grid)."""
+    return [tuple(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 
 def select_models(family: str | None = None, patterns: list[str] | None = None) -> list[str]:
@@ -87,18 +133,22 @@ def select_models(family: str | None = None, patterns: list[str] | None = None) 
     return chosen
 
 
-def planned_runs(models: list[str], grid: list[float], seeds: list[int]) -> list[dict]:
-    """What the ablation trains, in order: the grid with the first seed, then the other seeds
-    at each model's chosen rate ("chosen" until the grid is done)."""
-    runs = [{"model": m, "lr": lr, "seed": seeds[0]} for m in models for lr in grid]
+def planned_runs(models: list[str], grid: list[float], seeds: list[int], combos: list[Variant] = ((),)) -> list[dict]:
+    """What the ablation trains, in order: each model and --grid combination over the rate grid
+    with the first seed, then the other seeds at its chosen rate ("chosen" until the grid is done)."""
+    units = [(m, v) for m in models for v in combos]
     later = grid[0] if len(grid) == 1 else "chosen"
-    return runs + [{"model": m, "lr": later, "seed": s} for m in models for s in seeds[1:]]
+    runs = [(m, v, lr, seeds[0]) for m, v in units for lr in grid] + [(m, v, later, s) for m, v in units
+                                                                      for s in seeds[1:]]
+    return [{"model": m, **({"settings": variant_name(v)} if v else {}), "lr": lr, "seed": seed}
+            for m, v, lr, seed in runs]
 
 
 def cost(config: TrainConfig, models: list[str], grid: list[float], seeds: list[int],
-         train_images: int) -> dict:
-    """Runs, epochs and training images the ablation will process (grid, then seeds)."""
-    runs = len(models) * (len(grid) + len(seeds) - 1)
+         train_images: int, combos: int = 1) -> dict:
+    """Runs, epochs and training images the ablation will process (grid, then seeds), over
+    ``combos`` combinations of --grid."""
+    runs = len(models) * combos * (len(grid) + len(seeds) - 1)
     return {"runs": runs, "epochs": runs * config.epochs,
             "training_images": runs * config.epochs * train_images}
 
@@ -127,12 +177,12 @@ def split_sizes(config: TrainConfig) -> dict[str, int]:
 
 
 def estimate_seconds(config: TrainConfig, models: list[str], grid: list[float], seeds: list[int],
-                     sizes: dict[str, int]) -> dict:
+                     sizes: dict[str, int], combos: int = 1) -> dict:
     """The ablation's duration from speeds measured here: one timed training step of each model
     with the runs' own recipe (``allconv benchmark``'s train mode: its optimizer, lookahead,
     precision, batch size and device, after one warm-up step, on synthetic data); evaluation at
-    that speed scaled by the forward pass's share of a training step's FLOPs. Assumes full-size
-    images (--crop epochs are cheaper)."""
+    that speed scaled by the forward pass's share of a training step's FLOPs, for each of ``combos``
+    combinations of --grid alike. Assumes full-size images (--crop epochs are cheaper)."""
     per_model, total = {}, 0.0
     for model in models:
         recipe = dataclasses.replace(config, model=model, batch_size=min(config.batch_size, max(1, sizes["train"])))
@@ -140,7 +190,7 @@ def estimate_seconds(config: TrainConfig, models: list[str], grid: list[float], 
         train_speed = measured["results"]["train"]["images_per_s"]
         flops = measured["gflop_per_image"]
         eval_speed = train_speed * flops["train"] / flops["forward"]
-        runs = len(grid) + len(seeds) - 1
+        runs = combos * (len(grid) + len(seeds) - 1)
         seconds = runs * (config.epochs * sizes["train"] / train_speed + sizes["evaluated"] / eval_speed)
         per_model[model] = {"images_per_s": train_speed, "seconds": seconds}
         total += seconds
@@ -150,11 +200,12 @@ def estimate_seconds(config: TrainConfig, models: list[str], grid: list[float], 
 
 
 def run_config(base: TrainConfig, run: Run) -> TrainConfig:
-    return dataclasses.replace(base, model=run.model, lr=run.lr, seed=run.seed)
+    return dataclasses.replace(base, model=run.model, lr=run.lr, seed=run.seed, **dict(run.variant))
 
 
-def _train_one(config_json: str, folder: str, device: str | None) -> dict:
-    """Train (or resume) one run to the end and record its result; a worker process's job."""
+def _train_one(config_json: str, folder: str, device: str | None, time_limit: float | None = None) -> dict:
+    """Train (or resume) one run to the end, or to ``time_limit`` seconds from now, and record
+    its result; a worker process's job."""
 
     config = from_json(config_json)
     if device is not None:
@@ -162,7 +213,7 @@ def _train_one(config_json: str, folder: str, device: str | None) -> dict:
     folder = Path(folder)
     # A run that holds a checkpoint continues; one that finished training but died before its
     # result was written is only summarized (its final test evaluation runs again).
-    summary = train(config, folder, resume=RunFolder(folder).holds_run(), finished_ok=True)
+    summary = train(config, folder, resume=RunFolder(folder).holds_run(), finished_ok=True, time_limit=time_limit)
     test = summary.get("test") or {"top1_error": summary["last"].get("test_top1_error")}
     result = {"model": config.model, "lr": config.lr, "seed": config.seed,
               "val_error": summary["last"].get("val_top1_error"), "test_error": test["top1_error"],
@@ -176,10 +227,41 @@ def _worker_init(threads: int):
     torch.set_num_threads(threads)
 
 
+@dataclasses.dataclass(frozen=True)
+class Share:
+    """Which runs this call trains: the ``index``-th of ``count`` shares (1-based; --shard K/N),
+    runs dealt round-robin in the plan's order, so that N jobs with a shared --out split an
+    ablation; and the wall-clock ``deadline`` (time.monotonic()) its runs stop before, or None."""
+
+    index: int = 1
+    count: int = 1
+    deadline: float | None = None
+
+    def mine(self, position: int) -> bool:
+        return position % self.count == self.index - 1
+
+    def time_left(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'2/4' -> (2, 4)."""
+    index, sep, count = text.partition("/")
+    try:
+        index, count = int(index), int(count)
+    except ValueError:
+        index = count = 0
+    if not sep or not 1 <= index <= count:
+        raise ValueError(f"--shard {text!r}: write K/N with 1 <= K <= N, e.g. --shard 1/2 for the first of two jobs")
+    return index, count
+
+
 def ablate(base: TrainConfig, models: list[str], grid: list[float], seeds: list[int], out: str | Path,
-           jobs: int | None = None, progress: Callable[..., None] | None = None) -> list[dict]:
-    """Run (or continue) the ablation in ``out``, ``jobs`` runs at once (None: ``default_jobs``)
-    -> one row per model (see ``table_rows``)."""
+           jobs: int | None = None, progress: Callable[..., None] | None = None,
+           settings_grid: dict[str, list] | None = None, share: Share = Share()) -> list[dict] | None:
+    """Run (or continue) the ablation in ``out``, ``jobs`` runs at once (None: ``default_jobs``),
+    each model under each combination of ``settings_grid`` -> one row per model and combination
+    (see ``table_rows``), or None where this share's runs are done but others' are not yet."""
     out = Path(out)
     progress = progress or (lambda event, **fields: None)
     if jobs is not None and jobs < 1:
@@ -188,30 +270,58 @@ def ablate(base: TrainConfig, models: list[str], grid: list[float], seeds: list[
     jobs = jobs or default_jobs(base.device)
     if len(grid) > 1 and base.val_fraction <= 0:
         raise ValueError("choosing among learning rates needs a validation split: give --val-fraction, e.g. 0.1")
-    plan_record = {"config": json.loads(base.to_json()), "models": models, "grid": grid, "seeds": seeds}
-    previous = out / PLAN_NAME
-    if previous.is_file() and json.loads(previous.read_text()) != plan_record:
-        raise ValueError(f"{out} holds an ablation with other settings ({PLAN_NAME}); "
-                         "choose another --out, or repeat that ablation's command to continue it")
-    atomic_write_text(previous, json.dumps(plan_record, indent=2))
-
+    settings_grid = settings_grid or {}
+    units = [(m, v) for m in models for v in variants(settings_grid)]
+    for model, variant in units:  # every combination is a valid recipe, before any run starts
+        validate(run_config(base, Run(model, grid[0], seeds[0], variant)), dict.fromkeys(dict(variant), "--grid"))
+    _record_plan(out, {"config": json.loads(base.to_json()), "models": models, "grid": grid, "seeds": seeds,
+                       **({"settings_grid": settings_grid} if settings_grid else {})})
     results: dict[Run, dict] = {}
-    phase_one = [Run(m, lr, seeds[0]) for m in models for lr in grid]
-    _execute(base, phase_one, out, jobs, results, progress)
-    chosen = {m: min(grid, key=lambda lr: _selection_error(results[Run(m, lr, seeds[0])])) for m in models}
-    phase_two = [Run(m, chosen[m], s) for m in models for s in seeds[1:]]
-    _execute(base, phase_two, out, jobs, results, progress)
-    rows = table_rows(models, chosen, seeds, results, base)
+    phase_one = [Run(m, lr, seeds[0], v) for m, v in units for lr in grid]
+    _execute(base, [r for i, r in enumerate(phase_one) if share.mine(i)], out, jobs, results, progress, share)
+    _collect(phase_one, out, results)
+    # a unit's rate: the grid's one, or the best on validation once all its grid runs are done (by any share)
+    chosen = {unit: min(grid, key=lambda lr: _selection_error(results.get(Run(unit[0], lr, seeds[0], unit[1]))))
+              for unit in units if len(grid) == 1 or all(Run(unit[0], lr, seeds[0], unit[1]) in results
+                                                         for lr in grid)}
+    phase_two = [(unit, s) for unit in units for s in seeds[1:]]
+    mine = [Run(m, chosen[(m, v)], s, v) for i, ((m, v), s) in enumerate(phase_two, len(phase_one))
+            if share.mine(i) and (m, v) in chosen]
+    _execute(base, mine, out, jobs, results, progress, share)
+    runs = [Run(m, chosen[(m, v)], s, v) for (m, v), s in phase_two if (m, v) in chosen]
+    _collect(runs, out, results)
+    if len(chosen) < len(units) or len(results) < len(phase_one) + len(phase_two):
+        return None  # another share's runs are not finished: the last call to finish writes the table
+    rows = table_rows(units, chosen, seeds, results, base)
     write_tables(rows, out)
     return rows
 
 
-def _selection_error(result: dict) -> float:
+def _record_plan(out: Path, plan: dict):
+    """Write ``ablation.json``, or refuse a folder that holds another ablation's."""
+    previous = out / PLAN_NAME
+    if previous.is_file() and json.loads(previous.read_text()) != plan:
+        raise ValueError(f"{out} holds an ablation with other settings ({PLAN_NAME}); "
+                         "choose another --out, or repeat that ablation's command to continue it")
+    atomic_write_text(previous, json.dumps(plan, indent=2))
+
+
+def _collect(runs: list[Run], out: Path, results: dict):
+    """Add the results that other shares (or earlier calls) wrote for ``runs``."""
+    for run in runs:
+        done = run.folder(out) / RESULT_NAME
+        if run not in results and done.is_file():
+            results[run] = json.loads(done.read_text())
+
+
+def _selection_error(result: dict | None) -> float:
+    if result is None:  # the grid's one rate, whose run another share trains
+        return math.inf
     error = result["val_error"] if result["val_error"] is not None else result["test_error"]
     return math.inf if error is None or math.isnan(error) else error
 
 
-def _execute(base: TrainConfig, runs: list[Run], out: Path, jobs: int, results: dict, progress):
+def _execute(base: TrainConfig, runs: list[Run], out: Path, jobs: int, results: dict, progress, share: Share):
     pending = []
     for run in runs:
         done = run.folder(out) / RESULT_NAME
@@ -223,7 +333,7 @@ def _execute(base: TrainConfig, runs: list[Run], out: Path, jobs: int, results: 
     if jobs <= 1 or len(pending) <= 1:
         for run in pending:
             progress("run", run=run)
-            results[run] = _train_one(run_config(base, run).to_json(), str(run.folder(out)), None)
+            results[run] = _train_one(run_config(base, run).to_json(), str(run.folder(out)), None, share.time_left())
             progress("done", run=run, result=results[run])
         return
     workers = min(jobs, len(pending))
@@ -233,7 +343,8 @@ def _execute(base: TrainConfig, runs: list[Run], out: Path, jobs: int, results: 
 
         def start(run: Run, device: str | None) -> Future:
             progress("run", run=run)
-            return pool.submit(_train_one, run_config(base, run).to_json(), str(run.folder(out)), device)
+            return pool.submit(_train_one, run_config(base, run).to_json(), str(run.folder(out)), device,
+                               share.time_left())
 
         for run, future in run_in_slots(pending, device_slots(base.device, workers), start):
             results[run] = future.result()
@@ -277,30 +388,30 @@ def run_in_slots(tasks: list, slots: list,
             yield task, future
 
 
-# The paper's figure for a run's protocol, by the key ``paper_key`` returns: the setting it was measured in
+# The paper's figure for a run's protocol, by the key ``evaluate.paper_setting`` returns: the setting it was measured in
 PROTOCOLS = {"cifar10": "Table 3: 350 epochs, no augmentation",
              "cifar10-aug": "with flips and translations",
              "cifar100": "CIFAR-100, no augmentation"}
 
 
 def paper_key(base: TrainConfig) -> str | None:
-    """Which of the paper's figures the runs compare with: None where it reports none (the
-    bundled sample, or an image folder whose classes are not CIFAR-10's)."""
-    if base.dataset == "cifar100":
-        return "cifar100"
-    cifar10 = base.dataset == "cifar10" or (
-        base.dataset == "imagefolder" and base.data_dir is not None
-        and tuple(datasets._class_names(Path(base.data_dir) / "train")) == CIFAR10_CLASSES)
-    return None if not cifar10 else "cifar10" if base.augment == "none" else "cifar10-aug"
+    """Which of the paper's figures the runs compare with (see ``evaluate.paper_setting``): an image
+    folder's classes are read from its train/ folder's names, without loading an image."""
+    classes = []
+    if base.dataset == "imagefolder" and base.data_dir is not None:
+        classes = datasets._class_names(Path(base.data_dir) / "train")
+    return paper_setting(base.dataset, classes, base.augment)
 
 
-def table_rows(models, chosen, seeds, results, base: TrainConfig) -> list[dict]:
-    """One row per model: test error's mean and spread (None for one seed: one run has no spread),
-    the paper's Table 3 figure on CIFAR-10 and its figure for the run's protocol, if any."""
+def table_rows(units: list[tuple[str, Variant]], chosen: dict, seeds: list[int], results: dict,
+               base: TrainConfig) -> list[dict]:
+    """One row per model and --grid combination (its settings as columns): test error's mean and
+    spread (None for one seed: one run has no spread), the paper's Table 3 figure on CIFAR-10 and
+    its figure for the run's protocol, if any."""
     key = paper_key(base)
     rows = []
-    for model in models:
-        errors = [results[Run(model, chosen[model], s)]["test_error"] for s in seeds]
+    for model, variant in units:
+        errors = [results[Run(model, chosen[(model, variant)], s, variant)]["test_error"] for s in seeds]
         python_name = resolve_name(model)
         paper = NETWORKS[python_name].paper_error
         table3 = paper.get("cifar10") if key in ("cifar10", "cifar10-aug") else None
@@ -308,9 +419,10 @@ def table_rows(models, chosen, seeds, results, base: TrainConfig) -> list[dict]:
         reference = table3 if table3 is not None else paper.get(key)
         rows.append({
             "model": model,
+            **{setting: value for setting, value in variant},
             "params": sum(p.numel() for p in create_model(python_name).parameters()),
             "paper_params": NETWORKS[python_name].paper_params,
-            "lr": chosen[model],
+            "lr": chosen[(model, variant)],
             "test_error_mean": mean,
             "test_error_std": statistics.stdev(errors) if len(errors) > 1 else None,
             "seeds": len(errors),
@@ -320,10 +432,6 @@ def table_rows(models, chosen, seeds, results, base: TrainConfig) -> list[dict]:
             "difference": None if reference is None else mean - reference,
         })
     return rows
-
-
-def _figure(value: float | None) -> str:
-    return "" if value is None else f"{value:.2f}"
 
 
 def paper_columns(rows: list[dict]) -> list[tuple[str, str]]:
@@ -336,16 +444,29 @@ def paper_columns(rows: list[dict]) -> list[tuple[str, str]]:
     return [(key, label) for key, label in columns if any(r[key] is not None for r in rows)]
 
 
+def grid_columns(rows: list[dict]) -> list[str]:
+    """The --grid settings the rows vary: their keys between "model" and "params"."""
+    keys = list(rows[0])
+    return keys[1:keys.index("params")]
+
+
+def row_label(row: dict) -> str:
+    """'all-cnn-c', or 'all-cnn-c, batch_size=256' for a row of a --grid combination."""
+    return ", ".join([row["model"], *(f"{key}={_shown(row[key])}" for key in grid_columns([row]))])
+
+
 def markdown_table(rows: list[dict]) -> str:
     columns = paper_columns(rows)
+    settings = grid_columns(rows)
     table3 = any(r["paper_table3"] is not None for r in rows)
-    header = ["model", "params", "paper's params", "lr", "test error %", *(f"{label} %" for _, label in columns),
-              f"difference from {'Table 3' if table3 else 'the paper'}"]
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    header = ["model", *settings, "params", "paper's params", "lr", "test error %",
+              *(f"{label} %" for _, label in columns), f"difference from {'Table 3' if table3 else 'the paper'}"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---|" * len(settings) + "---:|" * (len(header) - 1 - len(settings))]
     for r in rows:
         error = (f"{r['test_error_mean']:.2f} (1 seed)" if r["test_error_std"] is None
                  else f"{r['test_error_mean']:.2f} ± {r['test_error_std']:.2f} ({r['seeds']} seeds)")
-        cells = [r["model"], f"{r['params']:,}", r["paper_params"] or "", f"{r['lr']:g}", error]
+        cells = [r["model"], *(_shown(r[key]) for key in settings), f"{r['params']:,}", r["paper_params"] or "",
+                 f"{r['lr']:g}", error]
         cells += ["" if r[key] is None else f"{r[key]:.2f}" for key, _ in columns]
         cells += ["" if r["difference"] is None else f"{r['difference']:+.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -362,4 +483,4 @@ def write_tables(rows: list[dict], out: Path):
     writer.writerows(rows)
     atomic_write_text(out / "table.csv", buffer.getvalue())
     atomic_write_text(out / "table.json", json.dumps(rows, indent=2))
-    ablation_bars(rows, paper_columns(rows), out / "chart.png")
+    ablation_bars(rows, [row_label(r) for r in rows], paper_columns(rows), out / "chart.png")

@@ -63,9 +63,10 @@ def confusion_matrix(confusion: list[list[int]], classes: list[str], path: str |
     return _save(fig, Path(path))
 
 
-def ablation_bars(rows: list[dict], paper: list[tuple[str, str]], path: str | Path) -> Path:
-    """Test error per model: ours (the mean, with the spread where there are several seeds) beside
-    the paper's columns, given as (row key, legend label)."""
+def ablation_bars(rows: list[dict], labels: list[str], paper: list[tuple[str, str]], path: str | Path) -> Path:
+    """Test error per row (model, or model and --grid combination, named by ``labels``): ours (the
+    mean, with the spread where there are several seeds) beside the paper's columns, given as (row
+    key, legend label)."""
 
     x = np.arange(len(rows))
     seeds = rows[0]["seeds"]
@@ -77,7 +78,7 @@ def ablation_bars(rows: list[dict], paper: list[tuple[str, str]], path: str | Pa
            yerr=None if seeds == 1 else [r["test_error_std"] for r in rows])  # one run has no spread to draw
     for offset, (key, label) in zip(offsets[1:], paper):
         ax.bar(x + offset, [np.nan if r[key] is None else r[key] for r in rows], width, label=label)
-    ax.set_xticks(x, [r["model"] for r in rows], rotation=20, ha="right")
+    ax.set_xticks(x, labels, rotation=20, ha="right")
     ax.set(ylabel="test error %", title="ablation: test error by model")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)

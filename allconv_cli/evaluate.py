@@ -76,19 +76,24 @@ def evaluate(model: nn.Module, batches: datasets.Batches, prep: nn.Module, num_c
     }
 
 
-def paper_error(model: str, dataset: str, classes: list[str], augment: str) -> float | None:
-    """The paper's test error (%) for this model on this data set, where it reports one (None for
-    a network the paper has no figure for)."""
-    errors = NETWORKS[resolve_name(model)].paper_error
+def paper_setting(dataset: str, classes: list[str], augment: str) -> str | None:
+    """Which of the paper's settings a run on this data compares with, as the registry's
+    ``paper_error`` keys it (cifar10, cifar10-aug, cifar100, imagenet), or None where the paper
+    has none (the bundled sample, other classes)."""
     if dataset == "sample":
         return None  # 4,000 training images: not comparable with the paper's 50,000
     if dataset == "cifar10" or tuple(classes) == CIFAR10_CLASSES:
-        return errors.get("cifar10" if augment == "none" else "cifar10-aug")
+        return "cifar10" if augment == "none" else "cifar10-aug"
     if dataset == "cifar100":
-        return errors.get("cifar100")
-    if len(classes) == 1000:
-        return errors.get("imagenet")
-    return None
+        return "cifar100"
+    return "imagenet" if len(classes) == 1000 else None
+
+
+def paper_error(model: str, dataset: str, classes: list[str], augment: str) -> float | None:
+    """The paper's test error (%) for this model on this data set, where it reports one (None for
+    a network the paper has no figure for)."""
+    setting = paper_setting(dataset, classes, augment)
+    return None if setting is None else NETWORKS[resolve_name(model)].paper_error.get(setting)
 
 
 def evaluate_checkpoint(path: str | Path, dataset: str | None = None, data_dir: str | None = None,

@@ -51,7 +51,7 @@ def test_two_models_two_seeds_survive_a_kill(tmp_path):
 
 def test_rate_is_picked_on_validation_not_test(tmp_path, monkeypatch):
     """With a grid, each model's rate is the one with the lowest validation error."""
-    def fake_train_one(config_json, folder, device):
+    def fake_train_one(config_json, folder, device, time_limit=None):
         config = json.loads(config_json)
         # validation favours 0.01, test would favour 0.1
         result = {"model": config["model"], "lr": config["lr"], "seed": config["seed"], "seconds": 0,
@@ -147,7 +147,7 @@ def test_known_sizes_are_the_bundled_samples():
     assert ablate.SPLIT_IMAGES["sample"] == tuple(len(load_split("sample", s)) for s in ("train", "test"))
 
 
-def fake_train_one(config_json, folder, device):
+def fake_train_one(config_json, folder, device, time_limit=None):
     """A finished run whose test error is 12.5 % plus its seed (no training)."""
     config = json.loads(config_json)
     result = {"model": config["model"], "lr": config["lr"], "seed": config["seed"], "seconds": 0,
@@ -217,7 +217,7 @@ def test_seeds_give_a_spread_and_other_data_no_paper_figure(tmp_path, monkeypatc
             (root / "train" / name).mkdir(parents=True)
         base = dataclasses.replace(resolve("paper-cifar10"), dataset="imagefolder", data_dir=str(root))
         assert ablate.paper_key(base) == ("cifar10" if expected else None)
-        rows = ablate.table_rows(["all-cnn-c"], {"all-cnn-c": 0.05}, [0], {ablate.Run("all-cnn-c", 0.05, 0):
+        rows = ablate.table_rows([("all-cnn-c", ())], {("all-cnn-c", ()): 0.05}, [0], {ablate.Run("all-cnn-c", 0.05, 0):
                                  {"test_error": 10.0}}, base)
         assert rows[0]["paper_table3"] == expected and rows[0]["paper_error"] == expected
 

@@ -12,21 +12,30 @@ from allconv_cli.train import optim
 from allconv_cli.train.config import FIELDS, TrainConfig, allowed, kind, shown_default
 from allconv_cli.train.settings import CHOICES, RANGES
 
-COMMAND_OPTIONS = {"out", "force", "resume", "stop_after", "as_json"}  # the command's own, not settings
+# Each command that takes the training settings: its own options, and the settings it varies itself
+COMMAND_OPTIONS = {
+    "train": ({"out", "force", "resume", "stop_after", "time_limit", "as_json"}, set()),
+    "ablate": ({"family", "models", "lr_grid", "grid", "seeds", "jobs", "shard", "time_limit", "out", "dry_run",
+                "quiet", "as_json"}, {"model", "seed"}),
+    "benchmark": ({"mode", "steps", "warmup", "as_json"}, set()),
+}
 
 
-def train_options():
-    return typer.main.get_command(app).commands["train"].params
+def train_options(command="train"):
+    return typer.main.get_command(app).commands[command].params
 
 
-def test_the_options_are_the_settings_and_the_commands_own():
-    names = [option.name for option in train_options()]
-    assert sorted(names) == sorted([*FIELDS, *COMMAND_OPTIONS])
+@pytest.mark.parametrize("command", list(COMMAND_OPTIONS))
+def test_the_options_are_the_settings_and_the_commands_own(command):
+    names = [option.name for option in train_options(command)]
+    own, varied = COMMAND_OPTIONS[command]
+    assert sorted(names) == sorted([*(set(FIELDS) - varied), *own])
 
 
-@pytest.mark.parametrize("name", list(FIELDS))
-def test_each_setting_has_one_option_whose_default_choices_and_range_come_from_it(name):
-    [option] = [o for o in train_options() if o.name == name]
+@pytest.mark.parametrize(("command", "name"), [(command, name) for command, (_, varied) in COMMAND_OPTIONS.items()
+                                               for name in FIELDS if name not in varied])
+def test_each_setting_has_one_option_whose_default_choices_and_range_come_from_it(command, name):
+    [option] = [o for o in train_options(command) if o.name == name]
     meta = FIELDS[name].metadata
     assert option.default is None  # "not given": the preset or the default applies
     assert option.help.startswith(meta["help"])

@@ -8,22 +8,18 @@ from typing import Annotated, Optional
 import typer
 
 from allconv_cli.cli.common import make_console, user_errors
+from allconv_cli.cli.options import given_settings, takes_settings
 
 
+@takes_settings()
 def benchmark(
-    preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Time this recipe's step (a bundled preset or a .toml): its model, batch size, optimizer, lookahead, EMA, augmentation and precision; the options below override it. Default: the trainer's defaults.", show_default=False)] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name (see 'allconv models'). Default: the preset's, else all-cnn-c.", show_default=False)] = None,
     mode: Annotated[str, typer.Option(help="train (the trainer's own step with its data path), infer (the network alone), data (batches, augmentation, standardization) or all.")] = "all",
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per step. Default: the preset's, else 128.", show_default=False)] = None,
     steps: Annotated[Optional[int], typer.Option(help="Timed steps. Default: 20 on the CPU, 200 on CUDA.", show_default=False)] = None,
     warmup: Annotated[Optional[int], typer.Option(help="Untimed steps before them. Default: 5 on the CPU, 50 on CUDA.", show_default=False)] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N. Default: the preset's, else auto.", show_default=False)] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 autocast where the CPU or GPU computes bf16 natively, else fp32), fp32, bf16 or fp16 (CUDA only). Default: the preset's, else auto.", show_default=False)] = None,
-    channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", metavar="", help="channels_last memory format. Default: the preset's, else on.", show_default=False)] = None,
-    compile: Annotated[bool, typer.Option("--compile", metavar="", help="torch.compile the network (CUDA: with CUDA graphs); compiling happens in the warm-up.")] = False,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the results as JSON.")] = False,
+    **settings,
 ):
-    """Measure speed on synthetic data (random uint8 images of the model's input size, so it runs offline): images/s and step time of the trainer's own training step, of inference and of the data path alone, with GFLOP per image (convolutions, counted from the layer shapes), achieved TFLOP/s, its share of a large matmul's rate measured in the same process and precision, the share of the GPU's peak where it is known, and peak memory.
+    """Measure speed on synthetic data (random uint8 images of the model's input size, so it runs offline) with any recipe: a preset and any training setting (model, batch size, optimizer, lookahead, EMA, augmentation, precision, compile...). Reports images/s and step time of the trainer's own training step, of inference and of the data path alone, with GFLOP per image (convolutions, counted from the layer shapes), achieved TFLOP/s, its share of a large matmul's rate measured in the same process and precision, the share of the GPU's peak where it is known, and peak memory.
 
     Examples: [bold]allconv benchmark --model all-cnn-c --mode train[/bold] ·
     [bold]allconv benchmark --preset fast-cifar10 --mode train[/bold] ·
@@ -34,8 +30,8 @@ def benchmark(
         from allconv_cli.benchmark import run as run_benchmark
         from allconv_cli.train.settings import resolve
 
-        config = resolve(preset, model=model, batch_size=batch_size, device=device, precision=precision,
-                         channels_last=channels_last, compile=compile or None)
+        given = given_settings(settings)
+        config = resolve(given.pop("preset", None), **given)
         result = run_benchmark(config, mode, steps, warmup)
     if as_json:
         typer.echo(json.dumps(result, indent=2))

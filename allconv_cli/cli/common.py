@@ -4,6 +4,7 @@ value in a file or pipe, progress bars on stderr, and small parsers of option va
 from __future__ import annotations
 
 import contextlib
+import re
 
 import typer
 
@@ -27,7 +28,9 @@ def user_errors():
 EXIT_FAILED = 1  # a run that diverged
 
 
-EXIT_SIGNAL = {2: 130, 15: 143}  # SIGINT, SIGTERM: the shell's 128 + signal number
+# SIGINT, SIGTERM: the shell's 128 + signal number; SIGALRM stands for a --time-limit reached, which
+# exits as timeout(1) does
+EXIT_SIGNAL = {2: 130, 15: 143, 14: 124}
 
 
 UNWRAPPED_WIDTH = 10_000  # columns when not a terminal: wide enough that no line is wrapped
@@ -75,6 +78,31 @@ def duration(seconds: float) -> str:
     if hours:
         return f"{hours} h {minutes:02d} min"
     return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+DURATION_UNITS = {"d": 86400, "h": 3600, "min": 60, "m": 60, "s": 1}
+
+
+def parse_duration(text: str, option: str = "--time-limit") -> float:
+    """'3h50m', '90min', '45s', '1d', '3600' (seconds) or 'H:MM:SS' (a batch system's) -> seconds."""
+    words = text.strip().lower().replace(" ", "")
+    try:
+        if ":" in words:
+            parts = [float(p) for p in words.split(":")]
+            if len(parts) > 3:
+                raise ValueError
+            seconds = sum(p * 60**i for i, p in enumerate(reversed(parts)))
+        else:
+            pieces = re.fullmatch(r"((\d+(\.\d*)?)(d|h|min|m|s)?)+", words) and \
+                re.findall(r"(\d+(?:\.\d*)?)(d|h|min|m|s)?", words)
+            if not pieces:
+                raise ValueError
+            seconds = sum(float(n) * DURATION_UNITS[unit or "s"] for n, unit in pieces)
+    except ValueError:
+        raise ValueError(f"{option} {text!r} is not a duration: write e.g. 3h50m, 90min, 45s or 1:30:00") from None
+    if not 0 < seconds < 366 * 86400:
+        raise ValueError(f"{option} {text!r}: give a duration above 0 and under a year")
+    return seconds
 
 
 def parse_numbers(text: str, option: str, kind, paper=None):

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
-import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,12 +13,11 @@ from allconv_cli.cli.common import (
     EXIT_FAILED,
     EXIT_SIGNAL,
     duration,
+    parse_duration,
     make_console,
-    parse_numbers,
     user_errors,
 )
-from allconv_cli.train.config import FIELDS, allowed, list_presets, shown_default
-from allconv_cli.train.config import kind as config_kind
+from allconv_cli.cli.options import given_settings, takes_settings
 
 
 class _TrainProgress:
@@ -77,13 +74,15 @@ def _processes(fields: dict) -> str:
         return ""
     synced = ", SyncBatchNorm" if fields["sync_batch_norm"] else ""
     return f" x {fields['world']} ({fields['batch_per_process']} images a process{synced})"
+@takes_settings()
 def train(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder. Default: runs/MODEL-DATASET-TIME.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", metavar="", help="Replace the run that --out already holds (otherwise refused).")] = False,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder exactly where it stopped; only --device, --workers, --save-every and --save-minutes may change.", show_default=False)] = None,
     stop_after: Annotated[Optional[int], typer.Option("--stop-after", help="Stop, resumably, after this many epochs of this call.", show_default=False)] = None,
+    time_limit: Annotated[Optional[str], typer.Option("--time-limit", help="Stop, resumably, before this much wall-clock time has passed (e.g. 3h50m, 90min, 1:30:00): a batch job's or a notebook's limit. The run checkpoints, says how to continue and exits with 124.", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the summary as JSON on stdout; progress goes to stderr.")] = False,
-    **options,
+    **settings,
 ):
     """Train a model of the paper: the paper's protocol (presets paper-*), the ten-epoch fast recipe (fast-cifar10) or your own settings. Writes a run folder with safetensors weights, the resolved settings, per-epoch metrics, learning curves and a resumable state, and holds a lock on it while it runs. Ctrl-C stops with a resumable checkpoint (exit 130; SIGTERM 143).
 
@@ -96,19 +95,18 @@ def train(
         from allconv_cli import train as trainer
         from allconv_cli.train.settings import resolve
 
-        given = {k: v for k, v in options.items() if v is not None}
-        if "milestones" in given:
-            given["milestones"] = parse_numbers(given["milestones"], "--milestones", int)
+        given = given_settings(settings)
+        seconds = parse_duration(time_limit) if time_limit is not None else None
         console = make_console(as_json)
         progress = _TrainProgress(console)
         try:
             if resume is not None:  # the run's own settings; the trainer refuses any other change
                 unused = {k: True for k, v in (("out", out), ("force", force)) if v}
-                summary = trainer.resume(resume, progress, stop_after, **given, **unused)
+                summary = trainer.resume(resume, progress, stop_after, seconds, **given, **unused)
             else:
                 config = resolve(given.pop("preset", None), **given)
                 summary = trainer.train(config, out or trainer.default_run_dir(config), progress=progress,
-                                        stop_after=stop_after, replace=force)
+                                        stop_after=stop_after, replace=force, time_limit=seconds)
         except trainer.TrainingStopped as stop:
             progress.stop()
             typer.echo(str(stop), err=True)
@@ -127,43 +125,6 @@ def train(
     _print_summary(console, summary)
 
 
-FIRST = ("model", "dataset", "data_dir", "preset")  # the options a user reaches for first, listed first
-
-
-def setting_option(name: str) -> inspect.Parameter:
-    """The option of one training setting, from its declaration alone: names, type, help with the
-    choices, the range and the default. Every option defaults to None, "not given"."""
-    meta, kind = FIELDS[name].metadata, config_kind(name)
-    dashed = name.replace("_", "-")
-    flags = meta["flags"] or ((f"--{dashed}/--no-{dashed}",) if kind is bool else (f"--{dashed}",))
-    words = [meta["help"]]
-    if meta["choice_help"]:
-        words.append("; ".join(f"{choice}: {text}" for choice, text in meta["choice_help"].items()) + ".")
-    elif meta["choices"]:
-        words.append(f"One of: {', '.join(meta['choices'])}.")
-    if name == "preset":
-        words.append(f"Bundled: {', '.join(list_presets())}.")
-    if meta["check"] is not None:
-        words.append(f"Takes {allowed(name)}.")
-    words.append(f"Default: {shown_default(name)}.")
-    metavar = {"metavar": ""} if kind is bool else {}
-    option = typer.Option(*flags, help=" ".join(words), show_default=False, **metavar)
-    value_type = str if typing.get_origin(kind) is list else kind  # a list is typed as comma-separated numbers
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                             annotation=Annotated[Optional[value_type], option])
-
-
-def _with_setting_options(command):
-    """``command`` whose ``**options`` are one option per training setting (typer reads the signature)."""
-    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    names = [*FIRST, *(n for n in FIELDS if n not in FIRST)]
-    parameters = [setting_option(n) for n in names] + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
-    command.__signature__ = inspect.Signature(parameters)
-    command.__annotations__ = {p.name: p.annotation for p in parameters}
-    return command
-
-
-train = _with_setting_options(train)
 
 
 def _print_summary(console, summary: dict):

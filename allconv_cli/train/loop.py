@@ -30,7 +30,8 @@ class TrainingStopped(Exception):
     """A signal stopped the run after a resumable checkpoint; ``signum`` says which."""
 
     def __init__(self, signum: int, run_dir: Path):
-        super().__init__(f"stopped by {signal.Signals(signum).name}; resume with: allconv train --resume {run_dir}")
+        cause = "at the time limit" if signum == signal.SIGALRM else f"by {signal.Signals(signum).name}"
+        super().__init__(f"stopped {cause}; resume with: allconv train --resume {run_dir}")
         self.signum = signum
 
 

@@ -120,13 +120,17 @@ def _fit_images(split: datasets.Split, seed: int, most: int = 10_000) -> torch.T
 
 
 def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = None, resume: bool = False,
-          stop_after: int | None = None, replace: bool = False, finished_ok: bool = False) -> dict:
+          stop_after: int | None = None, replace: bool = False, finished_ok: bool = False,
+          time_limit: float | None = None) -> dict:
     """Train ``config`` into ``run_dir`` (or continue it there with ``resume``) -> summary.
 
     A new run refuses a folder holding one unless ``replace``. ``stop_after`` ends this call,
-    resumably, after that many epochs. SIGINT / SIGTERM write a resumable checkpoint and raise
-    TrainingStopped. ``finished_ok`` lets ``resume`` of a finished run just summarize it.
+    resumably, after that many epochs; ``time_limit`` (seconds from now) ends it before then, with
+    the checkpoint written (TrainingStopped with signum TIME_LIMIT). SIGINT / SIGTERM write a
+    resumable checkpoint and raise TrainingStopped. ``finished_ok`` lets ``resume`` of a finished
+    run just summarize it.
     """
+    stop_at = None if time_limit is None else time.monotonic() + time_limit - time_reserve(time_limit)
     run = RunFolder(run_dir)
     rank, world, local_rank = _distributed()
     check_batch(config, world)
@@ -155,7 +159,7 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
                          start_epoch=position.epoch, examples=len(setup.train.data), device=str(device), world=world,
                          batch_per_process=setup.train.batch_size, sync_batch_norm=world > 1 and network_options(config)["batch_norm"])
             started = time.perf_counter()
-            with _catch_signals() as caught:
+            with _catch_signals(stop_at) as caught:
                 position = fit(learner, setup.train, position, config.epochs,
                                evaluate_epoch=_evaluator(learner, setup, config), stop=caught, stop_after=stop_after,
                                save=lambda at: run.save(learner, at, setup, world), progress=progress,
@@ -168,7 +172,7 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
 
 
 def resume(run_dir: str | Path, progress: Progress | None = None, stop_after: int | None = None,
-           **changes) -> dict:
+           time_limit: float | None = None, **changes) -> dict:
     """Continue the run in ``run_dir`` with its saved settings: ``changes`` may name only
     RESUME_MAY_CHANGE, checked as the options are (any other key, a setting or not, is refused
     with its option's name)."""
@@ -179,7 +183,7 @@ def resume(run_dir: str | Path, progress: Progress | None = None, stop_after: in
     config = RunFolder(run_dir).read_config()
     for key, value in check_values(changes, dict.fromkeys(changes, OPTIONS)).items():
         setattr(config, key, value)
-    return train(config, run_dir, progress=progress, resume=True, stop_after=stop_after)
+    return train(config, run_dir, progress=progress, resume=True, stop_after=stop_after, time_limit=time_limit)
 
 
 def check_batch(config: TrainConfig, world: int):
@@ -260,12 +264,39 @@ def _seed(config: TrainConfig):
         torch.backends.cudnn.benchmark = True
 
 
+# The stop at a time limit, reported as this signal's number (no signal is sent): the alarm is
+# what a time limit is, and no other use of it in allconv can be mistaken for one.
+TIME_LIMIT = signal.SIGALRM
+
+
+def time_reserve(time_limit: float) -> float:
+    """Seconds before a time limit at which a run stops, so that its last steps, its epoch's
+    evaluation and its checkpoint end before the limit: 5 s and 5 % of the time, at most 2 min."""
+    return min(120.0, 5 + 0.05 * time_limit)
+
+
 @contextlib.contextmanager
-def _catch_signals():
-    """Record SIGINT / SIGTERM instead of dying, so the loop can checkpoint; a second one kills."""
+def _catch_signals(stop_at: float | None = None):
+    """Record SIGINT / SIGTERM instead of dying, so the loop can checkpoint; a second one kills.
+    At ``stop_at`` (time.monotonic()) TIME_LIMIT is recorded as if it were a signal."""
     caught: list[int] = []
+    timer = None
+    if stop_at is not None:
+        timer = threading.Timer(max(0.0, stop_at - time.monotonic()), lambda: caught or caught.append(TIME_LIMIT))
+        timer.daemon = True
+        timer.start()
+    try:
+        with _signal_handlers(caught):
+            yield caught
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+@contextlib.contextmanager
+def _signal_handlers(caught: list[int]):
     if threading.current_thread() is not threading.main_thread():
-        yield caught
+        yield
         return
 
     def handler(signum, frame):
@@ -275,7 +306,7 @@ def _catch_signals():
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield caught
+        yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

@@ -158,6 +158,31 @@ def _convert(hint, value):
 
 
 
+TRUE, FALSE = ("true", "on", "yes", "1"), ("false", "off", "no", "0")
+
+
+def parse_setting(key: str, text: str, where: str):
+    """A setting's value written as text (``--grid``'s values) -> the value, checked as an option's:
+    a bool as true/false (on/off), a list of whole numbers as 200:250:300."""
+    if key not in FIELDS or key == "preset":
+        raise ValueError(f"unknown setting {show_value(key)} in {where}{did_you_mean(key, FIELDS)}")
+    hint = TYPES[key]
+    inner = next(a for a in typing.get_args(hint) if a is not type(None)) if isinstance(hint, types.UnionType) else hint
+    value: object = text
+    try:
+        if typing.get_origin(inner) is list:
+            value = [int(v) for v in text.split(":")]
+        elif inner is bool and text.lower() in TRUE + FALSE:
+            value = text.lower() in TRUE
+        elif inner is int:
+            value = int(text)
+        elif inner is float:
+            value = float(text)
+    except ValueError:
+        pass  # left as text: check_values names what the setting takes
+    return check_values({key: value}, {key: where})[key]
+
+
 def check_values(settings: dict, origin: dict[str, str]) -> dict:
     """Each setting's type, range and choice -> the settings, ints converted where floats belong.
 

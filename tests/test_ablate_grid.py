@@ -1,0 +1,133 @@
+"""allconv ablate over any setting (--grid), split into shares (--shard) and under a wall-clock
+limit (--time-limit); allconv train --time-limit."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from allconv_cli import ablate
+from allconv_cli.cli import app
+from allconv_cli.train import TIME_LIMIT, TrainingStopped, resume, train
+from allconv_cli.train.run_folder import RunFolder
+from allconv_cli.train.settings import resolve
+
+
+def recording_train_one(config_json, folder, device, time_limit=None):
+    """A finished run whose test error says its batch size and seed (no training)."""
+    config = json.loads(config_json)
+    result = {"model": config["model"], "lr": config["lr"], "seed": config["seed"], "seconds": 0, "epochs": 1,
+              "val_error": None if config["val_fraction"] == 0 else 50 - 100 * config["lr"],
+              "test_error": config["batch_size"] / 10 + config["seed"], "time_limit": time_limit,
+              "weight_init": config["weight_init"]}
+    Path(folder).mkdir(parents=True)
+    (Path(folder) / ablate.RESULT_NAME).write_text(json.dumps(result))
+    return result
+
+
+def test_grid_trains_every_combination_as_its_own_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(ablate, "_train_one", recording_train_one)
+    out = tmp_path / "grid"
+    result = CliRunner().invoke(app, ["ablate", "--models", "all-cnn-c", "--preset", "smoke", "--seeds", "2",
+                                      "--grid", "batch_size=16,32", "--grid", "weight-init=xavier,kaiming",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "table.json").read_text())
+    assert [(r["batch_size"], r["weight_init"]) for r in rows] == [
+        (16, "xavier"), (16, "kaiming"), (32, "xavier"), (32, "kaiming")]
+    assert [r["test_error_mean"] for r in rows] == [2.1, 2.1, 3.7, 3.7]  # batch / 10 + the mean seed, 0.5
+    folder = out / "all-cnn-c" / "batch_size=32,weight_init=kaiming" / "lr0.05-seed1"
+    assert json.loads((folder / ablate.RESULT_NAME).read_text())["weight_init"] == "kaiming"
+    table = (out / "table.md").read_text().splitlines()
+    assert table[0].startswith("| model | batch_size | weight_init | params |")
+    assert "| all-cnn-c | 32 | kaiming | 1,369,738 |" in table[5]
+    assert (out / "table.csv").read_text().splitlines()[0].startswith("model,batch_size,weight_init,params,")
+    assert ablate.row_label(rows[3]) == "all-cnn-c, batch_size=32, weight_init=kaiming"
+    # the same command continues; another grid in the same folder is refused
+    again = CliRunner().invoke(app, ["ablate", "--models", "all-cnn-c", "--preset", "smoke", "--seeds", "2",
+                                     "--grid", "batch_size=16,32", "--out", str(out)])
+    assert again.exit_code == 2 and "holds an ablation with other settings" in again.stderr
+
+
+@pytest.mark.parametrize(("grid", "message"), [
+    ("lr=0.1,0.01", "lr is varied by --lr-grid"),
+    ("seed=1,2", "seed is varied by --seeds"),
+    ("batch_size", "write KEY=V1,V2"),
+    ('batch_size=16,abc', 'batch_size = "abc" is not allowed'),
+    ("batch_size=0", "of at least 1"),
+    ("batch_sise=16", "did you mean 'batch_size'"),
+    ("weight_init=xavier,xavier", "repeats a value"),
+    ("optimizer=sgd,muon", "optimizer muon needs batch_norm"),
+])
+def test_a_bad_grid_is_one_line_before_any_run(tmp_path, monkeypatch, grid, message):
+    monkeypatch.setattr(ablate, "_train_one", recording_train_one)
+    args = ["ablate", "--models", "all-cnn-c", "--preset", "smoke", "--batch-norm" if "muon" not in grid else
+            "--no-batch-norm", "--grid", grid, "--out", str(tmp_path / "bad")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+
+def test_grid_values_take_each_settings_type():
+    grid = ablate.parse_grid(["milestones=2:4,3:6", "nesterov=on,false", "label_smoothing=0,0.1", "--decay-all=no"])
+    assert grid == {"milestones": [[2, 4], [3, 6]], "nesterov": [True, False], "label_smoothing": [0.0, 0.1],
+                    "decay_all": [False]}
+    assert ablate.variant_name(ablate.variants(grid)[0]) == "milestones=2:4,nesterov=true,label_smoothing=0,decay_all=false"
+
+
+@pytest.mark.parametrize("lr_grid", [None, "0.1,0.05"])
+def test_two_shards_give_the_table_of_one_job(tmp_path, monkeypatch, lr_grid):
+    monkeypatch.setattr(ablate, "_train_one", recording_train_one)
+    args = ["ablate", "--models", "all-cnn-c,model-c", "--preset", "smoke", "--seeds", "3", "--json",
+            *(["--lr-grid", lr_grid] if lr_grid else [])]
+    whole = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one")])
+    assert whole.exit_code == 0, whole.output
+    shared = str(tmp_path / "shared")
+    first = CliRunner().invoke(app, [*args, "--out", shared, "--shard", "1/2"])
+    assert first.exit_code == 0 and "shard 1/2 is done" in first.stdout  # shard 2's runs are not there yet
+    second = CliRunner().invoke(app, [*args, "--out", shared, "--shard", "2/2"])
+    if lr_grid:  # the rates are chosen only now: shard 1's later seeds are still to train
+        assert "shard 2/2 is done" in second.stdout
+        second = CliRunner().invoke(app, [*args, "--out", shared, "--shard", "1/2"])
+    assert second.exit_code == 0, second.output
+    assert (tmp_path / "shared" / "table.json").read_text() == (tmp_path / "one" / "table.json").read_text()
+    trained = sorted(p.parent.relative_to(shared) for p in Path(shared).rglob(ablate.RESULT_NAME))
+    assert len(trained) == len(set(trained)) == 2 * ((2 if lr_grid else 1) + 2)
+
+
+@pytest.mark.parametrize(("shard", "message"), [("3/2", "1 <= K <= N"), ("1", "write K/N"), ("a/b", "write K/N")])
+def test_a_bad_shard_is_one_line(tmp_path, shard, message):
+    result = CliRunner().invoke(app, ["ablate", "--models", "all-cnn-c", "--preset", "smoke", "--shard", shard,
+                                      "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and message in result.stderr
+
+
+def test_ablate_time_limit_reaches_every_run_and_exits_124(tmp_path, monkeypatch):
+    limits = []
+
+    def stopped_at_the_limit(config_json, folder, device, time_limit=None):
+        limits.append(time_limit)
+        raise TrainingStopped(TIME_LIMIT, Path(folder))
+
+    monkeypatch.setattr(ablate, "_train_one", stopped_at_the_limit)
+    result = CliRunner().invoke(app, ["ablate", "--models", "all-cnn-c", "--preset", "smoke", "--time-limit", "2h",
+                                      "--out", str(tmp_path / "t")])
+    assert result.exit_code == 124, result.output
+    assert "time limit reached; run the same command again to continue" in result.stderr
+    assert len(limits) == 1 and 7000 < limits[0] <= 7200
+    bad = CliRunner().invoke(app, ["ablate", "--models", "all-cnn-c", "--preset", "smoke", "--time-limit", "soon",
+                                   "--out", str(tmp_path / "t")])
+    assert bad.exit_code == 2 and "is not a duration" in bad.stderr
+
+
+@pytest.mark.slow
+def test_train_stops_resumably_before_its_time_limit(tmp_path):
+    config = resolve("smoke", epochs=500, train_limit=64, test_limit=16, batch_size=16, save_every=1000)
+    with pytest.raises(TrainingStopped) as stop:
+        train(config, tmp_path / "run", time_limit=8)
+    assert stop.value.signum == TIME_LIMIT and "stopped at the time limit" in str(stop.value)
+    assert RunFolder(tmp_path / "run").holds_run()  # a checkpoint, whatever the cadence
+    summary = resume(tmp_path / "run", stop_after=1)
+    assert summary["epochs_done"] >= 1 and not summary["finished"]
