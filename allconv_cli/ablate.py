@@ -35,7 +35,6 @@ from allconv_cli import benchmark
 from allconv_cli.charts import ablation_bars
 from allconv_cli.data import datasets
 from allconv_cli.models.registry import (
-    CIFAR10_CLASSES,
     NETWORKS,
     create_model,
     list_models,

@@ -53,16 +53,13 @@ from allconv_cli.device import (
     AUTOCAST_DTYPES,
     autocast,
     cpu_bf16_kernels,
-    prepare_model,
     resolve_device,
     resolve_precision,
     tune_cpu_allocator,
 )
-from allconv_cli.models.initialization import first_conv
-from allconv_cli.models.registry import create_model, default_config, resolve_name
+from allconv_cli.models.registry import default_config, resolve_name
 from allconv_cli.train.config import TrainConfig
-from allconv_cli.train.learner import Lookahead, make_learner
-from allconv_cli.train.settings import model_kwargs
+from allconv_cli.train.learner import Lookahead, make_learner, make_model, memory_format, place_model
 from allconv_cli.train.step import batch_inputs, train_step
 
 MODES = ("train", "infer", "data", "all")
@@ -259,12 +256,8 @@ def run(config: TrainConfig, mode: str = "all", steps: int | None = None, warmup
     name = resolve_name(config.model)
     dev = resolve_device(config.device)
     steps, warmup = resolve_steps(dev, steps, warmup)
-    net = create_model(name, **model_kwargs(config, default_config(name)["num_classes"]))
-    if config.whiten == "frozen":  # as the trainer builds it: no gradient for the first conv
-        first_conv(net).requires_grad_(False)
+    net = place_model(make_model(config, default_config(name)["num_classes"]), config, dev)
     input_size = tuple(net.pretrained_cfg["input_size"])
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    net = prepare_model(net, dev, config.channels_last)
     flops = count_flops(net, input_size)
     prep = Standardize(net.pretrained_cfg["mean"], net.pretrained_cfg["std"]).to(dev)
     if dev.type == "cuda":
@@ -284,7 +277,7 @@ def run(config: TrainConfig, mode: str = "all", steps: int | None = None, warmup
         if each == "data":
             results[each] = bench.data(config, data, prep)
         elif each == "infer":
-            results[each] = bench.infer(step_model, net, input_size, prep, memory_format, config.precision,
+            results[each] = bench.infer(step_model, net, input_size, prep, memory_format(config), config.precision,
                                         flops["forward"])
         else:
             results[each] = bench.train(config, net, data, prep, flops["train"])

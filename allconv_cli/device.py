@@ -93,14 +93,6 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
-def prepare_model(model: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
-    """Move ``model`` to ``device``, in channels_last memory format if asked (fast on CUDA)."""
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
 def tune_cpu_allocator():
     """Let glibc keep freed memory for reuse instead of handing it back to the kernel.
 

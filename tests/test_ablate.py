@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from allconv_cli import ablate
 from allconv_cli.cli import app
+from allconv_cli.models.registry import CIFAR10_CLASSES
 
 ALLCONV = str(Path(sys.executable).parent / "allconv")
 TINY = ["--preset", "smoke", "--train-limit", "32", "--test-limit", "16", "--batch-size", "16"]
@@ -211,7 +212,7 @@ def test_seeds_give_a_spread_and_other_data_no_paper_figure(tmp_path, monkeypatc
     assert rows[0]["test_error_std"] == pytest.approx(0.5 ** 0.5) and rows[0]["paper_table3"] == 9.08
     assert "| 13.00 ± 0.71 (2 seeds) | 9.08 | +3.92 |" in (tmp_path / "two" / "table.md").read_text()
     # an image folder: CIFAR-10's class names get the paper's figures, other classes none
-    for classes, expected in ((ablate.CIFAR10_CLASSES, 9.08), (("zero", "one"), None)):
+    for classes, expected in ((CIFAR10_CLASSES, 9.08), (("zero", "one"), None)):
         root = tmp_path / classes[0]
         for name in classes:
             (root / "train" / name).mkdir(parents=True)

@@ -13,8 +13,35 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from allconv_cli.data import datasets
+from allconv_cli.models.initialization import first_conv
+from allconv_cli.models.registry import create_model, resolve_name
 from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.optim import make_optimizer, make_scheduler
+from allconv_cli.train.settings import model_kwargs
+
+
+def memory_format(config: TrainConfig) -> torch.memory_format:
+    """The run's memory format for images and weights."""
+    return torch.channels_last if config.channels_last else torch.contiguous_format
+
+
+def make_model(config: TrainConfig, num_classes: int) -> nn.Module:
+    """The run's network, on the CPU, as built before its weights start: the registry's model with
+    the run's options, and BatchNorm's momentum (a training setting: set on every build, resumes
+    included)."""
+    model = create_model(resolve_name(config.model), **model_kwargs(config, num_classes))
+    for norm in model.modules():
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            norm.momentum = config.bn_momentum
+    return model
+
+
+def place_model(model: nn.Module, config: TrainConfig, device: torch.device) -> nn.Module:
+    """``model`` as the step trains it: the first conv frozen with --whiten frozen (on resume too),
+    on ``device`` in the run's memory format. The trainer and the benchmark both build with it."""
+    if config.whiten == "frozen":
+        first_conv(model).requires_grad_(False)
+    return model.to(device, memory_format=memory_format(config))
 
 
 @dataclasses.dataclass

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from allconv_cli.data import datasets
 from allconv_cli.data import preprocess as preprocessing
@@ -25,22 +24,19 @@ from allconv_cli.files.weights import load_state, load_weights
 from allconv_cli.models.initialization import (
     WHITEN_IMAGES,
     dirac,
-    first_conv,
     initialize,
     whiten_first_conv,
 )
-from allconv_cli.models.registry import create_model, default_config, resolve_name
+from allconv_cli.models.registry import default_config, resolve_name
 from allconv_cli.train.config import TrainConfig
-from allconv_cli.train.learner import Learner, Setup, make_learner
+from allconv_cli.train.learner import Learner, Setup, make_learner, make_model, memory_format, place_model
 from allconv_cli.train.loop import Position, Progress, finished, fit
 from allconv_cli.train.run_folder import RESUME_MAY_CHANGE, RunFolder
 from allconv_cli.train.settings import (
     OPTIONS,
     check_values,
-    model_kwargs,
     network_options,
 )
-from allconv_cli.train.step import _memory_format
 
 LSUV_IMAGES = 64  # training images the lsuv initialization measures variances on
 
@@ -57,9 +53,6 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
     name = resolve_name(config.model)
     registered = default_config(name)
     input_size, fit = tuple(registered["input_size"]), fit_options(registered)
-    if config.crop >= min(input_size[1:]):
-        raise ValueError(f"crop {config.crop} px is not smaller than {name}'s {input_size[1]}x{input_size[2]} "
-                         f"input: give a smaller --crop")
     train = datasets.load_split(config.dataset, "train", config.data_dir, input_size, config.workers, fit)
     train = datasets.limit(train, config.train_limit, config.seed)
     test = datasets.limit(datasets.load_split(config.dataset, "test", config.data_dir, input_size, config.workers,
@@ -73,10 +66,7 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
     if config.shuffle_labels:  # once, fixed by the seed: the labels no longer say what the image shows
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
         train = dataclasses.replace(train, labels=train.labels[order])
-    model = create_model(name, **model_kwargs(config, len(train.classes)))
-    for norm in model.modules():  # a training setting, not the model's: set on every build, resumes included
-        if isinstance(norm, nn.modules.batchnorm._BatchNorm):
-            norm.momentum = config.bn_momentum
+    model = make_model(config, len(train.classes))
     if config.init is not None and preprocess_state is None:  # a resumed run restores its own state
         state, meta, tensors = load_weights(config.init)
         load_state(model, state, f"--init {config.init} holds {meta['model']} with "
@@ -96,9 +86,7 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
             whiten_first_conv(model, prep(shuffled[:WHITEN_IMAGES].float() / 255))
         if config.dirac:
             dirac(model)
-    if config.whiten == "frozen":  # on resume too: the rebuilt model must not train it either
-        first_conv(model).requires_grad_(False)
-    model = model.to(device, memory_format=_memory_format(config))
+    model = place_model(model, config, device)
     per_rank = max(1, config.batch_size // world)
 
     def batches(split, shuffle):
@@ -225,7 +213,7 @@ def _evaluator(learner: Learner, setup: Setup, config: TrainConfig) -> Callable[
         metrics = {}
         for tta in ("none", config.tta) if last and config.tta != "none" else ("none",):
             result = evaluate(learner.eval_model, setup.evaluate, setup.preprocess, len(setup.classes), tta=tta,
-                              precision=config.precision, memory_format=_memory_format(config))
+                              precision=config.precision, memory_format=memory_format(config))
             name = split if tta == "none" else f"{split}_tta"
             metrics.update({f"{name}_{key}": result[key] for key in ("loss", "top1_error", "top5_error")})
         return metrics
@@ -249,7 +237,7 @@ def _summary(learner: Learner, setup: Setup, config: TrainConfig, run: RunFolder
     if setup.test is not None and done:
         for tta in ("none", config.tta) if config.tta != "none" else ("none",):
             result = evaluate(learner.eval_model, setup.test, setup.preprocess, len(setup.classes), tta=tta,
-                              precision=config.precision, memory_format=_memory_format(config))
+                              precision=config.precision, memory_format=memory_format(config))
             summary["test" if tta == "none" else "test_tta"] = {k: result[k] for k in ("loss", "top1_error", "top5_error")}
     return summary
 

@@ -10,11 +10,7 @@ from torch import nn
 from allconv_cli.data import datasets
 from allconv_cli.device import autocast
 from allconv_cli.train.config import TrainConfig
-from allconv_cli.train.learner import Learner
-
-
-def _memory_format(config: TrainConfig):
-    return torch.channels_last if config.channels_last else torch.contiguous_format
+from allconv_cli.train.learner import Learner, memory_format
 
 
 def step_seed(seed: int, rank: int, epoch: int, step: int) -> int:
@@ -47,7 +43,7 @@ def batch_inputs(config: TrainConfig, preprocess: nn.Module, images: torch.Tenso
     x = datasets.augment(images, config.augment, generator, config.shift,
                          size=config.crop if epoch < config.crop_epochs else None,
                          flips=flips)
-    return preprocess(x.float() / 255).contiguous(memory_format=_memory_format(config))
+    return preprocess(x.float() / 255).contiguous(memory_format=memory_format(config))
 
 
 def train_step(learner: Learner, images: torch.Tensor, labels: torch.Tensor, epoch: int, step: int,
