@@ -11,9 +11,3 @@ WEIGHT_INITS = ("xavier-open", "xavier", "kaiming", "lsuv")
 SCHEDULES = ("paper", "cosine", "onecycle", "constant")
 FLIPS = ("random", "alternate")
 WHITEN = ("off", "init", "frozen")
-# Each optimizer: what it steps with (the help of --optimizer); train/optim.py builds each.
-OPTIMIZERS = {
-    "sgd": "SGD with --lr, --momentum and --nesterov on every parameter (Section 3.2's optimizer)",
-    "muon": "the conv weights step by Muon's orthogonalized momentum at --muon-lr, the rest by SGD as "
-            "for sgd; needs --batch-norm",
-}

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import types
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -20,7 +19,6 @@ from allconv_cli.choices import (
     AUGMENTATIONS,
     DATASETS,
     FLIPS,
-    OPTIMIZERS,
     PRECISIONS,
     PREPROCESSING,
     SCHEDULES,
@@ -28,27 +26,8 @@ from allconv_cli.choices import (
     WEIGHT_INITS,
     WHITEN,
 )
-
-Check = tuple[Callable[[object], bool], str]  # (test of a value, the words saying what passes)
-UNIT: Check = (lambda v: 0 <= v < 1, "in [0, 1)")
-AT_LEAST_1: Check = (lambda v: v >= 1, "of at least 1")
-ABOVE_0: Check = (lambda v: v > 0, "above 0")
-DROPOUT: Check = (lambda v: 0 <= v < 1, "in [0, 1) (0 turns that dropout off)")
-
-
-def setting(default, help: str, *, choices=None, check: Check | None = None, flags: tuple[str, ...] = (),
-            default_text: str | None = None):
-    """A field of TrainConfig with what its option shows: ``help`` (the default, the choices and the
-    range are added from the other arguments), ``choices`` (names, or a dict name -> what it does),
-    ``check`` (range), ``flags`` (the option's names, e.g. ("--model", "-m"); default: --name, and
-    --name/--no-name for a bool), ``default_text`` (how to show a None default)."""
-    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None,
-                "choice_help": choices if isinstance(choices, dict) else None, "check": check, "flags": flags,
-                "default_text": default_text}
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
-
+from allconv_cli.train.fields import ABOVE_0, AT_LEAST_1, DROPOUT, UNIT, setting
+from allconv_cli.train.optimizers import OPTIMIZERS, optimizer_settings
 
 @dataclass
 class TrainConfig:
@@ -133,12 +112,7 @@ class TrainConfig:
                                       "airbench's 0.4).",
                                  check=(lambda v: 0 < v <= 1, "in (0, 1] (the weight of each batch in the running "
                                                               "statistics)"))
-    optimizer: str = setting("sgd", "The optimizer.", choices=OPTIMIZERS)
-    muon_lr: float = setting(0.05, "With --optimizer muon: the conv weights' peak learning rate, the share of each "
-                                   "conv's weight norm that one step moves (the schedule applies); 0.05 was the best "
-                                   "of 0.03, 0.05 and 0.07 for All-CNN-C in ten CIFAR-10 epochs.", check=ABOVE_0)
-    muon_momentum: float = setting(0.6, "With --optimizer muon: the conv weights' Nesterov momentum (airbench's 0.6).",
-                                   check=UNIT)
+    optimizer: str = setting("sgd", "The optimizer; its own settings follow the others.", choices=OPTIMIZERS)
     bias_lr_scale: float = setting(1.0, "Learning rate of the biases (BatchNorm shifts, conv biases) as a multiple of "
                                         "--lr; their weight decay per step stays the same (airbench's 64).",
                                    check=(lambda v: v > 0, "above 0 (1 gives biases the weights' learning rate)"))
@@ -191,6 +165,10 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
+
+# Then the settings that an optimizer brings (train/optimizers.py), declared in its entry.
+TrainConfig = dataclasses.make_dataclass("TrainConfig", optimizer_settings(), bases=(TrainConfig,),
+                                         namespace={"__doc__": TrainConfig.__doc__, "__module__": __name__})
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 

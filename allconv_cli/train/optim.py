@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from allconv_cli.device import resolve_precision
 from allconv_cli.train.config import TrainConfig
+from allconv_cli.train.optimizers import OPTIMIZERS
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """The run's optimizer (``OPTIMIZERS[config.optimizer]``) over its parameter groups.
+    """The run's optimizer (its entry in ``optimizers.OPTIMIZERS``) over its parameter groups.
 
     With ``decay_all`` off, biases and BatchNorm parameters (every parameter of fewer than 2
     dimensions) are not decayed. Biases (BatchNorm shifts, conv biases) learn at
@@ -37,10 +36,10 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     param_groups = [{"params": params, "lr": config.lr * lr_scale,
                      "weight_decay": config.weight_decay / lr_scale if decayed else 0.0}
                     for (lr_scale, decayed, _), params in ordered]
-    return entry.build(param_groups, config, next(model.parameters()).device)
+    return entry.builder()(param_groups, config, next(model.parameters()).device)
 
 
-def _sgd(param_groups: list[dict], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def sgd(param_groups: list[dict], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     return torch.optim.SGD(param_groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
                            **_kernels(device))
 
@@ -51,7 +50,7 @@ def _kernels(device: torch.device) -> dict:
     return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
 
 
-def _muon(param_groups: list[dict], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def muon(param_groups: list[dict], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     # the weights' group (first): Muon's step, with no SGD momentum or decay of its own
     param_groups[0].update(lr=config.muon_lr, momentum=0.0, nesterov=False, weight_decay=0.0,
                            muon_momentum=config.muon_momentum)
@@ -62,15 +61,6 @@ def _muon(param_groups: list[dict], config: TrainConfig, device: torch.device) -
     # which the conv weights' own step does not
     return Muon(param_groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, foreach=True,
                 dtype=torch.float32 if fp32 else torch.bfloat16)
-
-
-@dataclass(frozen=True)
-class Optimizer:
-    """An entry of ``OPTIMIZERS``: how to build it from the run's parameter groups, and whether
-    the conv weights take a rule of their own (then they come as the first group)."""
-
-    build: Callable[[list[dict], TrainConfig, torch.device], torch.optim.Optimizer]
-    own_weight_rule: bool
 
 
 def orthogonalize(matrix: torch.Tensor, dtype: torch.dtype = torch.bfloat16, steps: int = 5) -> torch.Tensor:
@@ -228,10 +218,6 @@ TINY_COST = 2**20  # multiply-adds below which padding costs nothing that shows 
 
 def _cost(shape: tuple[int, int]) -> int:
     return shape[0] ** 2 * shape[1]
-
-
-# One entry per name of ``choices.OPTIMIZERS`` (whose text is --optimizer's help).
-OPTIMIZERS = {"sgd": Optimizer(_sgd, own_weight_rule=False), "muon": Optimizer(_muon, own_weight_rule=True)}
 
 
 def make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):

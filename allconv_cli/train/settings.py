@@ -33,6 +33,7 @@ from allconv_cli.train.config import (
     list_presets,
     preset_dir,
 )
+from allconv_cli.train.optimizers import OPTIMIZERS
 from allconv_cli.util import did_you_mean, show_value
 
 
@@ -240,9 +241,9 @@ def validate(config: TrainConfig, origin: dict[str, str] | None = None):
     if config.nesterov and config.momentum == 0:
         raise ValueError(f"{where('nesterov', 'momentum')}: nesterov needs a momentum above 0: "
                          "give a momentum or turn nesterov off")
-    if config.optimizer == "muon" and not network_options(config)["batch_norm"]:
-        raise ValueError(f"{where('optimizer', 'batch_norm')}: optimizer muon needs batch_norm: it rescales every "
-                         "conv's weights, which only a BatchNorm after the conv makes harmless; "
+    needs = OPTIMIZERS[config.optimizer].needs_batch_norm
+    if needs and not network_options(config)["batch_norm"]:
+        raise ValueError(f"{where('optimizer', 'batch_norm')}: optimizer {config.optimizer} needs batch_norm: {needs}; "
                          "turn batch_norm on or use optimizer sgd")
 
     try:
