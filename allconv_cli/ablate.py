@@ -33,7 +33,7 @@ import torch
 
 from allconv_cli import benchmark
 from allconv_cli.charts import ablation_bars
-from allconv_cli.data import datasets
+from allconv_cli.data import datasets, folders
 from allconv_cli.models.registry import (
     NETWORKS,
     create_model,
@@ -164,9 +164,8 @@ def split_sizes(config: TrainConfig) -> dict[str, int]:
         if config.data_dir is None:
             raise ValueError("--dataset imagefolder needs --data-dir DIR (with train/ and val/ or test/)")
         root = Path(config.data_dir)
-        evaluated = next((name for name in ("val", "test") if (root / name).is_dir()), "val")
-        # the same scan (and the same errors for a wrong layout) as training's, without decoding
-        train, test = (len(datasets._scan_folder(root / name)[1]) for name in ("train", evaluated))
+        # the same folders and scan (and the same errors for a wrong layout) as training's, without decoding
+        train, test = (len(folders.scan_folder(root / name)[1]) for name in folders.split_folders(root, "train"))
     train, test = min(train, config.train_limit or train), min(test, config.test_limit or test)
     val = round(train * config.val_fraction)
     evaluations = math.ceil(config.epochs / config.eval_every)  # the last epoch is always evaluated
@@ -398,7 +397,7 @@ def paper_key(base: TrainConfig) -> str | None:
     folder's classes are read from its train/ folder's names, without loading an image."""
     classes = []
     if base.dataset == "imagefolder" and base.data_dir is not None:
-        classes = datasets._class_names(Path(base.data_dir) / "train")
+        classes = folders.class_names(Path(base.data_dir) / "train")
     return paper_setting(base.dataset, classes, base.augment)
 
 

@@ -2,7 +2,7 @@
 ``benchmark.py``: warm-up steps, then timed steps between two device synchronizations.
 
 - ``train``: the trainer's own step, ``train.train_step``, on uint8 batches from
-  ``datasets.Batches`` (held in memory on the device): augmentation, /255, standardization,
+  ``Batches`` (held in memory on the device): augmentation, /255, standardization,
   memory format, autocast forward, loss, backward, optimizer, schedule, lookahead and EMA, with
   the recipe's settings (a preset's, else the trainer's defaults). The loop's bookkeeping
   (running sums, a check every 10 steps) is not timed. Then five steps in a row are run once
@@ -47,7 +47,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from allconv_cli.data import datasets
+from allconv_cli.data import splits
+from allconv_cli.data.batches import Batches
 from allconv_cli.data.preprocess import Standardize
 from allconv_cli.device import (
     AUTOCAST_DTYPES,
@@ -209,14 +210,14 @@ def peak_rss_mb() -> float:
 
 
 def synthetic_data(input_size: tuple[int, int, int], num_classes: int, batch_size: int,
-                   device: torch.device, seed: int = 0) -> datasets.ImageData:
+                   device: torch.device, seed: int = 0) -> splits.ImageData:
     """Uniform random uint8 images (N, C, H, W) and labels on ``device``: 50,000 images, or as
     many as fit in 256 MiB (at least one batch)."""
     count = max(batch_size, min(SYNTHETIC_IMAGES, SYNTHETIC_BYTES // math.prod(input_size)))
     generator = torch.Generator(device=device).manual_seed(seed)
     images = torch.randint(0, 256, (count, *input_size), generator=generator, device=device, dtype=torch.uint8)
     labels = torch.randint(0, num_classes, (count,), generator=generator, device=device)
-    return datasets.ImageData(images, labels, [str(i) for i in range(num_classes)])
+    return splits.ImageData(images, labels, [str(i) for i in range(num_classes)])
 
 
 def resolve_steps(device: torch.device, steps: int | None, warmup: int | None) -> tuple[int, int]:
@@ -331,7 +332,7 @@ class _Bench:
         self.device, self.batch_size, self.steps, self.warmup = device, batch_size, steps, warmup
         self.peak, self.matmul = peak, matmul
 
-    def data(self, config: TrainConfig, data: datasets.ImageData, prep: nn.Module) -> dict:
+    def data(self, config: TrainConfig, data: splits.ImageData, prep: nn.Module) -> dict:
 
         batches = _stream(data, self.batch_size, self.device)
         generator = torch.Generator(device=self.device)
@@ -357,7 +358,7 @@ class _Bench:
 
         return self._measure(step, flops)
 
-    def train(self, config: TrainConfig, net: nn.Module, data: datasets.ImageData, prep: nn.Module,
+    def train(self, config: TrainConfig, net: nn.Module, data: splits.ImageData, prep: nn.Module,
               flops: int) -> dict:
         net.train()
         steps_per_epoch = self.warmup + self.steps + Lookahead.EVERY + 1
@@ -405,9 +406,9 @@ class _Bench:
         }
 
 
-def _stream(data: datasets.ImageData, batch_size: int, device: torch.device):
+def _stream(data: splits.ImageData, batch_size: int, device: torch.device):
     """Shuffled full batches of ``data``, epoch after epoch, as the trainer draws them."""
-    batches = datasets.Batches(data, batch_size, shuffle=True, drop_last=True, device=device)
+    batches = Batches(data, batch_size, shuffle=True, drop_last=True, device=device)
     for epoch in itertools.count():
         yield from batches.epoch(epoch)
 

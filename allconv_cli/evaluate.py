@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from allconv_cli.choices import TTA
-from allconv_cli.data import datasets
+from allconv_cli.data import datasets, splits
+from allconv_cli.data.batches import Batches
 from allconv_cli.device import autocast, resolve_device, resolve_precision
 from allconv_cli.files.loading import load_checkpoint
 from allconv_cli.models.registry import (
@@ -38,7 +39,7 @@ def predict(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tenso
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: datasets.Batches, prep: nn.Module, num_classes: int,
+def evaluate(model: nn.Module, batches: Batches, prep: nn.Module, num_classes: int,
              tta: str = "none", precision: str = "fp32", memory_format=torch.channels_last,
              progress: Callable[[int, int], None] | None = None) -> dict:
     """Top-1 / top-5 error (%), mean loss, per-class accuracy (%) and the confusion matrix
@@ -112,7 +113,7 @@ def evaluate_checkpoint(path: str | Path, dataset: str | None = None, data_dir: 
         raise ValueError(f"{path} does not say which data set it was trained on: give --dataset")
     data_dir = data_dir if data_dir is not None else (meta.get("data_dir") if dataset == meta.get("dataset") else None)
     fit = (loaded.interpolation, loaded.crop_pct)
-    data = datasets.limit(datasets.load_split(dataset, split, data_dir, loaded.input_size, workers, fit), limit)
+    data = splits.limit(datasets.load_split(dataset, split, data_dir, loaded.input_size, workers, fit), limit)
     classes = meta["classes"]
     if len(data.classes) != len(classes):
         raise ValueError(f"{path} predicts {len(classes)} classes but {dataset} has {len(data.classes)}: "
@@ -122,7 +123,7 @@ def evaluate_checkpoint(path: str | Path, dataset: str | None = None, data_dir: 
         raise ValueError(f"{path} was trained on other class names than {dataset}'s ({', '.join(differ[:3])}"
                          f"{' ...' if len(differ) > 3 else ''}): its labels would mean other classes here")
     model = loaded.model.to(memory_format=torch.channels_last)
-    batches = datasets.Batches(data, batch_size, shuffle=False, device=dev, workers=workers)
+    batches = Batches(data, batch_size, shuffle=False, device=dev, workers=workers)
     result = evaluate(model, batches, loaded.preprocess, len(classes), tta=tta, precision=arithmetic, progress=progress)
     result.update({"classes": classes, "dataset": dataset, "split": split, "checkpoint": str(path),
                    "model": meta["model"], "epoch": meta.get("epoch"), "tta": tta, "precision": arithmetic,

@@ -31,7 +31,8 @@ from importlib.metadata import version
 
 import torch
 
-from allconv_cli.data.datasets import limit, load_split
+from allconv_cli.data.datasets import load_split
+from allconv_cli.data.splits import limit
 from allconv_cli.device import cpu_flags
 from allconv_cli.explain.faithfulness import (
     MODEL_FREE,

@@ -8,7 +8,7 @@ The first 400 training and 100 test JPEGs of each class (sorted by file name), b
 import sys
 from pathlib import Path
 
-from allconv_cli.data.datasets import SAMPLE_FILE, write_sample
+from allconv_cli.data.sample import SAMPLE_FILE, write_sample
 
 if __name__ == "__main__":
     out = Path(__file__).resolve().parents[1] / "allconv_cli" / "assets" / SAMPLE_FILE

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from allconv_cli import benchmark
-from allconv_cli.data import datasets
+from allconv_cli.data import splits
+from allconv_cli.data.batches import Batches
 from allconv_cli.device import resolve_device, resolve_precision
 from allconv_cli.evaluate import evaluate
 from allconv_cli.train import RunFolder, build, make_learner, train
@@ -153,11 +154,11 @@ def test_7_the_loss_scale_is_saved_and_restored(tmp_path):
 
 @pytest.mark.parametrize("world", [2, 3, 6, 7])
 def test_6_evaluation_shards_cover_every_example_once(world):
-    data = datasets.ImageData(torch.zeros(10_000, 1, 1, 1, dtype=torch.uint8), torch.arange(10_000), ["x"])
+    data = splits.ImageData(torch.zeros(10_000, 1, 1, 1, dtype=torch.uint8), torch.arange(10_000), ["x"])
     seen = torch.cat([labels for rank in range(world)
-                      for _, labels in datasets.Batches(data, 256, shuffle=False, rank=rank, world=world).epoch(0)])
+                      for _, labels in Batches(data, 256, shuffle=False, rank=rank, world=world).epoch(0)])
     assert len(seen) == 10_000 and seen.sort().values.equal(torch.arange(10_000))
-    train_steps = {len(datasets.Batches(data, 256, shuffle=True, drop_last=True, rank=r, world=world))
+    train_steps = {len(Batches(data, 256, shuffle=True, drop_last=True, rank=r, world=world))
                    for r in range(world)}
     assert len(train_steps) == 1  # training shards stay equal: every process takes the same steps
 

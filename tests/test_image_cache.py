@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from allconv_cli.data import cache, datasets
+from allconv_cli.data import cache, datasets, folders, splits
 
 SIZE = (3, 8, 8)
 
@@ -29,7 +29,7 @@ def image_folder(root: Path, per_class: int = 3) -> Path:
     return root
 
 
-def load(root: Path, fit=("bilinear", 1.0)) -> datasets.ImageData:
+def load(root: Path, fit=("bilinear", 1.0)) -> splits.ImageData:
     return datasets.load_split("imagefolder", "train", root, SIZE, workers=1, fit=fit)
 
 
@@ -47,8 +47,8 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def decodes(monkeypatch) -> list[int]:
     """How many images each decode of a split made (one item per cache miss)."""
-    calls, real = [], datasets._decode_files
-    monkeypatch.setattr(datasets, "_decode_files", lambda folder, workers: calls.append(len(folder)) or
+    calls, real = [], folders.decode_files
+    monkeypatch.setattr(folders, "decode_files", lambda folder, workers: calls.append(len(folder)) or
                         real(folder, workers))
     return calls
 
@@ -57,7 +57,7 @@ def refuse_to_decode(folder, workers):
     raise AssertionError("decoded again: the cache was not read")
 
 
-def assert_same(a: datasets.ImageData, b: datasets.ImageData):
+def assert_same(a: splits.ImageData, b: splits.ImageData):
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and a.classes == b.classes
 
 
@@ -66,7 +66,7 @@ def test_a_second_load_reads_the_cache(tmp_path, cache_dir, monkeypatch):
     first = load(root)
     assert first.images.shape == (6, *SIZE) and first.images.dtype == torch.uint8
     assert [name.endswith(".safetensors") for name in entries(cache_dir)] == [True]
-    monkeypatch.setattr(datasets, "_decode_files", refuse_to_decode)
+    monkeypatch.setattr(folders, "decode_files", refuse_to_decode)
     assert_same(load(root), first)
 
 
@@ -129,25 +129,25 @@ def test_a_damaged_entry_is_ignored_and_rewritten(tmp_path, cache_dir, decodes, 
     damage(entry)
     assert_same(load(root), first)
     assert decodes == [6, 6]
-    monkeypatch.setattr(datasets, "_decode_files", refuse_to_decode)
+    monkeypatch.setattr(folders, "decode_files", refuse_to_decode)
     assert_same(load(root), first)  # the rewritten entry is whole
 
 
 def test_two_runs_decoding_at_once_both_succeed(tmp_path, cache_dir, monkeypatch):
     root = image_folder(tmp_path / "data")
     both_decoding = threading.Barrier(2, timeout=60)
-    real = datasets._decode_files
+    real = folders.decode_files
 
     def decode_together(folder, workers):
         both_decoding.wait()  # both have missed the cache; both will write the entry
         return real(folder, workers)
 
-    monkeypatch.setattr(datasets, "_decode_files", decode_together)
+    monkeypatch.setattr(folders, "decode_files", decode_together)
     with ThreadPoolExecutor(2) as pool:
         first, second = pool.map(lambda _: load(root), range(2))
     assert_same(first, second)
     assert [name.endswith(".safetensors") for name in entries(cache_dir)] == [True]  # no temporary file left
-    monkeypatch.setattr(datasets, "_decode_files", refuse_to_decode)
+    monkeypatch.setattr(folders, "decode_files", refuse_to_decode)
     assert_same(load(root), first)
 
 
@@ -204,8 +204,8 @@ def test_an_unwritable_cache_folder_still_loads(tmp_path, monkeypatch, decodes, 
 
 def test_a_streamed_folder_is_not_cached(tmp_path, cache_dir, monkeypatch):
     root = image_folder(tmp_path / "data")
-    monkeypatch.setattr(datasets, "IN_MEMORY_LIMIT", 0)
-    assert isinstance(load(root), datasets.FolderData)
+    monkeypatch.setattr(folders, "IN_MEMORY_LIMIT", 0)
+    assert isinstance(load(root), splits.FolderData)
     assert entries(cache_dir) == []
 
 
@@ -218,7 +218,7 @@ def test_a_miss_decodes_with_every_core(tmp_path, cache_dir, monkeypatch):
             threads.append(max_workers)
             super().__init__(max_workers)
 
-    monkeypatch.setattr(datasets, "ThreadPoolExecutor", Recording)
+    monkeypatch.setattr(folders, "ThreadPoolExecutor", Recording)
     monkeypatch.setattr(os, "cpu_count", lambda: 5)
     load(root)
     assert threads == [5]

@@ -52,7 +52,7 @@ def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
 def test_fit_image_scales_to_cover_then_center_crops():
     import torch
 
-    from allconv_cli.data import datasets
+    from allconv_cli.data import folders
     from allconv_cli.data.images import fit_image, fit_options
 
     rng = np.random.default_rng(1)
@@ -62,7 +62,7 @@ def test_fit_image_scales_to_cover_then_center_crops():
     fitted = fit_image(img, (3, 32, 32), "bilinear", 1.0)
     assert fitted.dtype == torch.uint8 and fitted.shape == (3, 32, 32)
     assert torch.equal(fitted, torch.from_numpy(expected.copy()).permute(2, 0, 1))
-    assert torch.equal(datasets._fit(img, (3, 32, 32), ("bilinear", 1.0)), fitted)  # training fits images the same way
+    assert torch.equal(folders.fit_file(img, (3, 32, 32), ("bilinear", 1.0)), fitted)  # training fits images the same way
     # crop_pct 0.8: cover 40 px (90 -> 60), keep the centre 32 px
     expected = np.asarray(img.resize((60, 40), Image.Resampling.BICUBIC).crop((14, 4, 46, 36)))
     assert torch.equal(fit_image(img, (3, 32, 32), "bicubic", 0.8), torch.from_numpy(expected.copy()).permute(2, 0, 1))

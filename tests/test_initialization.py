@@ -13,6 +13,7 @@ from allconv_cli.models.initialization import (
     initialize,
     patch_whitening,
     unit_variance,
+    first_conv,
     whiten_first_conv,
 )
 from allconv_cli.train import run as train_run
@@ -186,12 +187,12 @@ def test_whiten_frozen_is_never_trained_and_dirac_reaches_the_run(tmp_path):
                                    whiten="frozen", dirac=True, precision="fp32")
     train_run._seed(config)
     setup = trainer.build(config, torch.device("cpu"))
-    start = train_run.first_conv(setup.model).weight.detach().clone()
+    start = first_conv(setup.model).weight.detach().clone()
     trainer.train(config, tmp_path / "run")
     from allconv_cli.files.weights import load_model
 
     model = load_model(tmp_path / "run")[0]
-    assert torch.equal(train_run.first_conv(model).weight, start)  # same seed, same start, never moved
+    assert torch.equal(first_conv(model).weight, start)  # same seed, same start, never moved
     conv2 = model.features.conv2.conv.weight
     assert conv2[0, 0, 1, 1] != 0  # trained from the identity, still there
 

@@ -7,16 +7,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from allconv_cli.models.initialization import first_conv
 from allconv_cli import train as trainer
 from allconv_cli.choices import SCHEDULES
 from allconv_cli.cli import app
-from allconv_cli.data import datasets
+from allconv_cli.data import augmentation, splits
+from allconv_cli.data.batches import Batches
 from allconv_cli.evaluate import predict
 from allconv_cli.files.weights import load_model
 from allconv_cli.models import create_model
 from allconv_cli.train import learner as train_learner
 from allconv_cli.train import optim as train_optim
-from allconv_cli.train import run as train_run
 from allconv_cli.train import settings as configuration
 from allconv_cli.train import step as train_step
 
@@ -24,8 +25,8 @@ TINY = dict(train_limit=64, test_limit=32, batch_size=32, epochs=1, precision="f
 
 
 def test_alternating_flips_mirror_each_image_every_other_epoch():
-    data = datasets.ImageData(torch.zeros(40, 3, 4, 4, dtype=torch.uint8), torch.zeros(40, dtype=torch.long), ["a", "b"])
-    batches = datasets.Batches(data, 8, shuffle=True, drop_last=True, seed=3)
+    data = splits.ImageData(torch.zeros(40, 3, 4, 4, dtype=torch.uint8), torch.zeros(40, dtype=torch.long), ["a", "b"])
+    batches = Batches(data, 8, shuffle=True, drop_last=True, seed=3)
     plan = train_step.flip_plan(len(data), seed=3)
     assert torch.equal(plan, train_step.flip_plan(len(data), seed=3)) and 0 < plan.sum() < len(data)
     for epoch in (0, 1, 2):
@@ -37,7 +38,7 @@ def test_alternating_flips_mirror_each_image_every_other_epoch():
 
 def test_given_flips_replace_the_coin():
     images = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4)
-    out = datasets.augment(images, "paper", torch.Generator().manual_seed(0), shift=0,
+    out = augmentation.augment(images, "paper", torch.Generator().manual_seed(0), shift=0,
                            flips=torch.tensor([True, False]))
     assert torch.equal(out[0], images[0].flip(2)) and torch.equal(out[1], images[1])
 
@@ -47,7 +48,7 @@ def test_given_flips_replace_the_coin():
 def test_weight_decay_on_weights_only(decay_all, frozen_first):
     config = configuration.resolve(None, batch_norm=True, decay_all=decay_all, weight_decay=5e-4)
     model = create_model("all_cnn_c", batch_norm=True)
-    train_run.first_conv(model).requires_grad_(not frozen_first)  # --whiten frozen: a BatchNorm comes first
+    first_conv(model).requires_grad_(not frozen_first)  # --whiten frozen: a BatchNorm comes first
     groups = train_optim.make_optimizer(model, config).param_groups
     decayed = [p for g in groups if g["weight_decay"] > 0 for p in g["params"]]
     trained = [p for p in model.parameters() if p.requires_grad]

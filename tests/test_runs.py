@@ -131,14 +131,15 @@ def test_syncs_with_the_host_are_rare(monkeypatch, seconds, expected):
 
 def test_fit_takes_the_batches_it_is_given():
     """Synthetic batches, no data set: the loop needs only a Learner and Batches."""
-    from allconv_cli.data import datasets
+    from allconv_cli.data import splits
+    from allconv_cli.data.batches import Batches
     from allconv_cli.data.preprocess import Standardize
     from allconv_cli.models import create_model
 
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (64, 3, 32, 32), generator=generator, dtype=torch.uint8)
     labels = torch.arange(64) % 4
-    batches = datasets.Batches(datasets.ImageData(images, labels, list("abcd")), 16, shuffle=True, drop_last=True)
+    batches = Batches(splits.ImageData(images, labels, list("abcd")), 16, shuffle=True, drop_last=True)
     config = tiny(model="all-cnn-a", epochs=3)
     model = create_model("all_cnn_a", num_classes=4, batch_norm=True)
     learner = trainer.make_learner(config, model, Standardize([0.5] * 3, [0.25] * 3), 4, len(batches))

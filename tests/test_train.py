@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from allconv_cli.cli import app
-from allconv_cli.data import datasets
+from allconv_cli.data import augmentation, datasets
 from allconv_cli.evaluate import evaluate_checkpoint
 from allconv_cli.files import weights as checkpoint
 from allconv_cli.train import TrainingDiverged, build, train
@@ -255,17 +255,17 @@ def test_eval_bad_checkpoints(tmp_path):
 
 def test_augment_keeps_shapes_and_is_seeded():
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    first = datasets.augment(images, "paper", torch.Generator().manual_seed(0))
-    again = datasets.augment(images, "paper", torch.Generator().manual_seed(0))
+    first = augmentation.augment(images, "paper", torch.Generator().manual_seed(0))
+    again = augmentation.augment(images, "paper", torch.Generator().manual_seed(0))
     assert first.dtype == torch.uint8 and first.shape == images.shape and torch.equal(first, again)
     assert not torch.equal(first, images)
-    assert torch.equal(datasets.augment(images, "none", torch.Generator()), images)
+    assert torch.equal(augmentation.augment(images, "none", torch.Generator()), images)
 
 
 @pytest.mark.parametrize("shift", [0, 2, 5])
 def test_translations_reach_shift_pixels_each_way(shift):
     images = torch.arange(16 * 16, dtype=torch.uint8).view(1, 1, 16, 16)  # every pixel value unique
-    moved = datasets.augment(images.repeat(600, 1, 1, 1), "paper", torch.Generator().manual_seed(2), shift)
+    moved = augmentation.augment(images.repeat(600, 1, 1, 1), "paper", torch.Generator().manual_seed(2), shift)
     offsets = set()
     for view in moved[:, 0]:
         if view[8, 8] > view[8, 9]:  # values fall left to right: mirrored
@@ -298,8 +298,8 @@ def test_crop_epochs_train_on_windows_then_on_whole_images(tmp_path, monkeypatch
         sides.append(out.shape[-1])
         return out
 
-    real = datasets.augment
-    monkeypatch.setattr(datasets, "augment", recording)
+    real = augmentation.augment
+    monkeypatch.setattr(augmentation, "augment", recording)
     summary = train(_tiny_config(crop=24, crop_epochs=1), tmp_path / "run")  # 2 epochs of 2 steps
     assert sides == [24, 24, 32, 32] and summary["finished"]
 
@@ -370,7 +370,7 @@ def test_bundle_script_writes_fp16_stating_the_errors_of_that_file(tmp_path, mon
 def test_crops_are_windows_of_the_image_at_every_offset(kind):
     images = torch.arange(4 * 8 * 8, dtype=torch.uint8).view(4, 1, 8, 8)  # every pixel value unique
     batch = images.repeat(100, 1, 1, 1)
-    crops = datasets.augment(batch, kind, torch.Generator().manual_seed(1), size=5)
+    crops = augmentation.augment(batch, kind, torch.Generator().manual_seed(1), size=5)
     assert crops.shape == (400, 1, 5, 5)
     corners, flips = set(), 0
     for image, crop in zip(batch, crops):

@@ -87,7 +87,7 @@ def test_class_gradcam_and_every_neuron_mode(workdir, tmp_path):
 
 def _fake_split(calls):
     """load_split's stand-in: 12 random 16x16 images, and a record of what was asked for."""
-    from allconv_cli.data.datasets import ImageData
+    from allconv_cli.data.splits import ImageData
 
     def load_split(name, split, data_dir, input_size, fit):
         assert fit == ("bilinear", 1.0)  # the model's registered fitting

@@ -48,7 +48,9 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse
 from torch.fx.proxy import TraceError
 
-from allconv_cli.data.datasets import Batches, limit, load_split
+from allconv_cli.data.datasets import load_split
+from allconv_cli.data.batches import Batches
+from allconv_cli.data.splits import limit
 from allconv_cli.device import autocast, resolve_precision, tune_cpu_allocator
 from allconv_cli.explain.methods import METHODS, SALIENCY_METHODS
 from allconv_cli.explain.saliency import saliency_maps

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from allconv_cli.data import datasets
+from allconv_cli.data.batches import Batches
 from allconv_cli.explain.methods import SALIENCY_METHODS
 from allconv_cli.explain.saliency import check_methods, saliency_maps
 from allconv_cli.explain.targets import (
@@ -188,5 +189,5 @@ def scan_dataset(loaded: LoadedModel, dataset: str, split: str, data_dir: str | 
     ``layer`` defaults to the last conv layer; ``progress(images scanned, images)``."""
     data = datasets.load_split(dataset, split, data_dir, loaded.input_size, fit=(loaded.interpolation, loaded.crop_pct))
     count = None if progress is None else (lambda seen: progress(seen, len(data)))
-    return top_patches(loaded.model, loaded.preprocess, datasets.Batches(data, 256, shuffle=False, device=device).epoch(0),
+    return top_patches(loaded.model, loaded.preprocess, Batches(data, 256, shuffle=False, device=device).epoch(0),
                        layer or default_layer(loaded.model), channels, top, methods, count)

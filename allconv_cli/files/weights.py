@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from allconv_cli import __version__
-from allconv_cli.data.datasets import AUGMENTATIONS, DATASETS
+from allconv_cli.choices import AUGMENTATIONS, DATASETS
 from allconv_cli.data.preprocess import KINDS
 from allconv_cli.models.registry import create_model, list_models
 from allconv_cli.util import atomic_write, show_value

@@ -12,7 +12,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from allconv_cli.data import datasets
+from allconv_cli.data.batches import Batches
 from allconv_cli.models.initialization import first_conv
 from allconv_cli.models.registry import create_model, resolve_name
 from allconv_cli.train.config import TrainConfig
@@ -52,9 +52,9 @@ class Setup:
     preprocess: nn.Module
     classes: list[str]
     input_size: tuple[int, int, int]
-    train: datasets.Batches
-    evaluate: datasets.Batches
-    test: datasets.Batches | None  # only when evaluate is a validation split
+    train: Batches
+    evaluate: Batches
+    test: Batches | None  # only when evaluate is a validation split
 
 
 @dataclasses.dataclass

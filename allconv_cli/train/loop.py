@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from allconv_cli.data import datasets
+from allconv_cli.data.batches import Batches
 from allconv_cli.train.learner import Learner
 from allconv_cli.train.step import epoch_flips, flip_plan, train_step
 
@@ -69,7 +69,7 @@ class Cadence:
         self.epoch, self.since = epoch, time.monotonic()
 
 
-def fit(learner: Learner, batches: datasets.Batches, position: Position, epochs: int, *,
+def fit(learner: Learner, batches: Batches, position: Position, epochs: int, *,
         evaluate_epoch: Callable[[int], dict] | None = None, save: Callable[[Position], None] | None = None,
         record: Callable[[list[dict]], None] | None = None, progress: Progress | None = None,
         stop: list[int] | None = None, stop_after: int | None = None, world: int = 1,

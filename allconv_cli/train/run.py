@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from allconv_cli.data import datasets
+from allconv_cli.data import datasets, splits
+from allconv_cli.data.batches import Batches
 from allconv_cli.data import preprocess as preprocessing
 from allconv_cli.data.images import fit_options
 from allconv_cli.device import resolve_device, resolve_precision, tune_cpu_allocator
@@ -54,15 +55,15 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
     registered = default_config(name)
     input_size, fit = tuple(registered["input_size"]), fit_options(registered)
     train = datasets.load_split(config.dataset, "train", config.data_dir, input_size, config.workers, fit)
-    train = datasets.limit(train, config.train_limit, config.seed)
-    test = datasets.limit(datasets.load_split(config.dataset, "test", config.data_dir, input_size, config.workers,
+    train = splits.limit(train, config.train_limit, config.seed)
+    test = splits.limit(datasets.load_split(config.dataset, "test", config.data_dir, input_size, config.workers,
                                               fit), config.test_limit, config.seed)
     if len(test.classes) != len(train.classes):
         raise ValueError(f"the train split has {len(train.classes)} classes and the test split "
                          f"{len(test.classes)}: give both the same class folders")
     validation = None
     if config.val_fraction > 0:
-        train, validation = datasets.held_out(train, config.val_fraction, config.seed)
+        train, validation = splits.held_out(train, config.val_fraction, config.seed)
     if config.shuffle_labels:  # once, fixed by the seed: the labels no longer say what the image shows
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
         train = dataclasses.replace(train, labels=train.labels[order])
@@ -90,7 +91,7 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
     per_rank = max(1, config.batch_size // world)
 
     def batches(split, shuffle):
-        return datasets.Batches(split, per_rank, shuffle=shuffle, drop_last=shuffle, seed=config.seed,
+        return Batches(split, per_rank, shuffle=shuffle, drop_last=shuffle, seed=config.seed,
                                 rank=rank, world=world, device=device, workers=config.workers)
 
     evaluate_on = validation if validation is not None else test
@@ -98,12 +99,12 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
                  batches(evaluate_on, False), batches(test, False) if validation is not None else None)
 
 
-def _fit_images(split: datasets.Split, seed: int, most: int = 10_000) -> torch.Tensor:
+def _fit_images(split: splits.Split, seed: int, most: int = 10_000) -> torch.Tensor:
     """All training images in memory; a fixed random 10,000 of a streamed folder."""
-    if isinstance(split, datasets.ImageData):
+    if isinstance(split, splits.ImageData):
         return split.images
-    sample = datasets.limit(split, most, seed)
-    return torch.cat([x for x, _ in datasets.Batches(sample, 256, shuffle=False).epoch(0)])
+    sample = splits.limit(split, most, seed)
+    return torch.cat([x for x, _ in Batches(sample, 256, shuffle=False).epoch(0)])
 
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from timm.models import get_pretrained_cfg_value
 
-from allconv_cli.data.datasets import check_folder, check_source
+from allconv_cli.data.datasets import check_source
+from allconv_cli.data.folders import check_folder
 from allconv_cli.files.weights import check_weights_file
 from allconv_cli.models.registry import (
     MODEL_OPTIONS,

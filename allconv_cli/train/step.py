@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from allconv_cli.data import datasets
+from allconv_cli.data import augmentation
+from allconv_cli.data.batches import Batches
 from allconv_cli.device import autocast
 from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.learner import Learner, memory_format
@@ -25,7 +26,7 @@ def flip_plan(count: int, seed: int) -> torch.Tensor:
     return torch.rand(count, generator=torch.Generator().manual_seed(seed)) < 0.5
 
 
-def epoch_flips(plan: torch.Tensor | None, batches: datasets.Batches, epoch: int) -> torch.Tensor | None:
+def epoch_flips(plan: torch.Tensor | None, batches: Batches, epoch: int) -> torch.Tensor | None:
     """The mirroring of this rank's images in ``epoch``, in batch order, under ``plan`` (None:
     random flips), on the batches' device, copied there once an epoch rather than every step;
     step k's images are entries k * batch_size onwards."""
@@ -40,7 +41,7 @@ def batch_inputs(config: TrainConfig, preprocess: nn.Module, images: torch.Tenso
     (B,) bool, chooses the mirrored images instead of chance), scaled to [0, 1], preprocessed
     float input in the run's memory format. ``flips`` must be on the images' device."""
     generator.manual_seed(step_seed(config.seed, rank, epoch, step))
-    x = datasets.augment(images, config.augment, generator, config.shift,
+    x = augmentation.augment(images, config.augment, generator, config.shift,
                          size=config.crop if epoch < config.crop_epochs else None,
                          flips=flips)
     return preprocess(x.float() / 255).contiguous(memory_format=memory_format(config))
