@@ -33,7 +33,7 @@ from allconv_cli.train.config import (
     list_presets,
     preset_dir,
 )
-from allconv_cli.util import did_you_mean, show_value
+from allconv_cli.util import did_you_mean, read_text, show_value
 
 
 def preset_path(name_or_path: str) -> Path:
@@ -57,7 +57,7 @@ def read_preset(name_or_path: str) -> dict:
     """A preset by name or path -> its settings, keys checked (values are checked by ``validate``)."""
     path = preset_path(name_or_path)
     try:
-        settings = tomllib.loads(path.read_bytes().decode("utf-8"))
+        settings = tomllib.loads(read_text(path))
     except UnicodeDecodeError as err:
         raise ValueError(f"preset {path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
     except tomllib.TOMLDecodeError as err:
