@@ -58,7 +58,7 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
     registered = default_config(name)
     input_size, fit = tuple(registered["input_size"]), fit_options(registered)
     if config.crop >= min(input_size[1:]):
-        raise ValueError(f"crop {config.crop} px is not smaller than {name}'s {input_size[1]}x{input_size[2]} "
+        raise ValueError(f"crop {config.crop} px is not smaller than {config.model}'s {input_size[1]}x{input_size[2]} "
                          f"input: give a smaller --crop")
     train = datasets.load_split(config.dataset, "train", config.data_dir, input_size, config.workers, fit)
     train = datasets.limit(train, config.train_limit, config.seed)
@@ -79,8 +79,8 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
             norm.momentum = config.bn_momentum
     if config.init is not None and preprocess_state is None:  # a resumed run restores its own state
         state, meta, tensors = load_weights(config.init)
-        load_state(model, state, f"--init {config.init} holds {meta['model']} with "
-                                            f"{meta.get('model_kwargs')}, which does not fit {name} with these settings")
+        load_state(model, state, f"--init {config.init} holds {meta['model'].replace('_', '-')} with "
+                                            f"{meta.get('model_kwargs')}, which does not fit {config.model} with these settings")
         if meta["preprocess"]["kind"] != config.preprocess:
             raise ValueError(f"--init {config.init} was trained on {meta['preprocess']['kind']} inputs: "
                              f"give --preprocess {meta['preprocess']['kind']}")
@@ -234,7 +234,7 @@ def _summary(learner: Learner, setup: Setup, config: TrainConfig, run: RunFolder
     """What the run reached; the test split is read once, at the end of a run that held out a
     validation split."""
     done = finished(position.history, config.epochs)
-    summary = {"run_dir": str(run.path), "model": resolve_name(config.model), "dataset": config.dataset,
+    summary = {"run_dir": str(run.path), "model": config.model, "dataset": config.dataset,
                "epochs_done": position.epoch, "epochs": config.epochs, "finished": done, "seconds": seconds,
                "processes": setup.train.world, "batch_per_process": setup.train.batch_size,
                "precision": config.precision, "last": position.history[-1] if position.history else {},

@@ -249,7 +249,9 @@ class RunFolder:
     def write_metrics(self, history: list[dict]):
         """metrics.jsonl and curves.png: at every checkpoint, and at every epoch's end between them."""
         atomic_write_text(self.path / METRICS_NAME, "".join(json.dumps(m) + "\n" for m in history))
-        learning_curves(history, self.path / CURVES_NAME)
+        config = self.read_config()
+        learning_curves(history, self.path / CURVES_NAME,
+                        title=f"{self.path.name}: {config.model} on {config.dataset}")
 
 
 def _load_state(path: Path) -> dict:
