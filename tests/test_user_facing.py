@@ -62,8 +62,8 @@ def test_learning_curves_are_titled_and_ticked_at_whole_epochs(drawn, tmp_path):
 
 
 def test_docs_show_the_models_table_as_the_command_prints_it():
-    printed = invoke("models").stdout.strip("\n")
-    docs = (REPO / "docs" / "models.md").read_text()
+    printed = "\n".join(line.rstrip() for line in invoke("models").stdout.strip("\n").splitlines())
+    docs = "\n".join(line.rstrip() for line in (REPO / "docs" / "models.md").read_text().splitlines())
     assert printed in docs, "docs/models.md: paste the output of `allconv models` again"
     hundred = invoke("models", "--num-classes", "100").stdout
     count = re.search(r"all-cnn-c\s+([\d,]+)", hundred).group(1)
