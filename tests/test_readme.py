@@ -114,3 +114,11 @@ def test_every_relative_link_of_the_readme_and_docs_leads_to_a_file_and_heading(
             if not linked.exists() or (anchor and linked.suffix == ".md" and anchor not in anchors(linked)):
                 broken.append(f"{page.name}: {target}")
     assert not broken, broken
+
+
+def test_the_ci_runs_the_readmes_test_command():
+    """.ci/run deletes .venv, then runs the README's test line as it is written there."""
+    ci = (REPO / ".ci" / "run").read_text().strip().splitlines()
+    assert ci[-1].startswith("python3 -m venv .venv && ") and "pytest -q" in ci[-1]
+    assert f"```bash\n{ci[-1]}\n```" in README.read_text()
+    assert "rm -rf .venv" in ci and "deletes `.venv`" in README.read_text()
