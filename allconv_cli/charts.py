@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from allconv_cli.util import atomic_write
 
@@ -23,12 +24,13 @@ def _save(fig, path: Path) -> Path:
         plt.close(fig)
 
 
-def learning_curves(history: list[dict], path: str | Path) -> Path:
-    """Loss (left) and error % (right) per epoch: training, and whichever eval split was used."""
+def learning_curves(history: list[dict], path: str | Path, title: str) -> Path:
+    """Loss (left) and error % (right) per epoch: training, and whichever eval split was used,
+    under ``title``, which names the run."""
     epochs = [m["epoch"] for m in history]
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(9, 3.4))
-    ax_loss.plot(epochs, [m["train_loss"] for m in history], label="train")
-    ax_err.plot(epochs, [100 - m["train_accuracy"] for m in history], label="train")
+    ax_loss.plot(epochs, [m["train_loss"] for m in history], ".-", label="train")  # a dot: one epoch shows
+    ax_err.plot(epochs, [100 - m["train_accuracy"] for m in history], ".-", label="train")
     for split in ("val", "test"):
         points = [(m["epoch"], m) for m in history if f"{split}_loss" in m]
         if points:
@@ -37,8 +39,10 @@ def learning_curves(history: list[dict], path: str | Path) -> Path:
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     ax_err.set(xlabel="epoch", ylabel="top-1 error %", title="error")
     for ax in (ax_loss, ax_err):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # epochs are whole: no tick at 1.5
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.suptitle(title)
     return _save(fig, Path(path))
 
 

@@ -126,6 +126,6 @@ def evaluate_checkpoint(path: str | Path, dataset: str | None = None, data_dir: 
     batches = Batches(data, batch_size, shuffle=False, device=dev, workers=workers)
     result = evaluate(model, batches, loaded.preprocess, len(classes), tta=tta, precision=arithmetic, progress=progress)
     result.update({"classes": classes, "dataset": dataset, "split": split, "checkpoint": str(path),
-                   "model": meta["model"], "epoch": meta.get("epoch"), "tta": tta, "precision": arithmetic,
+                   "model": meta["model"].replace("_", "-"), "epoch": meta.get("epoch"), "tta": tta, "precision": arithmetic,
                    "paper_error": paper_error(meta["model"], dataset, classes, meta.get("augment", "none"))})
     return result

@@ -26,7 +26,7 @@ from allconv_cli import __version__
 from allconv_cli.files.loading import load_checkpoint
 from allconv_cli.files.weights import WEIGHTS_NAME, resolve_weights
 from allconv_cli.models.registry import resolve_name
-from allconv_cli.util import atomic_write
+from allconv_cli.util import atomic_write, read_text
 
 FORMATS = ("onnx", "pt2", "safetensors")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -160,7 +160,7 @@ def _existing_parent(out: Path) -> Path:
 def _is_timm_export(folder: Path) -> bool:
     config = folder / "config.json"
     try:
-        return folder.is_dir() and "allconv" in json.loads(config.read_text())
+        return folder.is_dir() and "allconv" in json.loads(read_text(config))
     except (OSError, ValueError):
         return False
 

@@ -1,5 +1,5 @@
-"""Leaf helpers shared by every layer: atomic file writes, did-you-mean hints, values shown as
-TOML / JSON write them. Imports nothing of allconv's."""
+"""Leaf helpers shared by every layer: text files read as editors save them, atomic file writes,
+did-you-mean hints, values shown as TOML / JSON write them. Imports nothing of allconv's."""
 
 from __future__ import annotations
 
@@ -15,6 +15,14 @@ from safetensors import SafetensorError
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+
+
+def read_text(path: str | Path) -> str:
+    """A text file as a user's editor may have saved it: UTF-8 with or without a byte-order mark
+    (some Windows editors write one), lines ending in \\n, \\r\\n or \\r; returned with \\n
+    line ends. Every reader of a text file goes through it. Not UTF-8: UnicodeDecodeError."""
+    text = Path(path).read_bytes().decode("utf-8-sig")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:

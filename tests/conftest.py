@@ -38,6 +38,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def own_working_directory(tmp_path_factory, monkeypatch) -> Path:
+    """Each test runs in a folder of its own, so no test reads a file that a user's commands (or
+    another test) left in the working directory, nor leaves one there: tests reach the checkout's
+    files through REPO."""
+    folder = tmp_path_factory.mktemp("cwd")
+    monkeypatch.chdir(folder)
+    return folder
+
+
 @pytest.fixture(scope="session", autouse=True)
 def image_cache(tmp_path_factory) -> Path:
     """The folder decoded image folders are cached in (allconv_cli.data.cache): one of this

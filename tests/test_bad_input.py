@@ -127,7 +127,7 @@ PRESET_FILES = [
     ("crop = 24", "crop_epochs"),
     ("crop_epochs = 3", "crop_epochs"),
     ("crop = 8\ncrop_epochs = 3", "at most epochs (1)"),  # TINY gives --epochs 1
-    ("shift = 32", "shift 32 px is not smaller than all_cnn_c's 32x32 input"),
+    ("shift = 32", "shift 32 px is not smaller than all-cnn-c's 32x32 input"),
     ('schedule = "cosine"\nmilestones = [200]', "milestones"),
     ("milestones = [10]", "only schedule \"paper\""),
     ('schedule = "paper"\nmilestones = "1"', "milestones"),
@@ -478,7 +478,7 @@ def test_a_checkpoint_claiming_millions_of_classes_fails_without_allocating(tmp_
     *messages, grown_kib = done.stdout.strip().splitlines()
     assert len(messages) == 2, done.stdout + done.stderr
     for message, classes in zip(messages, (3_000_000, 30_000_000)):
-        assert "does not fit all_cnn_c" in message and f"[{classes}, 192, 1, 1] in the model" in message
+        assert "does not fit all-cnn-c" in message and f"[{classes}, 192, 1, 1] in the model" in message
     assert int(grown_kib) < 50 * 1024, grown_kib  # KiB: the two 5.5 MB files, not gigabytes
 
 

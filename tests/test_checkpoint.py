@@ -88,7 +88,7 @@ def test_foreign_safetensors_and_other_model(tmp_path):
     with pytest.raises(ValueError, match="without allconv metadata"):
         load_model(tmp_path / "foreign.safetensors")
     path = save_weights(tmp_path / "c.safetensors", create_model("model-c"), full_meta())
-    with pytest.raises(ValueError, match="does not fit all_cnn_c"):
+    with pytest.raises(ValueError, match="does not fit all-cnn-c"):
         load_model(path)
 
 

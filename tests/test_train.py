@@ -311,7 +311,7 @@ def test_init_starts_from_the_given_weights_and_their_preprocessing(tmp_path):
     setup = build(_tiny_config(init=str(first), train_limit=32), torch.device("cpu"))
     assert all(torch.equal(setup.model.state_dict()[key], value) for key, value in state.items())
     assert setup.preprocess.to_meta()[0] == meta["preprocess"]
-    with pytest.raises(ValueError, match="--init .* does not fit all_cnn_c"):
+    with pytest.raises(ValueError, match="--init .* does not fit all-cnn-c"):
         build(_tiny_config(init=str(first), batch_norm=False), torch.device("cpu"))
     with pytest.raises(ValueError, match="give --preprocess standardize"):
         build(_tiny_config(init=str(first), preprocess="zca"), torch.device("cpu"))

@@ -160,7 +160,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
 
     state, meta, preprocess = load_weights(path)
     model = create_model(meta["model"], **meta.get("model_kwargs", {}))
-    load_state(model, state, f"{path} does not fit {meta['model']} with {meta.get('model_kwargs')}")
+    load_state(model, state, f"{path} does not fit {meta['model'].replace('_', '-')} with {meta.get('model_kwargs')}")
     return model.to(device).eval(), meta, preprocess
 
 
@@ -298,7 +298,7 @@ def _check_shapes(path: Path, meta: dict, shapes: dict[str, tuple]) -> torch.nn.
     kwargs = meta.get("model_kwargs", {})
     with torch.device("meta"):
         model = create_model(meta["model"], **kwargs)
-    described = f"{path} does not fit {meta['model']} with {kwargs}"
+    described = f"{path} does not fit {meta['model'].replace('_', '-')} with {kwargs}"
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     found = {key: shape for key, shape in shapes.items() if not key.startswith(PREPROCESS_PREFIX)}
     missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())

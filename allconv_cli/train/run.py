@@ -70,8 +70,8 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
     model = make_model(config, len(train.classes))
     if config.init is not None and preprocess_state is None:  # a resumed run restores its own state
         state, meta, tensors = load_weights(config.init)
-        load_state(model, state, f"--init {config.init} holds {meta['model']} with "
-                                            f"{meta.get('model_kwargs')}, which does not fit {name} with these settings")
+        load_state(model, state, f"--init {config.init} holds {meta['model'].replace('_', '-')} with "
+                                            f"{meta.get('model_kwargs')}, which does not fit {config.model} with these settings")
         if meta["preprocess"]["kind"] != config.preprocess:
             raise ValueError(f"--init {config.init} was trained on {meta['preprocess']['kind']} inputs: "
                              f"give --preprocess {meta['preprocess']['kind']}")
@@ -227,7 +227,7 @@ def _summary(learner: Learner, setup: Setup, config: TrainConfig, run: RunFolder
     """What the run reached; the test split is read once, at the end of a run that held out a
     validation split."""
     done = finished(position.history, config.epochs)
-    summary = {"run_dir": str(run.path), "model": resolve_name(config.model), "dataset": config.dataset,
+    summary = {"run_dir": str(run.path), "model": config.model, "dataset": config.dataset,
                "epochs_done": position.epoch, "epochs": config.epochs, "finished": done, "seconds": seconds,
                "processes": setup.train.world, "batch_per_process": setup.train.batch_size,
                "precision": config.precision, "last": position.history[-1] if position.history else {},

@@ -34,7 +34,7 @@ from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.learner import Learner, Setup
 from allconv_cli.train.loop import Position
 from allconv_cli.train.settings import from_json, model_kwargs
-from allconv_cli.util import atomic_write, atomic_write_text
+from allconv_cli.util import atomic_write, atomic_write_text, read_text
 
 CONFIG_NAME, STATE_NAME, PREPROCESS_NAME, METRICS_NAME, CURVES_NAME, LOCK_NAME = (
     "config.json", "state.pt", "preprocess.safetensors", "metrics.jsonl", "curves.png", ".lock")
@@ -129,7 +129,7 @@ class RunFolder:
             raise FileNotFoundError(f"{self.path} is not a run folder (no {CONFIG_NAME}): give the folder "
                                     "that allconv train wrote")
         try:
-            text = path.read_text()
+            text = read_text(path)
         except UnicodeDecodeError:
             raise ValueError(f"{path} is not an allconv run configuration (not UTF-8 text): give the folder "
                              "that allconv train wrote") from None
@@ -249,7 +249,9 @@ class RunFolder:
     def write_metrics(self, history: list[dict]):
         """metrics.jsonl and curves.png: at every checkpoint, and at every epoch's end between them."""
         atomic_write_text(self.path / METRICS_NAME, "".join(json.dumps(m) + "\n" for m in history))
-        learning_curves(history, self.path / CURVES_NAME)
+        config = self.read_config()
+        learning_curves(history, self.path / CURVES_NAME,
+                        title=f"{self.path.name}: {config.model} on {config.dataset}")
 
 
 def _load_state(path: Path) -> dict:

@@ -35,7 +35,7 @@ from allconv_cli.train.config import (
     preset_dir,
 )
 from allconv_cli.train.optimizers import OPTIMIZERS
-from allconv_cli.util import did_you_mean, show_value
+from allconv_cli.util import did_you_mean, read_text, show_value
 
 
 def preset_path(name_or_path: str) -> Path:
@@ -59,7 +59,7 @@ def read_preset(name_or_path: str) -> dict:
     """A preset by name or path -> its settings, keys checked (values are checked by ``validate``)."""
     path = preset_path(name_or_path)
     try:
-        settings = tomllib.loads(path.read_bytes().decode("utf-8"))
+        settings = tomllib.loads(read_text(path))
     except UnicodeDecodeError as err:
         raise ValueError(f"preset {path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
     except tomllib.TOMLDecodeError as err:
@@ -201,8 +201,8 @@ def check_values(settings: dict, origin: dict[str, str]) -> dict:
             elif key in CHOICES and converted not in CHOICES[key]:
                 wrong, hint = "not a choice", did_you_mean(converted, CHOICES[key])
             elif key == "model":
-                try:
-                    resolve_name(converted)
+                try:  # normalized here, once: every message and file says all-cnn-c as users type it
+                    converted = resolve_name(converted).replace("_", "-")
                 except ValueError:
                     wrong, hint = "not a model", did_you_mean(converted.replace("_", "-"), list_models())
         if wrong is None:
@@ -238,7 +238,7 @@ def validate(config: TrainConfig, origin: dict[str, str] | None = None):
     for key in ("crop", "shift"):  # a reflected border reaches at most side - 1 px
         if getattr(config, key) >= min(height, width):
             raise ValueError(f"{where(key, 'model')}: {key} {getattr(config, key)} px is not smaller than "
-                             f"{name}'s {height}x{width} input: give a smaller {_flag(key, origin.get(key, OPTIONS))}")
+                             f"{config.model}'s {height}x{width} input: give a smaller {_flag(key, origin.get(key, OPTIONS))}")
     if config.nesterov and config.momentum == 0:
         raise ValueError(f"{where('nesterov', 'momentum')}: nesterov needs a momentum above 0: "
                          "give a momentum or turn nesterov off")
