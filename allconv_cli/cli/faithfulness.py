@@ -20,9 +20,12 @@ from allconv_cli.explain.methods import METHODS, MODEL_FREE
 
 _COLUMNS = {"deletion": "deletion AUC ↓", "insertion": "insertion AUC ↑", "road_morf": "ROAD MoRF ↓",
             "road_lerf": "ROAD LeRF ↑"}
-# Images scored when --limit is not given: 20 take about 1 min on a 2-core AMD EPYC (Zen 4) under
-# load, all seven maps, bf16 scoring (docs/faithfulness.md); the sample's 1,000 take about an hour there.
-DEFAULT_LIMIT = 20
+# Images scored when --limit is not given: a first look a newcomer waits for. On a 2-core AMD EPYC
+# (Zen 4, AVX-512 BF16) shared with other jobs (load average 9 to 13), torch 2.14.1, 2026-12-06, the
+# bundled model's seven maps in bf16: 10 images took 36 s in all with OMP_NUM_THREADS=1 and 3 min 17 s
+# with torch's two threads, which wait on each other under load; 20 took 3 min 47 s with two threads,
+# as they took 3 min 33 s on a loaded 2-core AVX2 CPU in fp32.
+DEFAULT_LIMIT = 10
 _MAPS_HELP = (f"Comma-separated: {', '.join(METHODS)}, and the model-free maps "
               f"{' and '.join(f'{name} ({about})' for name, about in MODEL_FREE.items())}. Default: all of them.")
 
@@ -34,7 +37,7 @@ def faithfulness(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Data set to score when no IMAGES are given: sample (bundled), cifar10, cifar100 or imagefolder.")] = "sample",
     data_dir: Annotated[Optional[str], typer.Option("--data-dir", show_default=False, help="Folder of the --dataset.")] = None,
     split: Annotated[str, typer.Option("--split", help="Split of the --dataset.")] = "test",
-    limit: Annotated[Optional[str], typer.Option("--limit", "-n", metavar="N|all", show_default=False, help=f"Score N images of the split (a seeded random subset; 1 to the split's size), or all of them. Default: {DEFAULT_LIMIT}, about a minute on a 2-core CPU; the command says how long before it goes on.")] = None,
+    limit: Annotated[Optional[str], typer.Option("--limit", "-n", metavar="N|all", show_default=False, help=f"Score N images of the split (a seeded random subset; 1 to the split's size), or all of them. Default: {DEFAULT_LIMIT}, a first look; after the first map the command says about how long the run takes here.")] = None,
     methods: Annotated[Optional[str], typer.Option("--methods", show_default=False, help=_MAPS_HELP)] = None,
     target_class: Annotated[str, typer.Option("--class", help="The class whose probability is measured and whose logit the maps explain: a name, an index, or 'predicted' (each image's own).")] = "predicted",
     layer: Annotated[Optional[str], typer.Option("--layer", "-l", show_default=False, help="The layer Grad-CAM weighs. Default: the last conv layer.")] = None,
@@ -58,7 +61,7 @@ def faithfulness(
     edges). Prints each metric's mean and 95 % bootstrap interval over images. Before scoring, it
     says how many images it scores and, from the first maps, about how long that takes.
 
-    Examples: [bold]allconv faithfulness[/bold] (the bundled model on 20 of the sample's test images) ·
+    Examples: [bold]allconv faithfulness[/bold] (the bundled model on a few of the sample's test images) ·
     [bold]allconv faithfulness --limit all[/bold] (all 1,000) ·
     [bold]allconv faithfulness --limit 100 --methods guided,gradcam,sobel[/bold] ·
     [bold]allconv faithfulness cat.png dog.png --baseline zero --json[/bold]

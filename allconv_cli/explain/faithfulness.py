@@ -99,17 +99,6 @@ def _scoring_copy(model: nn.Module) -> nn.Module:
     return scorer.to(memory_format=torch.channels_last)
 
 
-def _maps(loaded: LoadedModel, images, inputs, targets, methods, cam_layer, generator) -> dict[str, torch.Tensor]:
-    """Each method's relevance (B, H, W) on this batch; saliency maps in fp32 (explain's default)."""
-    out = {}
-    for method in methods:
-        if method in MODEL_FREE:
-            out[method] = relevance(model_free_map(method, images, generator))
-        else:
-            out[method] = relevance(saliency_maps(loaded.model, inputs, targets, method, cam_layer=cam_layer))
-    return out
-
-
 def check_methods(methods: Sequence[str] | None) -> list[str]:
     """Validate method names; default: every saliency method and every model-free map."""
     known = (*SALIENCY_METHODS, *MODEL_FREE)
@@ -218,7 +207,13 @@ def faithfulness(
     for images, inputs in batches:
         targets = select_targets(model, inputs, None, target_class=target_class)
         explained = torch.tensor([t.channel for t in targets], device=inputs.device)
-        for method, scores in _maps(loaded, images, inputs, targets, methods, cam_layer, generator).items():
+        # The model-free maps draw from the generator before any curve does, so a seed's draws do not
+        # depend on when the saliency maps are computed: each just before its curves, so that the
+        # first progress report times one method's whole work.
+        free = {m: relevance(model_free_map(m, images, generator)) for m in methods if m in MODEL_FREE}
+        for method in methods:
+            scores = free[method] if method in free else \
+                relevance(saliency_maps(model, inputs, targets, method, cam_layer=cam_layer))  # fp32, as explain's
             curves[method].append(perturbation_curves(scorer, inputs, explained, scores, baseline=baseline, steps=steps,
                                                       generator=generator, precision=precision, batch_size=batch_size))
             done += len(inputs)
