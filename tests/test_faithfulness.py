@@ -381,7 +381,7 @@ def test_a_timm_net_from_a_plain_state_dict(tmp_path):
                                  str(tmp_path / "net.safetensors"), "--methods", "gradcam", "--steps", "2", "--json",
                                  "--out", str(tmp_path / "c.png"), "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     last_stage = timm.create_model("test_resnet").feature_info[-1]["module"]
     assert report["model"] == "test_resnet" and report["cam_layer"] == last_stage
     assert len(report["per_image"]["scores"]["gradcam"]["road_lerf"]) == 1
