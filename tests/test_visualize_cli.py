@@ -415,10 +415,12 @@ def test_a_new_method_is_one_entry(workdir, tmp_path, new_methods, monkeypatch):
 
 def test_help_summaries_are_whole_sentences():
     """`allconv --help` lists each command by its docstring's first paragraph: one line of whole
-    sentences, shown unbroken."""
+    sentences, shown unbroken. Rich help keeps a docstring's line breaks, so every paragraph but
+    the examples is one line."""
     shown = runner.invoke(app, ["--help"], env={"COLUMNS": "2000"})
     assert shown.exit_code == 0, shown.output
     for command in app.registered_commands:
-        summary = inspect.getdoc(command.callback).split("\n\n")[0]
-        assert "\n" not in summary and summary.endswith("."), (command.callback.__name__, summary)
-        assert summary in shown.output, summary
+        summary, *rest = inspect.getdoc(command.callback).split("\n\n")
+        assert summary.endswith(".") and summary in shown.output, (command.callback.__name__, summary)
+        for paragraph in [summary, *rest]:
+            assert "\n" not in paragraph or paragraph.startswith("Example"), (command.callback.__name__, paragraph)

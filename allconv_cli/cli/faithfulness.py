@@ -54,12 +54,7 @@ def faithfulness(
 ):
     """Which saliency map points at what the model uses? Scores each map by deletion and insertion AUC and by ROAD, and writes a chart of the mean curves.
 
-    Each image's pixels are removed, or put back, in the order of a map, most relevant first, and
-    the probability of the explained class is measured: deletion and insertion AUC (Petsiuk et
-    al., 2018) and ROAD, most and least relevant first, with noisy linear imputation (Rong et al.,
-    2022), for every saliency method and two maps that know nothing of the model (random, Sobel
-    edges). Prints each metric's mean and 95 % bootstrap interval over images. Before scoring, it
-    says how many images it scores and, from the first maps, about how long that takes.
+    Each image's pixels are removed, or put back, in the order of a map, most relevant first, and the probability of the explained class is measured: deletion and insertion AUC (Petsiuk et al., 2018) and ROAD, most and least relevant first, with noisy linear imputation (Rong et al., 2022), for every saliency method and two maps that know nothing of the model (random, Sobel edges). Prints each metric's mean and 95 % bootstrap interval over images. Before scoring, it says how many images it scores and, from the first map, about how long that takes.
 
     Examples: [bold]allconv faithfulness[/bold] (the bundled model on a few of the sample's test images) ·
     [bold]allconv faithfulness --limit all[/bold] (all 1,000) ·
@@ -74,11 +69,12 @@ def faithfulness(
         count = _count(limit)
         from allconv_cli.device import resolve_device
         from allconv_cli.explain import faithfulness as faith
-        from allconv_cli.explain import figures
+        from allconv_cli.explain import figures, perturbation
         from allconv_cli.files.loading import load_checkpoint
         from allconv_cli.util import atomic_write
 
         method_list = faith.check_methods(methods.split(",") if methods else None)
+        perturbation.check_baseline(baseline)
         dev = resolve_device(device)
         loaded = load_checkpoint(checkpoint, model, dev)
         what = "image files" if images else f"images of {dataset} {split}"

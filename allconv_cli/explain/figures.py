@@ -80,7 +80,7 @@ def draw(method: str, saliency: torch.Tensor, norm: str = "signed", percentile: 
     return normalize(saliency, norm, percentile) if colormap is None else heat(saliency, colormap)
 
 
-def method_notes(methods, layer: str | None, norm: str, percentile: float) -> list[str]:
+def _method_notes(methods, layer: str | None, norm: str, percentile: float) -> list[str]:
     """What a caption says of how ``methods`` were computed and drawn: the layer those that weigh
     one weighed, each colour map, and the --norm of the others."""
     entries = [SALIENCY_METHODS[m] for m in methods]
@@ -251,7 +251,7 @@ def saliency_figure(explanation, norm: str = "signed", percentile: float = 99.5,
         titles.append(f"{_short(Path(e.paths[t.image]).name)}\n{what}")
     groups = [("input", 1), *((SALIENCY_METHODS[m].title, 1) for m in e.maps)]
     parts = [f"{loaded.name}, weights {loaded.source}", f"signal from {e.selection}",
-             *method_notes(e.maps, e.layer, norm, percentile), "gradients w.r.t. the preprocessed input",
+             *_method_notes(e.maps, e.layer, norm, percentile), "gradients w.r.t. the preprocessed input",
              upscale_text(*e.images.shape[2:], upscale, _MIN_CELL)]
     return render(rows, titles, groups, " · ".join(parts), upscale, _MIN_CELL)
 
@@ -272,7 +272,7 @@ def patches_figure(result, loaded, dataset: str, norm: str = "signed", percentil
     parts = [f"{loaded.name}, weights {loaded.source}",
              f"{result.layer}: per filter the {k} of {result.scanned} {dataset} images whose best neuron "
              f"fires most, cropped to its {rf.size[0]}x{rf.size[1]} receptive field (grey: outside the image)",
-             *method_notes(result.maps, result.layer, norm, percentile),
+             *_method_notes(result.maps, result.layer, norm, percentile),
              upscale_text(*result.patches.shape[3:], upscale, _MIN_PATCH)]
     return render(rows, titles, groups, " · ".join(parts), upscale, _MIN_PATCH)
 
@@ -300,7 +300,7 @@ def sanity_figure(result, method: str, loaded, norm: str = "abs", percentile: fl
                + ("from the top layer down to the one named, re-initialized" if result.mode == "cascade"
                   else "only the layer named re-initialized"))
     parts = [f"{SALIENCY_METHODS[method].title} · {loaded.name}, weights {loaded.source}", how,
-             f"signal from {result.selection}", *method_notes([method], result.layer, norm, percentile),
+             f"signal from {result.selection}", *_method_notes([method], result.layer, norm, percentile),
              upscale_text(*result.images.shape[2:], upscale, _MIN_CELL)]
     return render(rows, titles, groups, " · ".join(parts), upscale, _MIN_CELL)
 
