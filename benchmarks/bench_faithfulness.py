@@ -4,7 +4,7 @@
     python benchmarks/bench_faithfulness.py --images 100 --baseline-images 10
 
 allconv's side is the library under ``allconv faithfulness`` (``explain.faithfulness.faithfulness``)
-with the command's defaults: all seven maps (five methods, random, Sobel), deletion and insertion
+with the command's defaults: every map (the saliency methods, random, Sobel), deletion and insertion
 in 10 steps with the blurred baseline, ROAD MoRF and LeRF at 10 % to 90 %, ``--precision auto``;
 perturbed images are built and scored a batch of (step, image) rows at a time, BatchNorm folded
 into the convs, and ROAD's imputation is one batched conjugate-gradient solve per chunk.
@@ -34,14 +34,9 @@ import torch
 from allconv_cli.data.datasets import load_split
 from allconv_cli.data.splits import limit
 from allconv_cli.device import cpu_flags
-from allconv_cli.explain.faithfulness import (
-    MODEL_FREE,
-    baseline_inputs,
-    faithfulness,
-    model_free_map,
-    relevance,
-)
-from allconv_cli.explain.methods import METHODS
+from allconv_cli.explain.faithfulness import BATCH, faithfulness
+from allconv_cli.explain.methods import MODEL_FREE, SALIENCY_METHODS
+from allconv_cli.explain.perturbation import baseline_inputs, model_free_map, relevance
 from allconv_cli.explain.saliency import saliency_maps
 from allconv_cli.explain.targets import default_layer, select_targets
 from allconv_cli.files.loading import load_checkpoint
@@ -52,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=1000, help="images for allconv's side (default 1000)")
     parser.add_argument("--baseline-images", type=int, default=20, help="images for the baseline (default 20)")
     parser.add_argument("--precision", default="auto", help="allconv's --precision (default auto)")
-    parser.add_argument("--batch-size", type=int, default=250, help="images per batch on both sides (default 250)")
+    parser.add_argument("--batch-size", type=int, default=BATCH,
+                        help=f"images per batch on both sides, at most each side's images (default {BATCH})")
     return parser.parse_args(argv)
 
 
@@ -65,7 +61,7 @@ def cpu_model() -> str:
 
 
 def allconv_side(loaded, count: int, precision: str, batch_size: int) -> dict:
-    result = faithfulness(loaded, count=count, precision=precision, batch_size=batch_size)
+    result = faithfulness(loaded, count=count, precision=precision, batch_size=min(batch_size, count))
     return {"images": len(result.names), "seconds": result.seconds, "precision": result.precision}
 
 
@@ -87,7 +83,7 @@ def plain_side(loaded, count: int, batch_size: int, steps: int = 10) -> dict:
         inputs = loaded.preprocess(images)
         targets = select_targets(model, inputs, None, target_class="predicted")
         blurred = baseline_inputs(inputs, "blur")
-        for method in (*METHODS, *MODEL_FREE):
+        for method in (*SALIENCY_METHODS, *MODEL_FREE):
             maps = model_free_map(method, images, generator) if method in MODEL_FREE else \
                 saliency_maps(model, inputs, targets, method, cam_layer=layer)
             cams = relevance(maps)

@@ -1,9 +1,11 @@
 """Faithfulness metrics: AUCs and imputations against hand values, a linear model whose true
-contributions must beat a random map, pytorch-grad-cam's ROAD as an independent reference, and
-``allconv faithfulness`` end to end on a tiny checkpoint."""
+contributions must beat a random map, pytorch-grad-cam's ROAD as an independent reference, the
+chart, and ``allconv faithfulness`` end to end on a tiny checkpoint: its count and time estimate,
+its bounds, and its inputs checked before its output."""
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -13,10 +15,13 @@ from torch import nn
 from typer.testing import CliRunner
 
 from allconv_cli.cli import app
-from allconv_cli.explain.faithfulness import (
+from allconv_cli.cli import faithfulness as command
+from allconv_cli.explain import faithfulness as faith_module
+from allconv_cli.explain import figures
+from allconv_cli.explain.faithfulness import faithfulness
+from allconv_cli.explain.perturbation import (
     ROAD_FRACTIONS,
     auc,
-    faithfulness,
     impute,
     interval,
     model_free_map,
@@ -238,7 +243,7 @@ def test_the_command_writes_the_chart_and_the_table(workdir, tmp_path):
             "--out", str(out)]
     result = run(workdir, *args, "--json", "--class", "dog", "--baseline", "zero")
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert report["selection"] == "the class dog (1)" and report["baseline"] == "zero" and report["seed"] == 0
     assert [row["method"] for row in report["table"]] == ["backprop", "guided", "random"]
     assert report["per_image"]["classes"] == [1, 1] and len(report["mean_curves"]["guided"]["deletion"]) == 5
@@ -253,19 +258,45 @@ def test_the_command_writes_the_chart_and_the_table(workdir, tmp_path):
 
 
 def test_the_command_scores_a_split_with_a_limit(workdir, tmp_path):
-    result = run(workdir, "--limit", "3", "--methods", "gradcam,sobel", "--steps", "2", "--json",
+    result = run(workdir, "--limit", "3", "--methods", "gradcam,sobel", "--steps", "2", "--json", "--batch-size", "1",
                  "--out", str(tmp_path / "c.png"))
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
-    assert report["images"] == "3 images of sample test (a random subset, seed 0)"
+    report = json.loads(result.stdout)
+    assert report["images"] == "3 images of sample test (a random subset of 1,000, seed 0)"
     assert len(report["per_image"]["labels"]) == 3 and len(report["per_image"]["scores"]["gradcam"]["deletion"]) == 3
+    # before scoring: how many images, then from the first map (one image, batch size 1) how long
+    said = result.stderr.splitlines()
+    assert said[0] == "scoring 3 images of sample test (--limit all scores all 1,000), 2 maps each"
+    assert re.fullmatch(r"scored 1 of 6 maps in \d+ s: about \d+ s in all on this machine; "
+                        r"all 1,000 would take about .+", said[1]), said
+    assert len(said) == 2
+    quiet = run(workdir, "--limit", "3", "--methods", "sobel", "--steps", "2", "--quiet", "--out", str(tmp_path / "q.png"))
+    assert quiet.exit_code == 0 and quiet.stderr == "", quiet.output
+
+
+def test_the_default_count_and_all(workdir, tmp_path, monkeypatch):
+    """--limit: DEFAULT_LIMIT images unless given; all of them with 'all'."""
+    asked = []
+
+    def fake(loaded, images, **options):
+        asked.append(options["count"])
+        raise ValueError("stopped here")
+
+    monkeypatch.setattr(faith_module, "faithfulness", fake)
+    for limit in ([], ["--limit", "all"], ["--limit", "7"]):
+        result = run(workdir, "--out", str(tmp_path / "d.png"), *limit)
+        assert result.exit_code == 2 and "stopped here" in result.output
+    assert asked == [command.DEFAULT_LIMIT, None, 7]
 
 
 @pytest.mark.parametrize("args, expected", [
     (["--methods", "guidde"], "did you mean 'guided'"),
     (["--baseline", "blurr"], "did you mean 'blur'"),
     (["--class", "cta"], "did you mean 'cat'"),
-    (["--steps", "0"], "at least 1"),
+    (["--steps", "0"], "--steps 0: give 1 to 256, the pixels of the model's 16x16 input"),
+    (["--steps", "1000000000"], "--steps 1000000000: give 1 to 256"),
+    (["--batch-size", "0"], "--batch-size 0: give at least 1"),
+    (["--batch-size", "3"], "--batch-size 3: give 1 to 1, the images scored"),
     (["--layer", "conv44"], "did you mean 'conv4'"),
     (["--out", "chart.jpg"], "must end in .png"),
     (["--limit", "3"], "--limit and --data-dir choose images of a data split"),
@@ -278,8 +309,58 @@ def test_bad_input_is_one_line(workdir, tmp_path, args, expected):
     assert "Traceback" not in result.output and not (tmp_path / "out.png").exists()
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--limit", "0"], "--limit 0: give at least 1"),
+    (["--limit", "1001"], "--limit 1001: sample test has 1,000 images; give 1 to 1000, or all"),
+    (["--limit", "lots"], "--limit takes a number of images or all, got 'lots'"),
+    (["--limit", "5", "--batch-size", "6"], "--batch-size 6: give 1 to 5, the images scored"),
+])
+def test_bounds_on_a_split_are_one_line(workdir, tmp_path, args, expected):
+    result = run(workdir, "--out", str(tmp_path / "out.png"), "--methods", "sobel", *args)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"Error: {expected}"
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_inputs_are_checked_before_the_output(workdir, tmp_path, monkeypatch):
+    """A folder given as an image is reported, not the chart a former run left."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "faithfulness.png").write_bytes(b"a former chart")
+    (tmp_path / "photos").mkdir()
+    result = run(workdir, "photos")
+    assert result.exit_code == 2 and "photos is a folder, not an image file" in result.output, result.output
+    result = run(workdir, str(workdir / "a.png"), "--methods", "sobel", "--steps", "2")
+    assert result.exit_code == 2 and "faithfulness.png already exists: pass --force" in result.output
+    assert (tmp_path / "faithfulness.png").read_bytes() == b"a former chart"
+
+
+def test_the_chart_is_titled_as_asked(workdir, tmp_path, monkeypatch):
+    """Each panel's legend names the methods; the chart's title is the run's, not a method's."""
+    loaded = loading.load_checkpoint(workdir / "run")
+    result = faithfulness(loaded, [workdir / "a.png"], methods=["guided", "sobel"], steps=2, precision="fp32")
+    figure = figures.faithfulness_figure(result, "a title")
+    assert figure.get_suptitle() == "a title"
+    for axes in figure.axes:
+        labels = [text.get_text() for text in axes.get_legend().get_texts()]
+        assert labels[0].startswith("guided backprop (") and labels[1].startswith("sobel map (")
+    titles = []
+    real = figures.faithfulness_figure
+
+    def drawn(*args):
+        figure = real(*args)
+        titles.append(figure.get_suptitle())
+        return figure
+
+    monkeypatch.setattr(figures, "faithfulness_figure", drawn)
+    ran = run(workdir, str(workdir / "a.png"), "--methods", "guided,sobel", "--steps", "2", "--baseline", "zero",
+              "--seed", "3", "--out", str(tmp_path / "c.png"))
+    assert ran.exit_code == 0, ran.output
+    assert len(titles) == 1 and re.fullmatch(r"all-cnn-c \(.+run.*\) on 1 image files; each image's predicted "
+                                             r"class; zero baseline, seed 3, (bf16|fp32)", titles[0]), titles
+
+
 def test_both_neighbour_sums_agree():
-    from allconv_cli.explain import faithfulness as faith
+    from allconv_cli.explain import perturbation as faith
 
     x = torch.randn(2, 3, 9, 70, generator=torch.Generator().manual_seed(5))  # wider than _MATMUL_SIZE: slices
     sliced = faith._neighbour_sum(x)
@@ -300,7 +381,7 @@ def test_a_timm_net_from_a_plain_state_dict(tmp_path):
                                  str(tmp_path / "net.safetensors"), "--methods", "gradcam", "--steps", "2", "--json",
                                  "--out", str(tmp_path / "c.png"), "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     last_stage = timm.create_model("test_resnet").feature_info[-1]["module"]
     assert report["model"] == "test_resnet" and report["cam_layer"] == last_stage
     assert len(report["per_image"]["scores"]["gradcam"]["road_lerf"]) == 1

@@ -15,8 +15,9 @@ from torch import nn
 
 from allconv_cli.data.images import load_images
 from allconv_cli.data.preprocess import Standardize
-from allconv_cli.explain import saliency
-from allconv_cli.explain.saliency import PAPER_METHODS, saliency_maps
+from allconv_cli.explain import maps, saliency
+from allconv_cli.explain.methods import PAPER_METHODS, SALIENCY_METHODS, Method, fitting
+from allconv_cli.explain.saliency import saliency_maps
 from allconv_cli.explain.scan import ReceptiveField, receptive_field, top_patches
 from allconv_cli.explain.targets import Target, select_targets
 from allconv_cli.files import loading
@@ -205,8 +206,8 @@ def test_the_model_is_left_exactly_as_it_was():
     x = torch.randn(2, 3, 16, 16)
     neurons = select_targets(model, x, "conv4", top_channels=2)
     classes = select_targets(model, x, target_class="predicted")
-    for method in saliency.METHODS:
-        saliency_maps(model, x, classes if "gradcam" in method else neurons, method, cam_layer="conv6")
+    for method, entry in SALIENCY_METHODS.items():
+        saliency_maps(model, x, classes if entry.needs_class else neurons, method, cam_layer="conv6")
     with pytest.raises(ValueError, match="not a \\(B, C, H, W\\) feature map"):
         select_targets(nn.Sequential(model, nn.Flatten()), x, "1")  # fails inside the forward
     assert [m.training for m in model.modules()] == modes
@@ -556,16 +557,29 @@ def test_images_are_fitted_as_the_model_is_configured(tmp_path):
     exact(inputs, foreign.preprocess(images))
 
 
-def test_a_method_is_one_table_entry(monkeypatch):
-    """A new method made of existing maps needs its entry alone: computing, validation and titles follow."""
-    from allconv_cli.explain import methods
+def input_x_gradient(model, x, rows, layer):
+    """Gradient times input (Shrikumar et al., 2016): a method the table does not have."""
+    return maps.backprop(model, x, rows) * x
 
-    entry = methods.Method("deconvnet Grad-CAM", ("deconvnet", methods.GRADCAM))
-    monkeypatch.setitem(methods.SALIENCY_METHODS, "deconvnet-gradcam", entry)
+
+def test_a_method_is_one_table_entry(monkeypatch):
+    """A new method is its entry (with its function) alone: computing, validation and defaults follow."""
+    entry = Method("input × gradient", input_x_gradient)
+    monkeypatch.setitem(SALIENCY_METHODS, "input-x-gradient", entry)
     model = create_model("all-cnn-c").eval()
     x = torch.rand(2, 3, 32, 32)
-    targets = select_targets(model, x, None, target_class=3)
-    combined = saliency_maps(model, x, targets, "deconvnet-gradcam")
-    expected = saliency_maps(model, x, targets, "deconvnet") * saliency_maps(model, x, targets, "gradcam")
-    assert entry.needs_class and combined.shape == (2, 3, 32, 32)
-    assert torch.allclose(combined, expected)
+    for targets in (select_targets(model, x, None, target_class=3), select_targets(model, x, "conv6")):
+        computed = saliency_maps(model, x, targets, "input-x-gradient")
+        assert computed.shape == (2, 3, 32, 32)
+        assert torch.allclose(computed, saliency_maps(model, x, targets, "backprop") * x)
+    assert "input-x-gradient" in fitting(by_class=False) and "input-x-gradient" in fitting(by_class=True)
+    monkeypatch.setitem(SALIENCY_METHODS, "flat", Method("flat", lambda model, x, rows, layer: x.flatten(1)))
+    with pytest.raises(ValueError, match="method flat returned maps of shape \\(2, 3072\\)"):
+        saliency_maps(model, x, targets, "flat")
+
+
+def test_every_entry_names_a_function_that_exists():
+    for name, entry in SALIENCY_METHODS.items():
+        assert callable(entry.function()), name
+        assert entry.function().__module__ == "allconv_cli.explain.maps" or callable(entry.compute), name
+    assert set(fitting(by_class=False)) == {"backprop", "deconvnet", "guided"} == set(PAPER_METHODS)

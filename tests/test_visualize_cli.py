@@ -1,17 +1,21 @@
 """``allconv visualize`` end to end through CliRunner, on a tiny checkpoint and 16x16 images."""
 
+import inspect
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from matplotlib import colormaps
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from allconv_cli.cli import app
+from allconv_cli.explain import figures, maps
+from allconv_cli.explain.methods import METHODS, SALIENCY_METHODS, Method
 from allconv_cli.files import loading
 from allconv_cli.files.raw_maps import read_raw_maps
 from allconv_cli.files.weights import save_weights
@@ -117,6 +121,36 @@ def test_the_dataset_scan(workdir, tmp_path, monkeypatch):
     assert written.kind == "patches" and written.meta["layer"] == "conv6"
     assert written.tensors["patches"].shape == (2, 4, 3, 19, 19)
     assert written.maps["guided"].shape == (2, 4, 3, 19, 19)
+
+
+@pytest.mark.parametrize("top", ["0", "13", "1000000000"])
+def test_top_is_bounded_by_the_split(workdir, tmp_path, monkeypatch, top):
+    from allconv_cli.data import datasets
+
+    monkeypatch.setattr(datasets, "load_split", _fake_split([]))
+    result = visualize(workdir, "--dataset", "cifar10", "--top", top, "--out", str(tmp_path / "fig3.png"))
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"Error: --top {top}: cifar10 test has 12 images; give 1 to 12 patches per filter"
+    assert not (tmp_path / "fig3.png").exists()
+
+
+def test_inputs_are_checked_before_the_output(workdir, tmp_path, monkeypatch):
+    """A stray grid.png (or sanity/ folder) must not hide an error about an input: a folder given
+    as an image is reported first; the existing output is refused once the inputs are good."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "grid.png").write_bytes(b"a former grid")
+    (tmp_path / "sanity").mkdir()
+    (tmp_path / "sanity" / "guided.png").write_bytes(b"a former grid")
+    for command in ("visualize", "sanity"):
+        folder = runner.invoke(app, [command, "photos", "--checkpoint", str(workdir / "run"), "--device", "cpu"])
+        assert folder.exit_code == 2, folder.output
+        assert folder.output.strip() == "Error: image photos is a folder, not an image file: give the image files in it"
+        image = [str(workdir / "a.png"), "--checkpoint", str(workdir / "run"), "--device", "cpu"]
+        existing = runner.invoke(app, [command, *image] + (["--methods", "guided"] if command == "sanity" else []))
+        assert existing.exit_code == 2 and "already exists: pass --force" in existing.output, existing.output
+    assert (tmp_path / "grid.png").read_bytes() == b"a former grid"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["grid.png", "guided.png", "photos", "sanity"]
 
 
 def test_the_scan_progress_bar_on_a_terminal(workdir, tmp_path, monkeypatch):
@@ -262,6 +296,8 @@ def _bad_files(folder):
     "missing image", "not an image", "truncated image", "decompression bomb", "unknown layer",
     "unknown method", "gradcam without a class", "unknown class", "two neuron choices", "bad norm",
     "out not png", "no images", "missing bundled weights", "bad channel", "bad precision", "fp16 on the cpu",
+    "no top channels", "more top channels than the layer has", "neuron outside the map", "percentile 0",
+    "percentile over 100",
 ])
 def test_bad_input_is_one_line_and_no_png(workdir, tmp_path, monkeypatch, case):
     image = str(workdir / "a.png")
@@ -283,6 +319,12 @@ def test_bad_input_is_one_line_and_no_png(workdir, tmp_path, monkeypatch, case):
         "bad channel": ([image, "--channel", "500", "--layer", "conv6"], "channel 500 is out of range"),
         "bad precision": ([image, "--precision", "fp8"], "unknown precision 'fp8'"),
         "fp16 on the cpu": ([image, "--precision", "fp16"], "fp16 autocast runs on CUDA only"),
+        "no top channels": ([image, "--top-channels", "0"], "--top-channels 0: conv9 has 3 channels; give 1 to 3"),
+        "more top channels than the layer has": ([image, "--top-channels", "1000000000"],
+                                                 "--top-channels 1000000000: conv9 has 3 channels; give 1 to 3"),
+        "neuron outside the map": ([image, "--layer", "conv6", "--neuron", "0", "99", "0"], "neuron y 99 is out of range"),
+        "percentile 0": ([image, "--norm", "percentile", "--percentile", "0"], "--percentile 0.0 must be in (0, 100]"),
+        "percentile over 100": ([image, "--percentile", "101"], "--percentile 101.0 must be in (0, 100]"),
     }[case]
     if case == "decompression bomb":
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
@@ -311,3 +353,74 @@ def test_the_raw_maps_reader_refuses_other_files(tmp_path):
         read_raw_maps(other)
     with pytest.raises(ValueError, match="holds image, input, targets"):
         write_raw_maps(tmp_path / "bad.safetensors", "saliency", {}, {"image": torch.zeros(1)}, {})
+
+
+def input_x_gradient(model, x, rows, layer):
+    """Gradient times input (Shrikumar et al., 2016): signed, for a neuron or a class."""
+    return maps.backprop(model, x, rows) * x
+
+
+def gradient_magnitude(model, x, rows, layer):
+    """Simonyan et al.'s (2014) class saliency map: the largest |gradient| over colour channels."""
+    return maps.backprop(model, x, rows).abs().amax(1, keepdim=True)
+
+
+NEW_METHODS = {"input-x-gradient": Method("input × gradient", input_x_gradient),
+               "gradient-magnitude": Method("gradient magnitude", gradient_magnitude, needs_class=True,
+                                            colormap="viridis")}
+
+
+@pytest.fixture
+def new_methods(monkeypatch):
+    """Two methods the table does not have, each added as one entry (its function defined here)."""
+    for name, entry in NEW_METHODS.items():
+        monkeypatch.setitem(SALIENCY_METHODS, name, entry)
+    return list(NEW_METHODS)
+
+
+def test_a_new_method_is_one_entry(workdir, tmp_path, new_methods, monkeypatch):
+    """Added as entries, two methods are computed, validated, drawn and scored by visualize and
+    faithfulness with no other change."""
+    out, raw = tmp_path / "grid.png", tmp_path / "maps.safetensors"
+    image = str(workdir / "a.png")
+    refused = visualize(workdir, image, "--methods", "gradient-magnitude", "--out", str(out))
+    assert refused.exit_code == 2 and "gradient-magnitude explain a class score: add --class" in refused.output
+    drawn = []
+
+    def render(rows, titles, groups, caption, *rest):
+        drawn.append((rows, groups, caption))
+        return b"png"
+
+    monkeypatch.setattr(figures, "render", render)
+    result = visualize(workdir, image, "--class", "dog", "--methods", ",".join(["guided", *new_methods]),
+                       "--out", str(out), "--raw", str(raw))
+    assert result.exit_code == 0, result.output
+    written = read_raw_maps(raw)
+    assert written.maps["input-x-gradient"].shape == (1, 3, 16, 16)
+    assert written.maps["gradient-magnitude"].shape == (1, 1, 16, 16)
+    torch.testing.assert_close(written.maps["gradient-magnitude"], written.maps["input-x-gradient"].div(
+        written.tensors["input"]).abs().amax(1, keepdim=True), rtol=1e-4, atol=1e-6)
+    (cells, *_), groups, caption = drawn[0]
+    assert [title for title, _ in groups] == ["input", "guided backprop", "input × gradient", "gradient magnitude"]
+    colours = colormaps["viridis"](np.linspace(0, 1, 256))[:, :3]
+    assert np.abs(cells[3].reshape(-1, 1, 3) - colours[None]).sum(-1).min(1).max() < 0.01  # viridis
+    assert "gradient magnitude 0 to max (viridis)" in caption
+    scored = runner.invoke(app, ["faithfulness", image, "--checkpoint", str(workdir / "run"), "--device", "cpu",
+                                 "--steps", "2", "--json", "--out", str(tmp_path / "chart.png")])
+    assert scored.exit_code == 0, scored.output
+    report = json.loads(scored.stdout)
+    assert [row["method"] for row in report["table"]] == [*METHODS, *new_methods, "random", "sobel"]
+    assert len(report["mean_curves"]["gradient-magnitude"]["insertion"]) == 3
+
+
+def test_help_summaries_are_whole_sentences():
+    """`allconv --help` lists each command by its docstring's first paragraph: one line of whole
+    sentences, shown unbroken. Rich help keeps a docstring's line breaks, so every paragraph but
+    the examples is one line."""
+    shown = runner.invoke(app, ["--help"], env={"COLUMNS": "2000"})
+    assert shown.exit_code == 0, shown.output
+    for command in app.registered_commands:
+        summary, *rest = inspect.getdoc(command.callback).split("\n\n")
+        assert summary.endswith(".") and summary in shown.output, (command.callback.__name__, summary)
+        for paragraph in [summary, *rest]:
+            assert "\n" not in paragraph or paragraph.startswith("Example"), (command.callback.__name__, paragraph)

@@ -15,7 +15,7 @@ from allconv_cli.cli.common import (
     refuse_existing,
     user_errors,
 )
-from allconv_cli.explain.methods import METHODS, PAPER_METHODS
+from allconv_cli.explain.methods import CLASS_METHODS, METHODS, PAPER_METHODS, fitting
 
 
 def visualize(
@@ -27,11 +27,11 @@ def visualize(
     channel: Annotated[Optional[list[int]], typer.Option("--channel", show_default=False, help="A channel of --layer at its spatial maximum; repeat for more rows. With --dataset: the filters to scan (default: the first 8).")] = None,
     neuron: Annotated[Optional[tuple[int, int, int]], typer.Option("--neuron", show_default=False, help="One exact neuron: CHANNEL Y X.")] = None,
     top_channels: Annotated[Optional[int], typer.Option("--top-channels", show_default=False, help="The K most active channels of --layer per image, one row each.")] = None,
-    target_class: Annotated[Optional[str], typer.Option("--class", show_default=False, help="Start at a class logit instead: a name, an index, or 'predicted'. Needed by gradcam and guided-gradcam.")] = None,
+    target_class: Annotated[Optional[str], typer.Option("--class", show_default=False, help=f"Start at a class logit instead: a name, an index, or 'predicted'. Needed by {' and '.join(CLASS_METHODS)}.")] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", show_default=False, help="Instead of images: scan this data set (sample, cifar10, cifar100, imagefolder) for each filter's top patches, the paper's Fig. 3.")] = None,
     data_dir: Annotated[Optional[str], typer.Option("--data-dir", show_default=False, help="Folder of the --dataset.")] = None,
     split: Annotated[str, typer.Option("--split", help="Split of the --dataset to scan.")] = "test",
-    top: Annotated[int, typer.Option("--top", help="Patches per filter with --dataset.")] = 10,
+    top: Annotated[int, typer.Option("--top", help="Patches per filter with --dataset: 1 to the images of the split.")] = 10,
     out: Annotated[Path, typer.Option("--out", "-o", help="The grid PNG.")] = Path("grid.png"),
     raw: Annotated[Optional[Path], typer.Option("--raw", show_default=False, help="Also save the raw maps, the preprocessed input and the targets here (.safetensors).")] = None,
     force: Annotated[bool, typer.Option("--force", metavar="", help="Overwrite an existing --out or --raw file (otherwise refused).")] = False,
@@ -50,7 +50,7 @@ def visualize(
     [bold]allconv visualize dog.jpg --model resnet18 --checkpoint resnet18.safetensors --layer layer4[/bold]
     """
     with user_errors():
-        _check_visualize_options(images, dataset, out, raw, force, neuron or top_channels or target_class)
+        _check_visualize_options(images, dataset, out, raw, neuron or top_channels or target_class)
         from allconv_cli.device import resolve_device, resolve_precision
         from allconv_cli.explain import figures, saliency, scan
         from allconv_cli.files.loading import load_checkpoint
@@ -74,6 +74,7 @@ def visualize(
             finally:
                 stop()
             png = figures.patches_figure(result, loaded, f"{dataset} {split}", norm, percentile, upscale)
+        refuse_existing((out, raw), force)  # only now: an error about an input comes first
         if raw is not None:
             result.save(raw)
         atomic_write(out, lambda tmp: tmp.write_bytes(png))
@@ -88,8 +89,8 @@ def visualize(
     typer.echo(f"wrote {out}" + (f" and {raw}" if raw is not None else ""))
 
 
-def _check_visualize_options(images, dataset, out: Path, raw: Path | None, force: bool, picks_neurons: bool):
-    """The options that contradict each other or the output files, before any work."""
+def _check_visualize_options(images, dataset, out: Path, raw: Path | None, picks_neurons: bool):
+    """The options that contradict each other, or name outputs of the wrong kind, before any work."""
     if bool(images) == (dataset is not None):
         raise ValueError("give IMAGE files or --dataset NAME (one of the two)")
     for path, suffix, option in ((out, ".png", "--out"), (raw, ".safetensors", "--raw")):
@@ -98,7 +99,6 @@ def _check_visualize_options(images, dataset, out: Path, raw: Path | None, force
     if dataset is not None and picks_neurons:
         raise ValueError("with --dataset, choose the filters with --channel (not --neuron, "
                          "--top-channels or --class)")
-    refuse_existing((out, raw), force)
 
 
 def _describe(row: dict) -> str:
@@ -116,7 +116,7 @@ def sanity(
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", show_default=False, help="Run folder or allconv .safetensors weights. Default: the bundled All-CNN-C trained on CIFAR-10.")] = None,
     against: Annotated[Optional[Path], typer.Option("--against", show_default=False, help="Instead of randomizing layers: compare with the maps of this run folder or checkpoint, e.g. a model trained with 'allconv train --shuffle-labels' (the data-randomization test).")] = None,
     layer: Annotated[Optional[str], typer.Option("--layer", "-l", show_default=False, help="Without --class: explain the trained model's most active neuron of this layer (paper's methods only) and randomize from it down. With --class: the layer Grad-CAM weighs. Default: the class, predicted by the trained model, and the last conv layer.")] = None,
-    methods: Annotated[Optional[str], typer.Option("--methods", show_default=False, help=f"Comma-separated: {', '.join(METHODS)}. Default: all of them for a class, the paper's {','.join(PAPER_METHODS)} for a neuron.")] = None,
+    methods: Annotated[Optional[str], typer.Option("--methods", show_default=False, help=f"Comma-separated: {', '.join(METHODS)}. Default: all of them for a class, {','.join(fitting(by_class=False))} for a neuron.")] = None,
     target_class: Annotated[Optional[str], typer.Option("--class", show_default=False, help="The class logit to explain: a name, an index or 'predicted' (the trained model's prediction, the default without --layer).")] = None,
     mode: Annotated[str, typer.Option("--mode", help="cascade (re-initialize from the top layer down, one more layer per stage) or independent (one layer at a time).")] = "cascade",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the re-initialization (the model's own initializer).")] = 0,
@@ -134,26 +134,25 @@ def sanity(
     [bold]allconv sanity cat.png --against runs/shuffled-labels[/bold]
     """
     with user_errors():
-        from allconv_cli.explain.saliency import check_methods
-
-        if against is not None and mode != "cascade":
-            raise ValueError("--against compares two models; it takes no --mode")
-        by_class = target_class is not None or layer is None
-        method_list = check_methods(methods.split(",")) if methods else (METHODS if by_class else PAPER_METHODS)
-        pngs = [out / f"{m}.png" for m in method_list] + [out / "similarity.png"]
-        refuse_existing(pngs, force)
         from allconv_cli.device import resolve_device
         from allconv_cli.explain import figures
+        from allconv_cli.explain.saliency import check_methods
         from allconv_cli.explain.sanity import sanity_check
         from allconv_cli.files.loading import load_checkpoint
         from allconv_cli.util import atomic_write
 
+        if against is not None and mode != "cascade":
+            raise ValueError("--against compares two models; it takes no --mode")
+        by_class = target_class is not None or layer is None
+        method_list = check_methods(methods.split(",") if methods else fitting(by_class))
         figures.check_display(norm, 99.5, "nearest")
         dev = resolve_device(device)
         loaded = load_checkpoint(checkpoint, None, dev)
         other = load_checkpoint(against, None, dev) if against is not None else None
         result = sanity_check(loaded, images, layer, method_list, mode=mode, target_class=target_class,
                               against=other, seed=seed, precision=precision)
+        pngs = [out / f"{m}.png" for m in method_list] + [out / "similarity.png"]
+        refuse_existing(pngs, force)  # only now: an error about an input comes first
         for method, png in zip(method_list, pngs):
             figure = figures.sanity_figure(result, method, loaded, norm)
             atomic_write(png, lambda tmp, figure=figure: tmp.write_bytes(figure))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,9 +16,18 @@ from allconv_cli.cli.common import (
     refuse_existing,
     user_errors,
 )
+from allconv_cli.explain.methods import METHODS, MODEL_FREE
 
 _COLUMNS = {"deletion": "deletion AUC ↓", "insertion": "insertion AUC ↑", "road_morf": "ROAD MoRF ↓",
             "road_lerf": "ROAD LeRF ↑"}
+# Images scored when --limit is not given: a first look a newcomer waits for. On a 2-core AMD EPYC
+# (Zen 4, AVX-512 BF16) shared with other jobs (load average 9 to 13), torch 2.14.1, 2026-12-06, the
+# bundled model's seven maps in bf16: 10 images took 36 s in all with OMP_NUM_THREADS=1 and 3 min 17 s
+# with torch's two threads, which wait on each other under load; 20 took 3 min 47 s with two threads,
+# as they took 3 min 33 s on a loaded 2-core AVX2 CPU in fp32.
+DEFAULT_LIMIT = 10
+_MAPS_HELP = (f"Comma-separated: {', '.join(METHODS)}, and the model-free maps "
+              f"{' and '.join(f'{name} ({about})' for name, about in MODEL_FREE.items())}. Default: all of them.")
 
 
 def faithfulness(
@@ -27,29 +37,27 @@ def faithfulness(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Data set to score when no IMAGES are given: sample (bundled), cifar10, cifar100 or imagefolder.")] = "sample",
     data_dir: Annotated[Optional[str], typer.Option("--data-dir", show_default=False, help="Folder of the --dataset.")] = None,
     split: Annotated[str, typer.Option("--split", help="Split of the --dataset.")] = "test",
-    limit: Annotated[Optional[int], typer.Option("--limit", "-n", show_default=False, help="Score at most this many images of the split (a seeded random subset), for quick runs.")] = None,
-    methods: Annotated[Optional[str], typer.Option("--methods", show_default=False, help="Comma-separated: backprop, deconvnet, guided, gradcam, guided-gradcam, and the model-free maps random and sobel (the image's edges). Default: all seven.")] = None,
+    limit: Annotated[Optional[str], typer.Option("--limit", "-n", metavar="N|all", show_default=False, help=f"Score N images of the split (a seeded random subset; 1 to the split's size), or all of them. Default: {DEFAULT_LIMIT}, a first look; after the first map the command says about how long the run takes here.")] = None,
+    methods: Annotated[Optional[str], typer.Option("--methods", show_default=False, help=_MAPS_HELP)] = None,
     target_class: Annotated[str, typer.Option("--class", help="The class whose probability is measured and whose logit the maps explain: a name, an index, or 'predicted' (each image's own).")] = "predicted",
     layer: Annotated[Optional[str], typer.Option("--layer", "-l", show_default=False, help="The layer Grad-CAM weighs. Default: the last conv layer.")] = None,
     baseline: Annotated[str, typer.Option("--baseline", help="What removed pixels become in deletion, and the image insertion starts from: blur (the input blurred by a Gaussian of sigma = width / 16, 2 px at 32 x 32) or zero (0 in the model's input, the training data's mean colour for standardized input).")] = "blur",
-    steps: Annotated[int, typer.Option("--steps", help="Deletion and insertion steps: the curves are measured at 0, 1/steps, ..., 1 of the pixels.")] = 10,
+    steps: Annotated[int, typer.Option("--steps", help="Deletion and insertion steps: the curves are measured at 0, 1/steps, ..., 1 of the pixels; 1 to the pixels of the model's input.")] = 10,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random map, the order of tied pixels, ROAD's imputation noise, the --limit subset and the bootstrap intervals.")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch (each is perturbed and scored 2 + 36 times per method).")] = 250,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", show_default=False, help="Images per batch, 1 to the images scored (each is perturbed and scored 2 + 36 times per map). Default: 250, or all the images when fewer.")] = None,
     precision: Annotated[str, typer.Option("--precision", help="Autocast of the forward passes that score perturbed images: auto (bf16 where the CPU or GPU computes it natively), fp32, bf16 or fp16 (CUDA only). Maps are always computed in fp32.")] = "auto",
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     out: Annotated[Path, typer.Option("--out", "-o", help="The chart of the mean curves (PNG).")] = Path("faithfulness.png"),
     force: Annotated[bool, typer.Option("--force", metavar="", help="Overwrite an existing --out (otherwise refused).")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress bar on stderr (there is none either when stderr is not a terminal).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No count, time estimate or progress bar on stderr (there is no bar either when stderr is not a terminal).")] = False,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the table, the mean curves and every image's scores as JSON.")] = False,
 ):
-    """Which map is faithful? Remove each image's pixels in the order of a map, most relevant
-    first, and watch the probability of the explained class: deletion and insertion AUC
-    (Petsiuk et al., 2018) and ROAD, most and least relevant first, with noisy linear imputation
-    (Rong et al., 2022), for the paper's three methods, Grad-CAM, guided Grad-CAM and two maps
-    that know nothing of the model (random, Sobel edges). Prints each metric's mean and 95 %
-    bootstrap interval over images and writes the mean curves as a PNG chart.
+    """Which saliency map points at what the model uses? Scores each map by deletion and insertion AUC and by ROAD, and writes a chart of the mean curves.
 
-    Examples: [bold]allconv faithfulness[/bold] (the bundled model on the sample's 1,000 test images) ·
+    Each image's pixels are removed, or put back, in the order of a map, most relevant first, and the probability of the explained class is measured: deletion and insertion AUC (Petsiuk et al., 2018) and ROAD, most and least relevant first, with noisy linear imputation (Rong et al., 2022), for every saliency method and two maps that know nothing of the model (random, Sobel edges). Prints each metric's mean and 95 % bootstrap interval over images. Before scoring, it says how many images it scores and, from the first map, about how long that takes.
+
+    Examples: [bold]allconv faithfulness[/bold] (the bundled model on a few of the sample's test images) ·
+    [bold]allconv faithfulness --limit all[/bold] (all 1,000) ·
     [bold]allconv faithfulness --limit 100 --methods guided,gradcam,sobel[/bold] ·
     [bold]allconv faithfulness cat.png dog.png --baseline zero --json[/bold]
     """
@@ -58,44 +66,88 @@ def faithfulness(
             raise ValueError(f"--out {out} must end in .png")
         if images and (limit is not None or data_dir is not None):
             raise ValueError("--limit and --data-dir choose images of a data split: drop them, or drop the IMAGES")
-        refuse_existing([out], force)
+        count = _count(limit)
         from allconv_cli.device import resolve_device
         from allconv_cli.explain import faithfulness as faith
+        from allconv_cli.explain import figures, perturbation
         from allconv_cli.files.loading import load_checkpoint
         from allconv_cli.util import atomic_write
 
         method_list = faith.check_methods(methods.split(",") if methods else None)
-        faith.check_baseline(baseline)
+        perturbation.check_baseline(baseline)
         dev = resolve_device(device)
         loaded = load_checkpoint(checkpoint, model, dev)
-        progress, stop = progress_bar("scoring maps", quiet)
+        what = "image files" if images else f"images of {dataset} {split}"
+        ready, progress, stop = _reporting(out, force, quiet, what, len(method_list))
         try:
-            result = faith.faithfulness(loaded, images, dataset=dataset, split=split, data_dir=data_dir, count=limit,
+            result = faith.faithfulness(loaded, images, dataset=dataset, split=split, data_dir=data_dir, count=count,
                                         methods=method_list, target_class=target_class, cam_layer=layer,
                                         baseline=baseline, steps=steps, seed=seed, precision=precision,
-                                        batch_size=batch_size, progress=progress)
+                                        batch_size=batch_size, ready=ready, progress=progress)
         finally:
             stop()
         title = (f"{loaded.name} ({loaded.source}) on {result.source}; {result.selection}; {baseline} baseline, "
                  f"seed {seed}, {result.precision}")
-        chart = faith.faithfulness_chart(result, title)
+        chart = figures.faithfulness_chart(result, title)
         atomic_write(out, lambda tmp: tmp.write_bytes(chart))
     rows = result.table()
     if as_json:
-        typer.echo(json.dumps(_report(rows, result, loaded, out, faith.ROAD_FRACTIONS), indent=2))
+        typer.echo(json.dumps(_report(rows, result, loaded, out), indent=2))
         return
     _print_table(rows, result, out)
 
 
-def _report(rows: list[dict], result, loaded, out: Path, road_fractions) -> dict:
+def _count(limit: str | None) -> int | None:
+    """--limit's text -> images to score (None: all of them)."""
+    if limit is None:
+        return DEFAULT_LIMIT
+    if limit.strip().lower() == "all":
+        return None
+    try:
+        return int(limit)
+    except ValueError:
+        raise ValueError(f"--limit takes a number of images or all, got {limit!r}") from None
+
+
+def _reporting(out: Path, force: bool, quiet: bool, what: str, maps: int):
+    """-> (ready, progress, stop) for the library: ``ready`` refuses an existing --out (every input
+    has been read and checked by then) and says how many images will be scored; ``progress``
+    drives the bar and, at its first report, says about how long the whole run takes."""
+    bar, stop = progress_bar("scoring maps", quiet)
+    run = {}  # images to score and available, when scoring started, whether the estimate was given
+
+    def say(line: str):
+        if not quiet:
+            typer.echo(line, err=True)
+
+    def ready(count: int, available: int):
+        refuse_existing([out], force)
+        run.update(count=count, available=available, started=time.perf_counter(), estimated=False)
+        rest = f" (--limit all scores all {available:,})" if count < available else ""
+        say(f"scoring {count:,} {what}{rest}, {maps} map{'s' if maps > 1 else ''} each")
+
+    def progress(done: int, total: int):
+        if bar is not None:
+            bar(done, total)
+        if not run["estimated"] and done < total:
+            run["estimated"] = True
+            per_map = (time.perf_counter() - run["started"]) / done
+            also = f"; all {run['available']:,} would take about {duration(run['available'] * maps * per_map)}" \
+                if run["count"] < run["available"] else ""
+            say(f"scored {done} of {total} maps in {duration(per_map * done)}: about {duration(per_map * total)} "
+                f"in all on this machine{also}")
+
+    return ready, progress, stop
+
+
+def _report(rows: list[dict], result, loaded, out: Path) -> dict:
     """What --json prints: the table, the mean curves and every image's scores."""
     scores = result.scores()
     return {
         "model": loaded.name, "weights": loaded.source, "images": result.source, "selection": result.selection,
         "baseline": result.baseline, "steps": result.steps, "seed": result.seed, "precision": result.precision,
         "cam_layer": result.cam_layer, "seconds": round(result.seconds, 2), "table": rows,
-        "fractions": {"deletion": result.fractions, "insertion": result.fractions,
-                      "road_morf": list(road_fractions), "road_lerf": list(road_fractions)},
+        "fractions": {metric: result.positions(metric) for metric in _COLUMNS},
         "mean_curves": {m: {k: c.mean(0).tolist() for k, c in curves.items()} for m, curves in result.curves.items()},
         "per_image": {"names": result.names, "classes": result.classes.tolist(),
                       "labels": None if result.labels is None else result.labels.tolist(),

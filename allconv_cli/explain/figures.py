@@ -1,12 +1,13 @@
-"""Saliency figures: map normalization, upscaling for viewing, the grid PNGs and the sanity chart
-(matplotlib, Agg).
+"""Saliency figures: map normalization, upscaling for viewing, the grid PNGs, and the sanity and
+faithfulness charts (matplotlib, Agg).
 
 Every map is scaled on its own, as the caption states: ``signed`` divides by its largest
 absolute value and shows 0 as mid-grey (positive brighter, colour kept); ``abs`` shows the
 absolute value (largest over colour channels) from black to white; ``percentile`` clips at
-the given percentile of the absolute values first, then shows it signed around grey. Grad-CAM
-maps are non-negative and always shown from 0 to their maximum in the inferno colour map.
-Cells smaller than ``min_cell`` pixels are upscaled by a whole factor, nearest or bicubic.
+the given percentile of the absolute values first, then shows it signed around grey. A method
+whose entry has a colour map (Grad-CAM's: inferno) is non-negative and always shown from 0 to
+its maximum in that colour map. Cells smaller than ``min_cell`` pixels are upscaled by a whole
+factor, nearest or bicubic.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from allconv_cli.explain.methods import SALIENCY_METHODS
+from allconv_cli.explain.methods import MODEL_FREE, SALIENCY_METHODS
 from allconv_cli.explain.targets import class_label
 
-__all__ = ["NORMS", "UPSCALES", "check_display", "normalize", "patches_figure", "grid_figure", "render", "saliency_figure",
-           "sanity_chart", "sanity_figure"]
+__all__ = ["NORMS", "UPSCALES", "check_display", "draw", "faithfulness_chart", "faithfulness_figure", "grid_figure",
+           "normalize", "patches_figure", "render", "saliency_figure", "sanity_chart", "sanity_figure"]
 
 NORMS = ("signed", "abs", "percentile")
 UPSCALES = ("nearest", "bicubic")
@@ -62,13 +63,35 @@ def normalize(saliency: torch.Tensor, norm: str = "signed", percentile: float = 
     return _rgb(shown)
 
 
-def heat(cam: torch.Tensor) -> np.ndarray:
-    """A non-negative map (1, H, W) -> inferno RGB (H, W, 3), 0 to its maximum."""
+def heat(cam: torch.Tensor, colormap: str = "inferno") -> np.ndarray:
+    """A non-negative map (C, H, W) -> RGB (H, W, 3) in ``colormap``, 0 to its maximum (the
+    largest over channels where C > 1)."""
     from matplotlib import colormaps
 
-    m = cam.detach().float().cpu().numpy()[0]
+    m = cam.detach().float().cpu().numpy().max(0)
     top = m.max()
-    return colormaps["inferno"](m / top if top > 0 else m)[..., :3]
+    return colormaps[colormap](m / top if top > 0 else m)[..., :3]
+
+
+def draw(method: str, saliency: torch.Tensor, norm: str = "signed", percentile: float = 99.5) -> np.ndarray:
+    """One map (C, H, W) of ``method`` -> RGB (H, W, 3), as its entry says: in its colour map, or
+    scaled by ``norm``."""
+    colormap = SALIENCY_METHODS[method].colormap
+    return normalize(saliency, norm, percentile) if colormap is None else heat(saliency, colormap)
+
+
+def _method_notes(methods, layer: str | None, norm: str, percentile: float) -> list[str]:
+    """What a caption says of how ``methods`` were computed and drawn: the layer those that weigh
+    one weighed, each colour map, and the --norm of the others."""
+    entries = [SALIENCY_METHODS[m] for m in methods]
+    notes = []
+    weighing = [e.title for e in entries if e.needs_layer]
+    if weighing and layer is not None:
+        notes.append(f"{' and '.join(weighing)} on {layer}'s maps")
+    notes += [f"{e.title} 0 to max ({e.colormap})" for e in entries if e.colormap is not None]
+    if any(e.colormap is None for e in entries):
+        notes.append(norm_text(norm, percentile))
+    return notes
 
 
 def picture(image: torch.Tensor) -> np.ndarray:
@@ -212,11 +235,6 @@ def upscale_text(height: int, width: int, upscale: str, min_cell: int) -> str:
     return f"cells upscaled {factor}x ({upscale}) from {width}x{height} px"
 
 
-def _cells(maps: dict[str, torch.Tensor], index, norm: str, percentile: float) -> list[np.ndarray]:
-    return [heat(m[index]) if method == "gradcam" else normalize(m[index], norm, percentile)
-            for method, m in maps.items()]
-
-
 def saliency_figure(explanation, norm: str = "signed", percentile: float = 99.5,
                     upscale: str = "nearest") -> bytes:
     """The grid of an ``Explanation``: a row per target, the input then one column per method."""
@@ -224,18 +242,17 @@ def saliency_figure(explanation, norm: str = "signed", percentile: float = 99.5,
     e, loaded = explanation, explanation.loaded
     rows, titles = [], []
     for i, t in enumerate(e.targets):
-        rows.append([picture(e.images[t.image]), *_cells(e.maps, i, norm, percentile)])
+        cells = [draw(method, m[i], norm, percentile) for method, m in e.maps.items()]
+        rows.append([picture(e.images[t.image]), *cells])
         if t.layer is None:
             what = f"{class_label(loaded.classes, t.channel)}\nlogit {t.value:.3g}"
         else:
             what = f"{t.layer} ch {t.channel} @ ({t.y}, {t.x})\nact {t.value:.3g}"
         titles.append(f"{_short(Path(e.paths[t.image]).name)}\n{what}")
     groups = [("input", 1), *((SALIENCY_METHODS[m].title, 1) for m in e.maps)]
-    parts = [f"{loaded.name}, weights {loaded.source}", f"signal from {e.selection}"]
-    if any(SALIENCY_METHODS[m].needs_class for m in e.maps):
-        parts.append(f"Grad-CAM on {e.layer}'s maps, 0 to max (inferno)")
-    parts.append(norm_text(norm, percentile) + "; gradients w.r.t. the preprocessed input")
-    parts.append(upscale_text(*e.images.shape[2:], upscale, _MIN_CELL))
+    parts = [f"{loaded.name}, weights {loaded.source}", f"signal from {e.selection}",
+             *_method_notes(e.maps, e.layer, norm, percentile), "gradients w.r.t. the preprocessed input",
+             upscale_text(*e.images.shape[2:], upscale, _MIN_CELL)]
     return render(rows, titles, groups, " · ".join(parts), upscale, _MIN_CELL)
 
 
@@ -247,7 +264,7 @@ def patches_figure(result, loaded, dataset: str, norm: str = "signed", percentil
     k = result.values.shape[1]
     rows, titles = [], []
     for s, channel in enumerate(result.channels):
-        maps = [normalize(m[s, j], norm, percentile) for m in result.maps.values() for j in range(k)]
+        maps = [draw(method, m[s, j], norm, percentile) for method, m in result.maps.items() for j in range(k)]
         rows.append([*(picture(p) for p in result.patches[s]), *maps])
         titles.append(f"{result.layer} filter {channel}\nmax {result.values[s, 0].item():.3g}")
     groups = [(f"top-{k} patches", k), *((SALIENCY_METHODS[m].title, k) for m in result.maps)]
@@ -255,7 +272,8 @@ def patches_figure(result, loaded, dataset: str, norm: str = "signed", percentil
     parts = [f"{loaded.name}, weights {loaded.source}",
              f"{result.layer}: per filter the {k} of {result.scanned} {dataset} images whose best neuron "
              f"fires most, cropped to its {rf.size[0]}x{rf.size[1]} receptive field (grey: outside the image)",
-             norm_text(norm, percentile), upscale_text(*result.patches.shape[3:], upscale, _MIN_PATCH)]
+             *_method_notes(result.maps, result.layer, norm, percentile),
+             upscale_text(*result.patches.shape[3:], upscale, _MIN_PATCH)]
     return render(rows, titles, groups, " · ".join(parts), upscale, _MIN_PATCH)
 
 
@@ -271,8 +289,7 @@ def sanity_figure(result, method: str, loaded, norm: str = "abs", percentile: fl
     maps = result.maps[method]  # (1 + stages, N, C, H, W)
     rows, titles = [], []
     for i, t in enumerate(result.targets):
-        cells = [heat(m[i]) if method == "gradcam" else normalize(m[i], norm, percentile) for m in maps]
-        rows.append([picture(result.images[t.image]), *cells])
+        rows.append([picture(result.images[t.image]), *(draw(method, m[i], norm, percentile) for m in maps)])
         what = class_label(loaded.classes, t.channel) if t.layer is None else f"{t.layer} ch {t.channel} @ ({t.y}, {t.x})"
         titles.append(f"{_short(Path(result.paths[t.image]).name)}\n{what}")
     groups = [("input", 1), ("trained", 1), *((name, 1) for name in result.stage_names)]
@@ -283,12 +300,8 @@ def sanity_figure(result, method: str, loaded, norm: str = "abs", percentile: fl
                + ("from the top layer down to the one named, re-initialized" if result.mode == "cascade"
                   else "only the layer named re-initialized"))
     parts = [f"{SALIENCY_METHODS[method].title} · {loaded.name}, weights {loaded.source}", how,
-             f"signal from {result.selection}"]
-    if SALIENCY_METHODS[method].needs_class:
-        parts.append(f"Grad-CAM on {result.layer}'s maps, 0 to max (inferno)")
-    if method != "gradcam":
-        parts.append(norm_text(norm, percentile))
-    parts.append(upscale_text(*result.images.shape[2:], upscale, _MIN_CELL))
+             f"signal from {result.selection}", *_method_notes([method], result.layer, norm, percentile),
+             upscale_text(*result.images.shape[2:], upscale, _MIN_CELL)]
     return render(rows, titles, groups, " · ".join(parts), upscale, _MIN_CELL)
 
 
@@ -330,4 +343,44 @@ def sanity_chart(result, title: str) -> bytes:
     fig.suptitle(title, fontsize=_FONT + 1)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=_DPI)
+    return buffer.getvalue()
+
+
+_FAITHFULNESS_PANELS = {"deletion": "deletion (lower is better)", "insertion": "insertion (higher is better)",
+                        "road_morf": "ROAD, most relevant first (lower is better)",
+                        "road_lerf": "ROAD, least relevant first (higher is better)"}
+
+
+def faithfulness_figure(result, title: str):
+    """The mean curve over images of every method of a ``FaithfulnessResult``, a panel per metric,
+    under ``title`` -> a matplotlib Figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.0 * len(_FAITHFULNESS_PANELS), 3.8), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(_FAITHFULNESS_PANELS), sharey=True)
+    rows = {row["method"]: row for row in result.table()}
+    for ax, (metric, panel) in zip(axes, _FAITHFULNESS_PANELS.items()):
+        for method in result.methods:
+            style = {} if method not in MODEL_FREE else \
+                dict(linestyle="--", color="grey" if method == "random" else "black")
+            name = SALIENCY_METHODS[method].title if method in SALIENCY_METHODS else f"{method} map"
+            ax.plot([100 * x for x in result.positions(metric)], result.curves[method][metric].mean(0).tolist(),
+                    marker="o", markersize=2.5, label=f"{name} ({rows[method][metric]:.3f})", **style)
+        ax.set_title(panel, fontsize=_FONT + 1)
+        ax.set_xlabel("pixels inserted (%)" if metric == "insertion" else "pixels removed (%)", fontsize=_FONT)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=_FONT)
+        ax.legend(fontsize=_FONT - 1, title="AUC" if metric in ("deletion", "insertion") else "mean",
+                  title_fontsize=_FONT - 1)
+    axes[0].set_ylabel("probability of the explained class, mean over images", fontsize=_FONT)
+    fig.suptitle(title, fontsize=_FONT + 1)
+    return fig
+
+
+def faithfulness_chart(result, title: str) -> bytes:
+    """``faithfulness_figure`` as PNG bytes."""
+    buffer = io.BytesIO()
+    faithfulness_figure(result, title).savefig(buffer, format="png", dpi=_DPI)
     return buffer.getvalue()

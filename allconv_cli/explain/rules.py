@@ -25,10 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from allconv_cli.explain.methods import RULES
-
 __all__ = ["RULES", "ReLURules", "check_graph"]
 
+RULES = ("backprop", "deconvnet", "guided")  # the paper's backward rules at every ReLU (Section 3.4)
 
 
 class _ReLURule(torch.autograd.Function):

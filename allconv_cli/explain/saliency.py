@@ -1,13 +1,9 @@
-"""Saliency maps: the paper's three backward rules, Grad-CAM and guided Grad-CAM, for a batch of
-images and the neurons or class logits chosen for them.
-
-The methods (section 3.4 of the paper; the rules themselves are in ``allconv_cli.rules``):
-``backprop`` (the plain gradient), ``deconvnet`` and ``guided`` (guided backprop) differ only at
-each ReLU; beyond the paper, ``gradcam`` (Selvaraju et al., 2017) and ``guided-gradcam``
-(guided backprop times Grad-CAM), both for a class score. ``backprop`` and Grad-CAM are plain
-gradients and work on any model; ``deconvnet`` and ``guided`` refuse a model with activations
-other than ReLU. Maps are gradients with respect to the model's input, i.e. after
-preprocessing, with the shape of that input (B, C, H, W).
+"""Saliency maps for a batch of images and the neurons or class logits chosen for them, by any
+method of the table ``methods.SALIENCY_METHODS``: the paper's three backward rules (section 3.4)
+and, beyond the paper, Grad-CAM and guided Grad-CAM (``maps`` computes them). ``backprop`` and
+Grad-CAM are plain gradients and work on any model; ``deconvnet`` and ``guided`` refuse a model
+with activations other than ReLU. Maps are gradients with respect to the model's input, i.e.
+after preprocessing, with the shape of that input (B, C, H, W), or (B, 1, H, W).
 
 Typical use::
 
@@ -19,40 +15,28 @@ Typical use::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from allconv_cli.device import autocast, resolve_precision
-from allconv_cli.explain.methods import (
-    CLASS_METHODS,
-    GRADCAM,
-    METHODS,
-    PAPER_METHODS,
-    SALIENCY_METHODS,
-)
-from allconv_cli.explain.rules import ReLURules, check_graph
+from allconv_cli.explain.methods import PAPER_METHODS, SALIENCY_METHODS
 from allconv_cli.explain.targets import (
     Target,
     class_index,
     class_label,
     default_layer,
-    eval_mode,
     get_layer,
-    run_to,
     select_targets,
 )
 from allconv_cli.files.loading import LoadedModel
 from allconv_cli.files.raw_maps import write_raw_maps
 from allconv_cli.util import did_you_mean
 
-__all__ = ["CLASS_METHODS", "METHODS", "PAPER_METHODS", "Explanation", "check_methods", "explain",
-           "saliency_maps"]
+__all__ = ["Explanation", "check_methods", "explain", "saliency_maps"]
 
 
 _ROWS_PER_PASS = 64  # rows per forward/backward pass: bounds memory on long scans
@@ -65,33 +49,33 @@ def saliency_maps(
     method: str = "guided",
     cam_layer: str | None = None,
 ) -> torch.Tensor:
-    """One map per target, computed on ``inputs[target.image]`` (model inputs, (B, C, H, W)).
-
-    ``backprop``, ``deconvnet`` and ``guided`` return (N, C, H, W): the signal brought down
-    to the input by the method's rule. ``gradcam`` returns (N, 1, H, W): the ReLU of the
-    ``cam_layer`` maps weighted by their spatially averaged gradient, bilinearly upsampled;
-    ``guided-gradcam`` returns guided times gradcam. Both need class targets. The model is
-    left as it was: no hooks, same parameters and gradients, same train/eval mode.
+    """One map per target, computed on ``inputs[target.image]`` (model inputs, (B, C, H, W)) by
+    the entry ``method`` of ``SALIENCY_METHODS``: (N, C, H, W), or (N, 1, H, W) for Grad-CAM. A
+    method that weighs a layer's maps weighs ``cam_layer``'s (default: the last conv layer); one
+    that explains a class needs class targets. The model is left as it was: no hooks, same
+    parameters and gradients, same train/eval mode.
     """
-    method = check_methods([method])[0]
+    name = check_methods([method])[0]
+    method = SALIENCY_METHODS[name]
     if not targets:
         raise ValueError("no targets: select_targets chooses them")
     layers = {t.layer for t in targets}
     if len(layers) > 1:
         raise ValueError(f"targets mix layers {sorted(map(str, layers))}; compute them separately")
-    if SALIENCY_METHODS[method].needs_class:
-        if targets[0].layer is not None:
-            raise ValueError(f"{method} explains a class score: select the targets with --class "
-                             "NAME, INDEX or predicted")
-        if cam_layer is None:
-            cam_layer = default_layer(model)
+    if method.needs_class and targets[0].layer is not None:
+        raise ValueError(f"{name} explains a class score: select the targets with --class NAME, INDEX or predicted")
+    layer = (cam_layer or default_layer(model)) if method.needs_layer else None
+    compute = method.function()
     chunks = []
     for start in range(0, len(targets), _ROWS_PER_PASS):
         rows = targets[start:start + _ROWS_PER_PASS]
         x = inputs[[t.image for t in rows]]
-        maps = [_gradcam(model, x, rows, cam_layer) if kind == GRADCAM else _rule_map(model, x, rows, kind)
-                for kind in SALIENCY_METHODS[method].maps]
-        chunks.append(math.prod(maps[1:], start=maps[0]))  # (N, 1, H, W) factors broadcast over channels
+        maps = compute(model, x, rows, layer)
+        if maps.dim() != 4 or len(maps) != len(x) or maps.shape[1] not in (1, x.shape[1]) \
+                or maps.shape[2:] != x.shape[2:]:
+            raise ValueError(f"method {name} returned maps of shape {tuple(maps.shape)} for inputs "
+                             f"{tuple(x.shape)}: one (C or 1, H, W) map per input")
+        chunks.append(maps)
     return torch.cat(chunks)
 
 
@@ -107,38 +91,6 @@ def check_methods(methods: Iterable[str]) -> tuple[str, ...]:
     return methods
 
 
-def _seed(root: torch.Tensor, rows: Sequence[Target]) -> torch.Tensor:
-    """The starting signal: 1 at each row's neuron (or logit), 0 elsewhere; shaped like root."""
-    seed = torch.zeros_like(root)
-    for i, t in enumerate(rows):
-        if t.layer is None:
-            seed[i, t.channel] = 1
-        else:
-            seed[i, t.channel, t.y, t.x] = 1
-    return seed
-
-
-def _rule_map(model: nn.Module, x: torch.Tensor, rows: Sequence[Target], rule: str) -> torch.Tensor:
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad(), eval_mode(model):
-        with ReLURules(rule):
-            act, logits = run_to(model, x, rows[0].layer, through=False)
-        root = logits if act is None else act
-        if rule != "backprop":  # the plain gradient is right whatever the nonlinearity
-            check_graph(root, rule, model)
-        (grad,) = torch.autograd.grad(root, x, _seed(root, rows))
-    return grad
-
-
-def _gradcam(model: nn.Module, x: torch.Tensor, rows: Sequence[Target], layer: str) -> torch.Tensor:
-    with torch.enable_grad(), eval_mode(model):
-        act, logits = run_to(model, x.detach(), layer)  # act (N, K, h, w)
-        (grad,) = torch.autograd.grad(logits, act, _seed(logits, rows))
-    weights = grad.mean((2, 3), keepdim=True)  # (N, K, 1, 1): each map's importance for the class
-    cam = (weights * act.detach()).sum(1, keepdim=True).relu()  # (N, 1, h, w)
-    return F.interpolate(cam, size=x.shape[2:], mode="bilinear", align_corners=False)
-
-
 @dataclass
 class Explanation:
     """Maps for a batch of images: one row per target, one map per method."""
@@ -150,7 +102,7 @@ class Explanation:
     layer: str  # the neuron's layer, or for class targets Grad-CAM's layer
     selection: str  # how the targets were chosen, in words
     targets: list[Target]
-    maps: dict[str, torch.Tensor]  # method -> (N, C, H, W); (N, 1, H, W) for gradcam
+    maps: dict[str, torch.Tensor]  # method -> (N, C, H, W), or (N, 1, H, W) (gradcam)
     precision: str = "fp32"  # what the forward and backward passes computed in
 
     def rows(self) -> list[dict]:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from allconv_cli.device import autocast, resolve_precision
-from allconv_cli.explain.methods import METHODS, PAPER_METHODS, SALIENCY_METHODS
+from allconv_cli.explain.methods import SALIENCY_METHODS, fitting
 from allconv_cli.explain.saliency import check_methods, saliency_maps
 from allconv_cli.explain.targets import (
     Target,
@@ -213,7 +213,7 @@ def sanity_check(
     Targets: with a class (``target_class``: name, index or ``predicted``) or by default, each
     image's class predicted by the trained model, and ``layer`` is Grad-CAM's (default: the
     last conv); with ``layer`` and no class, the most active neuron of ``layer`` on the trained
-    model, and the methods are the paper's three. Default methods: all that fit the target.
+    model. Default methods: all that fit the target (those that explain a neuron, for a neuron).
     """
     model = loaded.model
     if not isinstance(model, AllConvNet):
@@ -223,7 +223,7 @@ def sanity_check(
         raise ValueError(f"unknown --mode {mode!r}; choose from {', '.join(MODES)}")
     by_class = target_class is not None or layer is None
     target_class = "predicted" if target_class is None and by_class else target_class
-    methods = check_methods(methods or (METHODS if by_class else PAPER_METHODS))
+    methods = check_methods(methods or fitting(by_class))
     if not by_class and any(SALIENCY_METHODS[m].needs_class for m in methods):
         raise ValueError(f"{', '.join(m for m in methods if SALIENCY_METHODS[m].needs_class)} explain a class "
                          "score: add --class NAME, INDEX or predicted, or drop --layer")

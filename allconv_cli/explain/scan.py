@@ -169,7 +169,7 @@ def top_patches(
         labels=torch.tensor([kept[i][1] for i in ids.flatten().tolist()]).view(n_filters, k),
         positions=torch.stack([ys, xs], -1),
         patches=_crop(images01, windows, rf.size, 0.5).unflatten(0, (n_filters, k)),
-        maps={m: _crop(saliency_maps(model, inputs, targets, m).cpu(), windows, rf.size, 0.0)
+        maps={m: _crop(saliency_maps(model, inputs, targets, m, cam_layer=layer).cpu(), windows, rf.size, 0.0)
               .unflatten(0, (n_filters, k)) for m in methods},
     )
 
@@ -188,6 +188,9 @@ def scan_dataset(loaded: LoadedModel, dataset: str, split: str, data_dir: str | 
     """``top_patches`` over a data set's split, fitted to ``loaded``'s input as it was trained;
     ``layer`` defaults to the last conv layer; ``progress(images scanned, images)``."""
     data = datasets.load_split(dataset, split, data_dir, loaded.input_size, fit=(loaded.interpolation, loaded.crop_pct))
+    if not 1 <= top <= len(data):
+        raise ValueError(f"--top {top}: {dataset} {split} has {len(data):,} images; give 1 to {len(data)} patches "
+                         "per filter")
     count = None if progress is None else (lambda seen: progress(seen, len(data)))
     return top_patches(loaded.model, loaded.preprocess, Batches(data, 256, shuffle=False, device=device).epoch(0),
                        layer or default_layer(loaded.model), channels, top, methods, count)
