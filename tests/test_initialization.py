@@ -1,4 +1,4 @@
-"""weight_init (xavier-open, xavier, kaiming, lsuv), the whitening and Dirac starts, on tiny models and data."""
+"""weight_init (xavier-open, xavier, caffe-xavier, kaiming, lsuv), the whitening and Dirac starts, on tiny models and data."""
 
 import pytest
 import torch
@@ -31,10 +31,10 @@ def output_variances(model, x):
     return seen
 
 
-def started(scheme: str, seed: int):
-    """A fresh All-CNN-C initialized by ``scheme`` from ``seed``."""
+def started(scheme: str, seed: int, name: str = "all_cnn_c"):
+    """A fresh model (All-CNN-C by default) initialized by ``scheme`` from ``seed``."""
     torch.manual_seed(seed)
-    model = create_model("all_cnn_c")
+    model = create_model(name)
     initialize(model, scheme)
     return model
 
@@ -47,6 +47,21 @@ def test_kaiming_draws_variance_two_over_fan_in_and_zero_biases():
         fan_in = conv.weight[0].numel()
         assert conv.weight.var().item() == pytest.approx(2 / fan_in, rel=0.05)
         assert torch.count_nonzero(conv.bias) == 0
+
+
+@pytest.mark.parametrize("name", ["all_cnn_c", "model_a"])  # 3x3 and 5x5 first convs, 1x1 class convs
+def test_caffe_xavier_draws_uniform_variance_one_over_fan_in_and_zero_biases(name):
+    """Caffe's XavierFiller at its defaults: U(-a, a), a = sqrt(3 / fan_in), fan_in = C_in kh kw."""
+    model = started("caffe-xavier", seed=9, name=name)
+    for conv in convs(model):  # conv1 included: its 27 inputs spread 4 times as wide as xavier's
+        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        bound = (3 / fan_in) ** 0.5
+        assert conv.weight.var().item() == pytest.approx(1 / fan_in, rel=0.1), conv
+        assert bound * 0.98 < conv.weight.abs().max().item() <= bound  # uniform up to the edge, never past it
+        assert conv.weight.mean().abs().item() < 0.05 * bound
+        assert torch.count_nonzero(conv.bias) == 0
+    assert all(torch.equal(a.weight, b.weight) for a, b in zip(convs(model), convs(started("caffe-xavier", 9, name))))
+    assert not torch.equal(convs(model)[0].weight, convs(started("caffe-xavier", 10, name))[0].weight)
 
 
 def test_xavier_is_the_models_own():
@@ -91,7 +106,7 @@ def test_inits_are_deterministic_and_reach_the_run(tmp_path):
         features = trainer.build(config, torch.device("cpu")).model.features
         return torch.cat([features.conv1.conv.weight.flatten(), features.conv2.conv.weight.flatten()]).detach()
 
-    for settings in ({"weight_init": "kaiming"}, {"weight_init": "lsuv"},
+    for settings in ({"weight_init": "kaiming"}, {"weight_init": "lsuv"}, {"weight_init": "caffe-xavier"},
                      {"whiten": "init", "batch_norm": True}, {"dirac": True, "batch_norm": True}):
         assert torch.equal(start(0, **settings), start(0, **settings)), settings
         assert not torch.equal(start(0, **settings), start(1, **settings)), settings

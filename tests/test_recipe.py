@@ -1,5 +1,5 @@
 """The fast recipe on tiny data: its preset, alternating flips, weight decay groups, test-time
-augmentation, the --target stop and the learning-rate schedules."""
+augmentation, the --target stop and the learning-rate schedules; the paper presets' settings."""
 
 import json
 
@@ -262,6 +262,19 @@ def test_fast_recipe_preset_trains_without_dropout_and_reports_tta(tmp_path):
     assert meta["model_kwargs"]["batch_norm"] and meta["model_kwargs"]["drop_input"] == 0.0
     assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
     assert summary["finished"] and "test_tta_top1_error" in summary["last"]
+
+
+@pytest.mark.parametrize("name", ["paper-cifar10", "paper-cifar10-aug", "paper-cifar100"])
+def test_paper_presets_follow_the_paper_then_the_caffe_reproduction(name):
+    """The paper's own values (Section 3.2), and where it is silent the Caffe reproduction that came
+    closest to its error (mateuszbuda/ALL-CNN: batch 256, Caffe's xavier filler, biases 0)."""
+    config = configuration.resolve(name)
+    paper = (config.lr, config.momentum, config.weight_decay, config.schedule, config.milestones, config.gamma,
+             config.warmup_epochs, config.epochs, config.preprocess)
+    assert paper == (0.05, 0.9, 0.001, "paper", [200, 250, 300], 0.1, 0, 350, "zca")
+    assert configuration.network_options(config) == {"batch_norm": False, "class_relu": True, "drop_input": 0.2,
+                                                     "drop_rate": 0.5}
+    assert (config.batch_size, config.weight_init) == (256, "caffe-xavier")
 
 
 def rates(config, steps_per_epoch: int) -> list[float]:

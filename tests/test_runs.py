@@ -19,6 +19,8 @@ from typer.testing import CliRunner
 
 from allconv_cli import train as trainer
 from allconv_cli.cli import app
+from allconv_cli.data import preprocess as preprocessing
+from allconv_cli.data.preprocess import digest
 from allconv_cli.files import weights as checkpoint
 from allconv_cli.train import RunFolder, TrainingDiverged, TrainingStopped, train
 from allconv_cli.train import settings as configuration
@@ -266,39 +268,99 @@ def saved_epochs(monkeypatch) -> list[tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def straight_zca(tmp_path_factory):
-    """An uninterrupted run of tiny(preprocess="zca"): its 3072 x 3072 matrix makes the preprocessing file 36 MiB."""
+    """An uninterrupted run of tiny(preprocess="zca"): a 3072 x 3072 whitening."""
     run = tmp_path_factory.mktemp("straight_zca") / "run"
     train(tiny(preprocess="zca"), run)
     return run
 
 
-def test_the_preprocessing_is_written_once_beside_a_state_without_it(tmp_path, monkeypatch, straight_zca):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def stopped_zca(tmp_path_factory):
+    """tiny(preprocess="zca") stopped after its first epoch, resumable; tests resume copies of it."""
+    run = tmp_path_factory.mktemp("stopped_zca") / "run"
     train(tiny(preprocess="zca"), run, stop_after=1)
-    state = torch.load(run / "state.pt", weights_only=True)
-    assert state["format"] == 3 and not {"preprocess_meta", "preprocess_tensors"} & set(state)
-    prep = run / "preprocess.safetensors"
-    assert load_file(str(prep))["zca_matrix"].shape == (3072, 3072)
-    written, state_written = prep.stat().st_mtime_ns, (run / "state.pt").stat().st_mtime_ns
-    time.sleep(0.01)  # a later write gets a later mtime even on a coarse clock
-    assert trainer.resume(run, save_every=1)["finished"]
-    assert prep.stat().st_mtime_ns == written and (run / "state.pt").stat().st_mtime_ns > state_written
-    assert same_weights(straight_zca, run)
-    _, meta, tensors = checkpoint.load_weights(run)  # the exported weights still carry the preprocessing
-    assert meta["preprocess"]["kind"] == "zca"
-    assert torch.equal(tensors["zca_matrix"], load_file(str(prep))["zca_matrix"])
+    return run
 
 
-def test_a_state_of_format_2_with_the_preprocessing_inside_still_resumes(tmp_path, straight_zca):
+RESUMES_FROM = ("config.json", "state.pt", "preprocess.safetensors")  # what a resume reads
+
+
+def test_a_zca_run_continued_from_a_copy_of_its_small_state_is_bit_exact(tmp_path, straight_zca, stopped_zca):
+    """The ZCA matrix is not carried: the copy fits it again from the training images, checks the
+    digests and goes on bit for bit as the uninterrupted run did."""
+    prep = stopped_zca / "preprocess.safetensors"
+    kept = load_file(str(prep))
+    assert kept.keys() == {"zca_mean", "zca_diagonal"} and prep.stat().st_size < 32 * 2**10  # the matrix: 36 MiB
+    meta, _ = RunFolder(stopped_zca).read_preprocess()
+    assert meta["kind"] == "zca" and len(meta["refit"]["data"]) == len(meta["refit"]["fit"]) == 64
+    assert torch.load(stopped_zca / "state.pt", weights_only=True)["format"] == 4
+    _, weights_meta, tensors = checkpoint.load_weights(stopped_zca)  # the unfinished weights still carry it all
+    assert tensors["zca_matrix"].shape == (3072, 3072) and "refit" not in weights_meta["preprocess"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in RESUMES_FROM:
+        shutil.copy2(stopped_zca / name, elsewhere / name)
+    assert trainer.resume(elsewhere)["finished"]
+    assert same_weights(straight_zca, elsewhere)  # the refit matrix included: preprocess.zca_matrix
+    refit = load_file(str(elsewhere / "model.safetensors"))
+    assert digest(refit["preprocess.zca_mean"], refit["preprocess.zca_matrix"]) == meta["refit"]["fit"]
+    assert (elsewhere / "preprocess.safetensors").read_bytes() == prep.read_bytes()  # written once a run
+
+
+def test_a_resume_on_other_training_images_is_one_line(tmp_path, stopped_zca):
     run = tmp_path / "run"
-    train(tiny(preprocess="zca"), run, stop_after=1)
-    meta, tensors = RunFolder(run).read_preprocess()
+    shutil.copytree(stopped_zca, run)
+    folder = RunFolder(run)
+    meta, tensors = folder.read_preprocess()
+    folder.write_preprocess({**meta, "refit": {**meta["refit"], "data": "0" * 64}}, tensors)  # fitted on others
+    one_line_error(invoke("train", "--resume", run), 2, "training images differ", "resume with the data")
+    folder.write_preprocess({**meta, "refit": {"data": 1}}, tensors)
+    one_line_error(invoke("train", "--resume", run), 2, "damaged", "--init")
+
+
+@pytest.mark.parametrize("format_", [2, 3])
+def test_a_state_of_an_earlier_format_with_the_preprocessing_stored_still_resumes(tmp_path, straight_zca, stopped_zca,
+                                                                                  format_):
+    """Format 2 held the ZCA tensors in state.pt, format 3 in preprocess.safetensors: both resume
+    from them, and the folder keeps them."""
+    run = tmp_path / "run"
+    shutil.copytree(stopped_zca, run)
+    meta = checkpoint.load_weights(run)[1]["preprocess"]
+    tensors = checkpoint.load_weights(run)[2]  # the whole fit, as those formats kept it
     state = torch.load(run / "state.pt", weights_only=True)
-    torch.save({**state, "format": 2, "preprocess_meta": meta, "preprocess_tensors": tensors}, run / "state.pt")
-    (run / "preprocess.safetensors").unlink()  # as an allconv of format 2 left the folder
+    if format_ == 2:
+        torch.save({**state, "format": 2, "preprocess_meta": meta, "preprocess_tensors": tensors}, run / "state.pt")
+        (run / "preprocess.safetensors").unlink()
+    else:
+        torch.save({**state, "format": 3}, run / "state.pt")
+        RunFolder(run).write_preprocess(meta, tensors)
     assert trainer.resume(run)["finished"] and same_weights(straight_zca, run)
-    assert torch.load(run / "state.pt", weights_only=True)["format"] == 3
+    assert torch.load(run / "state.pt", weights_only=True)["format"] == 4
     assert load_file(str(run / "preprocess.safetensors")).keys() == {"zca_mean", "zca_matrix"}
+
+
+def test_a_kept_zca_refits_bit_for_bit_and_only_on_its_images():
+    """On 8x8 images (192 dims, a fast fit): a refit equals the fit; another image, a changed fit
+    or a whitening read from a file (nothing to refit from) is told apart."""
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    fitted = preprocessing.fit("zca", images)
+    meta, tensors = preprocessing.kept(fitted)
+    assert tensors.keys() == {"zca_mean", "zca_diagonal"} and meta["refit"]["data"] == digest(images)
+    again = preprocessing.restore(meta, tensors, lambda: images)
+    assert torch.equal(again.zca_matrix, fitted.zca_matrix) and torch.equal(again.zca_mean, fitted.zca_mean)
+    other = images.clone()
+    other[5, 1, 2, 3] ^= 1  # one bit of one pixel
+    with pytest.raises(ValueError, match="training images differ"):
+        preprocessing.restore(meta, tensors, lambda: other)
+    rounded = {**meta, "refit": {**meta["refit"], "fit": "0" * 64}}  # as another machine's first fit rounded
+    assert torch.equal(preprocessing.restore(rounded, tensors, lambda: images).zca_matrix, fitted.zca_matrix)
+    changed = {**tensors, "zca_diagonal": tensors["zca_diagonal"] * (1 + 1e-3)}
+    with pytest.raises(ValueError, match="beyond rounding"):
+        preprocessing.restore(rounded, changed, lambda: images)
+    read_meta, read_tensors = preprocessing.kept(preprocessing.from_meta(*fitted.to_meta()))  # as from --init
+    assert read_meta == fitted.to_meta()[0] and torch.equal(read_tensors["zca_matrix"], fitted.zca_matrix)
+    standardize = preprocessing.fit("standardize", images)
+    assert preprocessing.kept(standardize) == standardize.to_meta()
 
 
 def test_a_state_without_its_preprocessing_file_is_one_line(tmp_path):

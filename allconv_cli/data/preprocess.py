@@ -2,10 +2,14 @@
 
 Both map float images in [0, 1], shape (B, C, H, W), to the model's input, and both are
 saved with a checkpoint (settings in its metadata, tensors under ``preprocess.*``), so that
-eval, visualize and export apply exactly what training applied.
+eval, visualize and export apply exactly what training applied. A run folder keeps less for
+its resume (``kept``, ``restore``): a ZCA whitening is fitted again from the training images.
 """
 
 from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -14,6 +18,10 @@ from allconv_cli.choices import PREPROCESSING
 
 KINDS = PREPROCESSING
 ZCA_MAX_DIMS = 64 * 64 * 3  # a (D, D) float32 matrix: 151 MB at this size
+# How far a refit of the same images may stray from the kept mean and diagonal, relative and in
+# input units: another thread count or maths library rounds otherwise (1 against 2 threads of
+# MKL: 9e-10 apart on CIFAR-10's sample, entries up to 2.8); a changed fit is far beyond it.
+REFIT_RTOL, REFIT_ATOL = 1e-5, 1e-6
 
 
 class Standardize(nn.Module):
@@ -40,11 +48,13 @@ class GCNZCA(nn.Module):
     ``W = V diag(1 / sqrt(eig + bias)) V^T`` of the training covariance (pylearn2's ``ZCA(filter_bias=0.1)``).
     """
 
-    def __init__(self, mean: torch.Tensor, matrix: torch.Tensor, scale: float = 55.0, bias: float = 0.1):
+    def __init__(self, mean: torch.Tensor, matrix: torch.Tensor, scale: float = 55.0, bias: float = 0.1,
+                 data_digest: str | None = None):
         super().__init__()
         self.scale, self.bias = float(scale), float(bias)
         self.register_buffer("zca_mean", mean.float())  # (D,)
         self.register_buffer("zca_matrix", matrix.float())  # (D, D), symmetric
+        self.data_digest = data_digest  # sha256 of the images it was fitted on; None when read from a file
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = gcn(x.flatten(1).float(), self.scale)
@@ -79,7 +89,53 @@ def fit_zca(images: torch.Tensor, scale: float = 55.0, bias: float = 0.1, chunk:
     cov = gram / n - torch.outer(mean, mean)
     eigvals, eigvecs = torch.linalg.eigh(cov)
     matrix = (eigvecs * (eigvals.clamp_min(0) + bias).rsqrt()) @ eigvecs.T
-    return GCNZCA(mean, matrix, scale, bias)
+    return GCNZCA(mean, matrix, scale, bias, digest(images))
+
+
+def digest(*tensors: torch.Tensor) -> str:
+    """sha256 of the tensors' shapes, dtypes and bytes, in order (0.23 s for CIFAR-10's 150 MB of
+    training images on a busy 2-core AMD EPYC)."""
+    hashed = hashlib.sha256()
+    for tensor in tensors:
+        tensor = tensor.detach().cpu().contiguous()
+        hashed.update(f"{tuple(tensor.shape)} {tensor.dtype}\n".encode())
+        hashed.update(tensor.view(-1).view(torch.uint8).numpy())
+    return hashed.hexdigest()
+
+
+def kept(module: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    """What a run folder keeps of its fitted preprocessing for a resume -> (description, tensors).
+    A ZCA whitening fitted on the run's training images keeps, instead of its 36 MiB matrix, the
+    sha256 of those images and of the fit (``refit`` in the description) and 24 KB to compare a
+    refit with (the mean and the matrix's diagonal): ``restore`` fits it again. Anything else
+    (one read from --init weights too) keeps what ``to_meta`` gives."""
+    meta, tensors = module.to_meta()
+    if not isinstance(module, GCNZCA) or module.data_digest is None:
+        return meta, tensors
+    refit = {"data": module.data_digest, "fit": digest(module.zca_mean, module.zca_matrix)}
+    return {**meta, "refit": refit}, {"zca_mean": module.zca_mean, "zca_diagonal": module.zca_matrix.diagonal()}
+
+
+def restore(meta: dict, tensors: dict[str, torch.Tensor], images: Callable[[], torch.Tensor]) -> nn.Module:
+    """The preprocessing that ``kept`` gave: rebuilt from its tensors, or fitted again on
+    ``images()``, the run's training images. Those must be the images it was first fitted on, and
+    the refit its fit: bit for bit on the same machine, within REFIT_RTOL elsewhere."""
+    refit = meta.get("refit")
+    if refit is None:
+        return from_meta(meta, tensors)
+    pixels = images()
+    found = digest(pixels)  # before the fit, whose 3072 x 3072 eigh took a minute on two busy cores
+    if found != refit["data"]:
+        raise ValueError(f"the training images differ from those this run's ZCA whitening was fitted on (sha256 "
+                         f"{found[:12]}... here, {refit['data'][:12]}... in the run): resume with the data it began "
+                         "with, or start a new run")
+    fitted = fit_zca(pixels, meta["gcn_scale"], meta["zca_bias"])
+    if digest(fitted.zca_mean, fitted.zca_matrix) != refit["fit"] and not all(
+            torch.allclose(new, old.to(new), REFIT_RTOL, REFIT_ATOL) for new, old in (
+                (fitted.zca_mean, tensors["zca_mean"]), (fitted.zca_matrix.diagonal(), tensors["zca_diagonal"]))):
+        raise ValueError("the ZCA whitening fitted again on this run's training images differs from its first fit "
+                         "beyond rounding: resume with the allconv version that began the run, or start a new run")
+    return fitted
 
 
 def fit(kind: str, images: torch.Tensor, **zca_kwargs) -> nn.Module:

@@ -9,6 +9,13 @@
   2 / (fan-in + fan-out), is half of what a ReLU layer needs to keep the signal's scale: on
   unit-variance input every conv of All-CNN-C outputs a variance of only 0.04-0.11 (measured,
   the 0.1 biases holding it there), so the gradients reaching the first layers are small.
+- ``caffe-xavier``: Caffe's ``xavier`` filler at its defaults, as the public Caffe reproduction
+  that reached the paper's error used it on every conv (mateuszbuda/ALL-CNN,
+  ``ALL_CNN_C_train_val.prototxt``: ``weight_filler { type: "xavier" }``, ``bias_filler { type:
+  "constant" value: 0 }``): uniform on [-a, a] with a = sqrt(3 / fan-in), so variance 1 / fan-in
+  (fan-in = in_channels x kh x kw; Caffe's ``variance_norm`` defaults to ``FAN_IN``), biases 0.
+  Half of kaiming's; xavier's where a conv has as many outputs as inputs, but 16 times it for
+  All-CNN-C's conv1 (fan-in 27, fan-out 864), whose weights then spread 4 times as wide.
 - ``kaiming``: He et al. (2015): normal weights with variance 2 / fan-in, biases 0, which keeps
   the scale through each conv + ReLU (outputs of variance about 2 on unit-variance input).
 - ``lsuv``: Mishkin & Matas (2016), layer-sequential unit variance: orthogonal weights, biases
@@ -67,7 +74,10 @@ def initialize(model: nn.Module, scheme: str, images: torch.Tensor | None = None
         if scheme in ("xavier", "xavier-open"):
             init_conv(conv)
             continue
-        if scheme == "kaiming":
+        if scheme == "caffe-xavier":
+            bound = (3 / conv.weight[0].numel()) ** 0.5  # weight[0]: (in / groups, kh, kw), Caffe's count / num
+            nn.init.uniform_(conv.weight, -bound, bound)
+        elif scheme == "kaiming":
             nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
         else:
             nn.init.orthogonal_(conv.weight)

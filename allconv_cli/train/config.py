@@ -100,8 +100,10 @@ class TrainConfig:
     label_smoothing: float = setting(0.0, "Label smoothing.", check=UNIT)
     weight_init: str = setting("xavier-open", "How the convs start: xavier-open (Xavier-uniform, biases 0.1, the class "
                                               "conv's 1.0 so that its ReLU starts open), xavier (biases 0.1 "
-                                              "everywhere), kaiming (He normal, biases 0) or lsuv (orthogonal, then "
-                                              "each conv scaled to unit output variance on training images).",
+                                              "everywhere), caffe-xavier (Caffe's xavier filler: uniform with "
+                                              "variance 1 / fan-in, biases 0, as the Caffe reproduction of the paper "
+                                              "used), kaiming (He normal, biases 0) or lsuv (orthogonal, then each "
+                                              "conv scaled to unit output variance on training images).",
                                choices=WEIGHT_INITS)
     whiten: str = setting("off", "off, init (the first conv starts as the whitening of the training images' patches) "
                                  "or frozen (and is never trained).", choices=WHITEN)

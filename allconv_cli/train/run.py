@@ -76,8 +76,8 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
             raise ValueError(f"--init {config.init} was trained on {meta['preprocess']['kind']} inputs: "
                              f"give --preprocess {meta['preprocess']['kind']}")
         preprocess_state = (meta["preprocess"], tensors)  # the inputs its weights were learned for
-    if preprocess_state is not None:  # resumed, or started from --init weights: no fresh init
-        prep = preprocessing.from_meta(*preprocess_state)
+    if preprocess_state is not None:  # resumed (ZCA fitted again, checked), or --init weights: no fresh init
+        prep = preprocessing.restore(*preprocess_state, lambda: _fit_images(train, config.seed))
     else:
         images = _fit_images(train, config.seed)
         prep = preprocessing.fit(config.preprocess, images)

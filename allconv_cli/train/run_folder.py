@@ -2,15 +2,18 @@
 ``model.safetensors`` (weights and what rebuilds the model and its preprocessing: the exported,
 self-contained artifact), ``state.pt`` (optimizer, scheduler, EMA, fp16's loss scale, every rank's
 RNG, position; plain tensors and numbers, read with ``torch.load(weights_only=True)`` and
-validated), ``preprocess.safetensors`` (the preprocessing's tensors, e.g. ZCA's matrix: constant
-over a run, so written once and read on resume instead of riding in every ``state.pt``),
+validated), ``preprocess.safetensors`` (what rebuilds the preprocessing on resume, written once:
+its tensors, or for a ZCA whitening fitted on the training images the digests that check its
+refit, 24 KB where the matrix is 36 MiB: ``preprocess.kept``),
 ``metrics.jsonl`` (one JSON object per epoch, written every epoch, checkpoint or not),
 ``curves.png`` and ``.lock`` (held for the whole run).
 
 A checkpoint (``model.safetensors``, then ``state.pt``) is taken at the cadence of the settings
 ``save_every`` / ``save_minutes`` and always at a run's end, a stop and the target (``loop.fit``).
 After a kill, ``metrics.jsonl`` can list epochs past ``state.pt``'s: the resume computes them
-again, bit-exactly, and rewrites it."""
+again, bit-exactly, and rewrites it. A resume reads ``config.json``, ``state.pt`` and
+``preprocess.safetensors`` alone (11 MB for All-CNN-C): the weights file is the self-contained
+artifact (its ZCA matrix included) that eval, visualize and export read."""
 
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from allconv_cli.charts import learning_curves
+from allconv_cli.data import preprocess as preprocessing
 from allconv_cli.evaluate import paper_error
 from allconv_cli.files.weights import WEIGHTS_NAME, save_weights
 from allconv_cli.models.registry import resolve_name
@@ -44,9 +48,11 @@ RUN_FILES = (CONFIG_NAME, STATE_NAME, PREPROCESS_NAME, WEIGHTS_NAME, METRICS_NAM
 
 
 # 3: the preprocessing's tensors live in preprocess.safetensors; format 2 carried them (and their
-# description) in every state.pt, and is still read, so that a run begun before resumes
-STATE_FORMAT = 3
-READ_FORMATS = (2, STATE_FORMAT)
+# description) in every state.pt, and is still read, so that a run begun before resumes.
+# 4: preprocess.safetensors may hold a ZCA whitening's digests instead of its tensors, which an
+# allconv reading format 3 could not resume from; a format 3 folder (its tensors) still resumes.
+STATE_FORMAT = 4
+READ_FORMATS = (2, 3, STATE_FORMAT)
 PREPROCESS_KEY = "preprocess"  # preprocess.safetensors' metadata entry: the description (kind, GCN scale...) as JSON
 
 
@@ -156,14 +162,14 @@ class RunFolder:
         return state
 
     def write_preprocess(self, meta: dict, tensors: dict[str, torch.Tensor]):
-        """``preprocess.safetensors``: the preprocessing's tensors, its description as JSON in the
-        metadata. Once a run: it never changes, and ZCA's matrix alone is 36 MiB."""
+        """``preprocess.safetensors``: what ``preprocess.kept`` gives, its description as JSON in
+        the metadata. Once a run: it never changes."""
         plain = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
         atomic_write(self.path / PREPROCESS_NAME,
                      lambda tmp: save_file(plain, str(tmp), metadata={PREPROCESS_KEY: json.dumps(meta)}))
 
     def read_preprocess(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        """``preprocess.safetensors`` -> (description, tensors), as ``preprocess.from_meta`` takes them."""
+        """``preprocess.safetensors`` -> (description, tensors), as ``preprocess.restore`` takes them."""
         path = self.path / PREPROCESS_NAME
         fix = f"restore it, continue from the weights with --init {self.path}, or start a new run"
         if not path.is_file():
@@ -178,6 +184,11 @@ class RunFolder:
                              f"{fix}") from None
         if not isinstance(meta, dict) or "kind" not in meta:
             raise ValueError(f"{path}: its {PREPROCESS_KEY} metadata does not describe a preprocessing: {fix}")
+        refit = meta.get("refit")
+        if refit is not None and not (meta["kind"] == "zca" and isinstance(refit, dict)
+                                      and all(isinstance(refit.get(k), str) for k in ("data", "fit"))
+                                      and tensors.keys() == {"zca_mean", "zca_diagonal"}):
+            raise ValueError(f"{path}: its digests of the ZCA whitening to fit again are damaged: {fix}")
         return meta, tensors
 
     def restore(self, learner: Learner, state: dict, rank: int, world: int) -> Position:
@@ -224,7 +235,7 @@ class RunFolder:
         config = learner.config
         prep_meta, prep_tensors = setup.preprocess.to_meta()
         if not (self.path / PREPROCESS_NAME).is_file():  # the run's first checkpoint (or first since format 2)
-            self.write_preprocess(prep_meta, prep_tensors)
+            self.write_preprocess(*preprocessing.kept(setup.preprocess))
         meta = {"model": resolve_name(config.model), "model_kwargs": model_kwargs(config, len(setup.classes)),
                 "classes": setup.classes, "input_size": list(setup.input_size), "preprocess": prep_meta,
                 "dataset": config.dataset, "data_dir": config.data_dir, "augment": config.augment,
