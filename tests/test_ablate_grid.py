@@ -30,20 +30,20 @@ def test_grid_trains_every_combination_as_its_own_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(ablate, "_train_one", recording_train_one)
     out = tmp_path / "grid"
     result = CliRunner().invoke(app, ["ablate", "--models", "all-cnn-c", "--preset", "smoke", "--seeds", "2",
-                                      "--grid", "batch_size=16,32", "--grid", "weight-init=xavier,kaiming",
+                                      "--grid", "batch_size=16,32", "--grid", "weight-init=xavier,caffe-xavier",
                                       "--out", str(out)])
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "table.json").read_text())
     assert [(r["batch_size"], r["weight_init"]) for r in rows] == [
-        (16, "xavier"), (16, "kaiming"), (32, "xavier"), (32, "kaiming")]
+        (16, "xavier"), (16, "caffe-xavier"), (32, "xavier"), (32, "caffe-xavier")]
     assert [r["test_error_mean"] for r in rows] == [2.1, 2.1, 3.7, 3.7]  # batch / 10 + the mean seed, 0.5
-    folder = out / "all-cnn-c" / "batch_size=32,weight_init=kaiming" / "lr0.05-seed1"
-    assert json.loads((folder / ablate.RESULT_NAME).read_text())["weight_init"] == "kaiming"
+    folder = out / "all-cnn-c" / "batch_size=32,weight_init=caffe-xavier" / "lr0.05-seed1"
+    assert json.loads((folder / ablate.RESULT_NAME).read_text())["weight_init"] == "caffe-xavier"
     table = (out / "table.md").read_text().splitlines()
     assert table[0].startswith("| model | batch_size | weight_init | params |")
-    assert "| all-cnn-c | 32 | kaiming | 1,369,738 |" in table[5]
+    assert "| all-cnn-c | 32 | caffe-xavier | 1,369,738 |" in table[5]
     assert (out / "table.csv").read_text().splitlines()[0].startswith("model,batch_size,weight_init,params,")
-    assert ablate.row_label(rows[3]) == "all-cnn-c, batch_size=32, weight_init=kaiming"
+    assert ablate.row_label(rows[3]) == "all-cnn-c, batch_size=32, weight_init=caffe-xavier"
     # the same command continues; another grid in the same folder is refused
     again = CliRunner().invoke(app, ["ablate", "--models", "all-cnn-c", "--preset", "smoke", "--seeds", "2",
                                      "--grid", "batch_size=16,32", "--out", str(out)])
