@@ -21,10 +21,10 @@ import io
 import json
 import math
 import os
+import signal
 import statistics
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from multiprocessing import get_context
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ import torch
 from allconv_cli import benchmark
 from allconv_cli.charts import ablation_bars
 from allconv_cli.data import datasets
+from allconv_cli.device import resolve_device
 from allconv_cli.models.registry import (
     CIFAR10_CLASSES,
     NETWORKS,
@@ -39,7 +40,9 @@ from allconv_cli.models.registry import (
     list_models,
     resolve_name,
 )
+from allconv_cli.processes import WorkerPool, catch_signals
 from allconv_cli.train.config import TrainConfig
+from allconv_cli.train.loop import TrainingStopped
 from allconv_cli.train.run import train
 from allconv_cli.train.run_folder import RunFolder
 from allconv_cli.train.settings import from_json
@@ -185,6 +188,7 @@ def ablate(base: TrainConfig, models: list[str], grid: list[float], seeds: list[
     if jobs is not None and jobs < 1:
         raise ValueError(f"--jobs {jobs} is not allowed; --jobs takes a whole number of at least 1 (leave it out "
                          f"for {RUNS_PER_GPU} runs per GPU, or 1 on the CPU)")
+    resolve_device(base.device)  # a device this machine lacks is refused before any run starts
     jobs = jobs or default_jobs(base.device)
     if len(grid) > 1 and base.val_fraction <= 0:
         raise ValueError("choosing among learning rates needs a validation split: give --val-fraction, e.g. 0.1")
@@ -220,24 +224,46 @@ def _execute(base: TrainConfig, runs: list[Run], out: Path, jobs: int, results: 
             progress("skip", run=run, result=results[run])
         else:
             pending.append(run)
-    if jobs <= 1 or len(pending) <= 1:
+    if jobs > 1 and len(pending) > 1:
+        _execute_in_workers(base, pending, out, min(jobs, len(pending)), results, progress)
+        return
+    with catch_signals() as caught:  # train() takes this list: a stop during a run ends it at a checkpoint
         for run in pending:
+            if caught:  # between runs: no other starts
+                raise TrainingStopped(caught[0], out)
             progress("run", run=run)
             results[run] = _train_one(run_config(base, run).to_json(), str(run.folder(out)), None)
             progress("done", run=run, result=results[run])
-        return
-    workers = min(jobs, len(pending))
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
-                             initargs=(threads,)) as pool:
 
-        def start(run: Run, device: str | None) -> Future:
+
+def _execute_in_workers(base: TrainConfig, pending: list[Run], out: Path, workers: int, results: dict, progress):
+    """The runs in ``workers`` processes. A signal here is forwarded to every worker (each stops
+    its run at a checkpoint) and starts no other run; so does a run that fails or is stopped (a
+    signal sent to its worker alone). Every running run is waited for, then the stop (TrainingStopped)
+    or the first failure is raised; a second signal kills the workers at once."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    ended_early: list[BaseException] = []  # the failed or stopped runs' errors
+    with WorkerPool(_worker_init, (threads,)) as pool, catch_signals(forward=pool.send_signal) as caught:
+
+        def start(run: Run, device: str | None) -> Future | None:
+            if caught or ended_early:
+                return None
             progress("run", run=run)
             return pool.submit(_train_one, run_config(base, run).to_json(), str(run.folder(out)), device)
 
         for run, future in run_in_slots(pending, device_slots(base.device, workers), start):
-            results[run] = future.result()
-            progress("done", run=run, result=results[run])
+            if future.exception() is None:
+                results[run] = future.result()
+                progress("done", run=run, result=results[run])
+                continue
+            if not caught and not ended_early:
+                pool.send_signal(signal.SIGTERM)  # the other runs stop at a checkpoint
+            ended_early.append(future.exception())
+    failure = next((e for e in ended_early if not isinstance(e, TrainingStopped)), None)
+    if failure is not None and not caught:
+        raise failure
+    if caught or ended_early:
+        raise TrainingStopped(caught[0] if caught else ended_early[0].signum, out)
 
 
 def default_jobs(device: str) -> int:
@@ -259,17 +285,22 @@ def device_slots(device: str, jobs: int) -> list[str | None]:
 
 
 def run_in_slots(tasks: list, slots: list,
-                 start: Callable[[object, object], Future]) -> Iterator[tuple[object, Future]]:
+                 start: Callable[[object, object], Future | None]) -> Iterator[tuple[object, Future]]:
     """``start(task, slot)`` for each of ``tasks`` on a free one of ``slots``, as slots free up:
     a task starts when one ends, on the slot that task held (the lowest-numbered free slot when
     several are free), so a GPU whose runs end early takes the next ones and no slot holds two
-    tasks at once -> (task, its future) as each ends."""
+    tasks at once -> (task, its future) as each ends. ``start`` returning None (a stop) starts
+    no other task; those running are still waited for."""
     waiting, free, running = list(tasks), list(range(len(slots))), {}
     while waiting or running:
         while waiting and free:
             slot = heapq.heappop(free)
-            task = waiting.pop(0)
-            running[start(task, slots[slot])] = task, slot
+            future = start(waiting[0], slots[slot])
+            if future is None:
+                waiting.clear()
+                heapq.heappush(free, slot)
+                break
+            running[future] = waiting.pop(0), slot
         done, _ = wait(running, return_when=FIRST_COMPLETED)
         for future in done:
             task, slot = running.pop(future)

@@ -27,7 +27,7 @@ def user_errors():
 EXIT_FAILED = 1  # a run that diverged
 
 
-EXIT_SIGNAL = {2: 130, 15: 143}  # SIGINT, SIGTERM: the shell's 128 + signal number
+EXIT_SIGNAL = {1: 129, 2: 130, 15: 143}  # SIGHUP, SIGINT, SIGTERM: the shell's 128 + signal number
 
 
 UNWRAPPED_WIDTH = 10_000  # columns when not a terminal: wide enough that no line is wrapped

@@ -68,7 +68,8 @@ class _TrainProgress:
                                f"{m['seconds']:,.0f} s" + (f"; {evaluated}" if evaluated else ""))
 
     def stop(self):
-        self.bars.stop()
+        if self.bars.live.is_started:  # stopping bars never started prints an empty line
+            self.bars.stop()
 
 
 def _processes(fields: dict) -> str:

@@ -7,8 +7,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +28,7 @@ from allconv_cli.models.initialization import (
     whiten_first_conv,
 )
 from allconv_cli.models.registry import create_model, default_config, resolve_name
+from allconv_cli.processes import catch_signals
 from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.learner import Learner, Setup, make_learner
 from allconv_cli.train.loop import Position, Progress, finished, fit
@@ -124,7 +123,7 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
     """Train ``config`` into ``run_dir`` (or continue it there with ``resume``) -> summary.
 
     A new run refuses a folder holding one unless ``replace``. ``stop_after`` ends this call,
-    resumably, after that many epochs. SIGINT / SIGTERM write a resumable checkpoint and raise
+    resumably, after that many epochs. SIGINT / SIGTERM / SIGHUP write a resumable checkpoint and raise
     TrainingStopped. ``finished_ok`` lets ``resume`` of a finished run just summarize it.
     """
     run = RunFolder(run_dir)
@@ -155,7 +154,7 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
                          start_epoch=position.epoch, examples=len(setup.train.data), device=str(device), world=world,
                          batch_per_process=setup.train.batch_size, sync_batch_norm=world > 1 and network_options(config)["batch_norm"])
             started = time.perf_counter()
-            with _catch_signals() as caught:
+            with catch_signals() as caught:
                 position = fit(learner, setup.train, position, config.epochs,
                                evaluate_epoch=_evaluator(learner, setup, config), stop=caught, stop_after=stop_after,
                                save=lambda at: run.save(learner, at, setup, world), progress=progress,
@@ -258,27 +257,6 @@ def _seed(config: TrainConfig):
         torch.backends.cudnn.benchmark = False
     elif torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
-
-
-@contextlib.contextmanager
-def _catch_signals():
-    """Record SIGINT / SIGTERM instead of dying, so the loop can checkpoint; a second one kills."""
-    caught: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield caught
-        return
-
-    def handler(signum, frame):
-        if caught:
-            raise KeyboardInterrupt
-        caught.append(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield caught
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def default_run_dir(config: TrainConfig, root: str | Path = "runs") -> Path:
