@@ -45,7 +45,7 @@ from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.loop import TrainingStopped
 from allconv_cli.train.run import train
 from allconv_cli.train.run_folder import RunFolder
-from allconv_cli.train.settings import from_json
+from allconv_cli.train.settings import check_values, from_json
 from allconv_cli.util import atomic_write_text
 
 PAPER_GRID = (0.25, 0.1, 0.05, 0.01)  # Section 3.2
@@ -55,6 +55,7 @@ RESULT_NAME, PLAN_NAME = "result.json", "ablation.json"
 # Runs at once on each GPU by default: 4 runs at once each trained at a single run's speed on one
 # H200 (2026-12-04); a step is bound by kernel launches, not by the GPU's arithmetic.
 RUNS_PER_GPU = 4
+MAX_SEEDS = 1_000  # seeds of one ablation: each is a whole training run of every model
 # Table 3's blocks, as the registry's rows say: family -> its models, as typed (all-cnn-c)
 FAMILIES = {family: [name.replace("_", "-") for name, row in NETWORKS.items() if row.family == family]
             for family in sorted({row.family for row in NETWORKS.values() if row.family})}
@@ -88,6 +89,20 @@ def select_models(family: str | None = None, patterns: list[str] | None = None) 
             matches = [resolve_name(pattern).replace("_", "-")]  # raises with a did-you-mean hint
         chosen += [m for m in matches if m not in chosen]
     return chosen
+
+
+def seed_list(numbers: list[int]) -> list[int]:
+    """--seeds as given -> the seeds: one number N is seeds 0 to N - 1, several are those seeds.
+    Each seed is checked as --seed is (a bad one raises), and there are 1 to MAX_SEEDS."""
+    if len(numbers) == 1 and not 1 <= numbers[0] <= MAX_SEEDS:
+        raise ValueError(f"--seeds {numbers[0]} is not allowed: a count of seeds takes 1 to {MAX_SEEDS:,} "
+                         "(each is a whole run of every model), e.g. 3; or give the seeds, e.g. 0,4,7")
+    seeds = list(range(numbers[0])) if len(numbers) == 1 else numbers
+    if not 1 <= len(seeds) <= MAX_SEEDS or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds takes 1 to {MAX_SEEDS:,} different seeds, e.g. 0,4,7, or a count, e.g. 3")
+    for seed in seeds:
+        check_values({"seed": seed}, {"seed": "--seeds"})
+    return seeds
 
 
 def planned_runs(models: list[str], grid: list[float], seeds: list[int]) -> list[dict]:
@@ -185,10 +200,11 @@ def ablate(base: TrainConfig, models: list[str], grid: list[float], seeds: list[
     -> one row per model (see ``table_rows``)."""
     out = Path(out)
     progress = progress or (lambda event, **fields: None)
-    if jobs is not None and jobs < 1:
-        raise ValueError(f"--jobs {jobs} is not allowed; --jobs takes a whole number of at least 1 (leave it out "
-                         f"for {RUNS_PER_GPU} runs per GPU, or 1 on the CPU)")
     resolve_device(base.device)  # a device this machine lacks is refused before any run starts
+    most = max(os.cpu_count() or 1, default_jobs(base.device))  # each run needs a core to drive it
+    if jobs is not None and not 1 <= jobs <= most:
+        raise ValueError(f"--jobs {jobs} is not allowed; --jobs takes 1 to {most} here (a run at once per CPU core, "
+                         f"or {RUNS_PER_GPU} per GPU; leave it out for {RUNS_PER_GPU} runs per GPU, or 1 on the CPU)")
     jobs = jobs or default_jobs(base.device)
     if len(grid) > 1 and base.val_fraction <= 0:
         raise ValueError("choosing among learning rates needs a validation split: give --val-fraction, e.g. 0.1")

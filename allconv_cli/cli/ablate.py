@@ -50,8 +50,7 @@ def ablate(
 
         names = ablation.select_models(family, models.split(",") if models else None)
         grid = parse_numbers(lr_grid, "--lr-grid", float, ablation.PAPER_GRID) if lr_grid else None
-        seed_list = parse_numbers(seeds, "--seeds", int)
-        seed_list = list(range(seed_list[0])) if len(seed_list) == 1 else seed_list
+        seed_list = ablation.seed_list(parse_numbers(seeds, "--seeds", int))
         if grid is not None and len(grid) > 1 and val_fraction is None:
             val_fraction = 0.1
         base = configuration.resolve(preset, epochs=epochs, dataset=dataset, data_dir=data_dir,

@@ -126,6 +126,8 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
     resumably, after that many epochs. SIGINT / SIGTERM / SIGHUP write a resumable checkpoint and raise
     TrainingStopped. ``finished_ok`` lets ``resume`` of a finished run just summarize it.
     """
+    if stop_after is not None and not 1 <= stop_after <= config.epochs:
+        raise ValueError(f"--stop-after {stop_after} is not allowed: it takes 1 to the run's {config.epochs} epochs")
     run = RunFolder(run_dir)
     rank, world, local_rank = _distributed()
     check_batch(config, world)
