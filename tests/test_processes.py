@@ -162,6 +162,45 @@ def test_an_ablation_with_two_jobs_ends_whatever_ends_it_and_continues(tmp_path)
     assert epochs_done(out) == [20, 20]  # each run continued from its checkpoints to the end
 
 
+STREAMED_TRAINING = """
+import sys
+from allconv_cli.cli import app
+from allconv_cli.data import datasets
+datasets.IN_MEMORY_LIMIT = 0  # every image folder streams through DataLoader workers
+sys.argv = ["allconv", "train", "--preset", "smoke", "--dataset", "imagefolder", "--data-dir", sys.argv[1],
+            "--workers", "2", "--epochs", "100", "--batch-size", "8", "--device", "cpu", "--out", sys.argv[2]]
+app()
+"""
+
+
+@pytest.mark.slow
+def test_dataloader_workers_leave_the_stop_to_their_trainer(tmp_path):
+    """SIGTERM to the whole group, as a service manager sends it: the DataLoader workers ignore
+    it and are ended by the run, which stops at a checkpoint (they used to die and fail it)."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for i in range(32):
+            (tmp_path / "data" / split / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (32, 32), (8 * i, 0, 0)).save(tmp_path / "data" / split / f"c{i % 2}" / f"{i}.png")
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-P", "-c", STREAMED_TRAINING, str(tmp_path / "data"), str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        # past its first epoch, while its two DataLoader workers feed it
+        while not ((run / "metrics.jsonl").exists() and len(processes_of(proc.pid)) == 2) and proc.poll() is None:
+            assert time.time() < deadline, "the run did not start"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143 and stderr == f"stopped by SIGTERM; resume with: allconv train --resume {run}\n"
+    assert (run / "state.pt").exists() and not processes_of(proc.pid)
+
+
 # --- devices this machine does not have --------------------------------------------------------
 
 ODD_DEVICES = ["mps", "xpu", "xpu:1", "meta", "cuda", "cuda:1", "cpu:1", "garbage", "", "CUDA", "hpu", "cuda:-1"]

@@ -38,6 +38,7 @@ from torchvision.datasets import utils as torchvision_utils
 from allconv_cli.choices import AUGMENTATIONS, DATASETS
 from allconv_cli.data import cache
 from allconv_cli.data.images import fit_image, open_image
+from allconv_cli.processes import ignore_stop_signals
 from allconv_cli.util import atomic_write, did_you_mean
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -493,7 +494,7 @@ class Batches:
         loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(_FolderDataset(self.data), index.tolist()),
             batch_size=self.batch_size, num_workers=self.workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=False)
+            persistent_workers=False, worker_init_fn=ignore_stop_signals)
         batches = iter(loader)
         while True:
             try:
