@@ -96,6 +96,22 @@ def test_signals_inside_a_catcher_are_recorded_and_a_second_one_kills():
     assert caught == [signal.SIGINT, signal.SIGINT, signal.SIGTERM]
 
 
+def test_a_stop_starts_no_other_task_and_waits_for_the_running_ones():
+    """run_in_slots with ``start`` returning None, as an ablation's after a signal or a failure."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = []
+    with ThreadPoolExecutor(2) as threads:
+        def start(task, slot):
+            if task == "c":
+                return None
+            started.append(task)
+            return threads.submit(time.sleep, 0.2 if task == "a" else 0.01)
+
+        ended = [task for task, _ in ablate.run_in_slots(["a", "b", "c", "d", "e"], ["s0", "s1"], start)]
+    assert started == ["a", "b"] and ended == ["b", "a"]  # "a" still ran to its end; "d", "e" never started
+
+
 # --- an ablation with two jobs, signalled each way ---------------------------------------------
 
 def processes_of(pid: int) -> list[str]:

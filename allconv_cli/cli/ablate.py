@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from allconv_cli.cli.common import (
+    EXIT_FAILED,
     EXIT_SIGNAL,
     duration,
     make_console,
@@ -46,7 +47,7 @@ def ablate(
     with user_errors():
         from allconv_cli import ablate as ablation
         from allconv_cli.train import settings as configuration
-        from allconv_cli.train.loop import TrainingStopped
+        from allconv_cli.train.loop import TrainingDiverged, TrainingStopped
 
         names = ablation.select_models(family, models.split(",") if models else None)
         grid = parse_numbers(lr_grid, "--lr-grid", float, ablation.PAPER_GRID) if lr_grid else None
@@ -68,6 +69,10 @@ def ablate(
         except (KeyboardInterrupt, TrainingStopped) as stop:  # a stopped run keeps its checkpoint
             typer.echo(f"interrupted; run the same command again to continue {out}", err=True)
             raise typer.Exit(EXIT_SIGNAL.get(getattr(stop, "signum", 2), 130)) from None
+        except TrainingDiverged as err:  # the other runs stopped at their checkpoints
+            typer.echo(f"Error: {err}; the other runs stopped resumably: run the same command again to continue",
+                       err=True)
+            raise typer.Exit(EXIT_FAILED) from None
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
