@@ -86,7 +86,7 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the summary as JSON on stdout; progress goes to stderr.")] = False,
     **options,
 ):
-    """Train a model of the paper: the paper's protocol (presets paper-*), the ten-epoch fast recipe (fast-cifar10) or your own settings. Writes a run folder with safetensors weights, the resolved settings, per-epoch metrics, learning curves and a resumable state, and holds a lock on it while it runs. Ctrl-C stops with a resumable checkpoint (exit 130; SIGTERM 143).
+    """Train a model of the paper: the paper's protocol (presets paper-*), the ten-epoch fast recipe (fast-cifar10) or your own settings. Writes a run folder with safetensors weights, the resolved settings, per-epoch metrics, learning curves and a resumable state, and holds a lock on it while it runs. Ctrl-C stops with a resumable checkpoint (exit 130; SIGTERM 143, SIGHUP 129).
 
     Examples: [bold]allconv train --model all-cnn-c --dataset cifar100[/bold] ·
     [bold]allconv train --preset paper-cifar10 --data-dir data[/bold] ·
