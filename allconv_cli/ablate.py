@@ -22,11 +22,11 @@ import itertools
 import json
 import math
 import os
+import signal
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from multiprocessing import get_context
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 
 import torch
@@ -34,17 +34,20 @@ import torch
 from allconv_cli import benchmark
 from allconv_cli.charts import ablation_bars
 from allconv_cli.data import datasets, folders
+from allconv_cli.device import resolve_device
+from allconv_cli.evaluate import paper_setting
 from allconv_cli.models.registry import (
     NETWORKS,
     create_model,
     list_models,
     resolve_name,
 )
+from allconv_cli.processes import WorkerPool, catch_signals
 from allconv_cli.train.config import TrainConfig
+from allconv_cli.train.loop import TrainingStopped
 from allconv_cli.train.run import train
 from allconv_cli.train.run_folder import RunFolder
-from allconv_cli.train.settings import from_json, parse_setting, validate
-from allconv_cli.evaluate import paper_setting
+from allconv_cli.train.settings import check_values, from_json, parse_setting, validate
 from allconv_cli.util import atomic_write_text
 
 PAPER_GRID = (0.25, 0.1, 0.05, 0.01)  # Section 3.2
@@ -54,6 +57,7 @@ RESULT_NAME, PLAN_NAME = "result.json", "ablation.json"
 # Runs at once on each GPU by default: 4 runs at once each trained at a single run's speed on one
 # H200 (2026-12-04); a step is bound by kernel launches, not by the GPU's arithmetic.
 RUNS_PER_GPU = 4
+MAX_SEEDS = 1_000  # seeds of one ablation: each is a whole training run of every model
 # Table 3's blocks, as the registry's rows say: family -> its models, as typed (all-cnn-c)
 FAMILIES = {family: [name.replace("_", "-") for name, row in NETWORKS.items() if row.family == family]
             for family in sorted({row.family for row in NETWORKS.values() if row.family})}
@@ -130,6 +134,20 @@ def select_models(family: str | None = None, patterns: list[str] | None = None) 
             matches = [resolve_name(pattern).replace("_", "-")]  # raises with a did-you-mean hint
         chosen += [m for m in matches if m not in chosen]
     return chosen
+
+
+def seed_list(numbers: list[int]) -> list[int]:
+    """--seeds as given -> the seeds: one number N is seeds 0 to N - 1, several are those seeds.
+    Each seed is checked as --seed is (a bad one raises), and there are 1 to MAX_SEEDS."""
+    if len(numbers) == 1 and not 1 <= numbers[0] <= MAX_SEEDS:
+        raise ValueError(f"--seeds {numbers[0]} is not allowed: a count of seeds takes 1 to {MAX_SEEDS:,} "
+                         "(each is a whole run of every model), e.g. 3; or give the seeds, e.g. 0,4,7")
+    seeds = list(range(numbers[0])) if len(numbers) == 1 else numbers
+    if not 1 <= len(seeds) <= MAX_SEEDS or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds takes 1 to {MAX_SEEDS:,} different seeds, e.g. 0,4,7, or a count, e.g. 3")
+    for seed in seeds:
+        check_values({"seed": seed}, {"seed": "--seeds"})
+    return seeds
 
 
 def planned_runs(models: list[str], grid: list[float], seeds: list[int], combos: list[Variant] = ((),)) -> list[dict]:
@@ -262,9 +280,11 @@ def ablate(base: TrainConfig, models: list[str], grid: list[float], seeds: list[
     (see ``table_rows``), or None where this share's runs are done but others' are not yet."""
     out = Path(out)
     progress = progress or (lambda event, **fields: None)
-    if jobs is not None and jobs < 1:
-        raise ValueError(f"--jobs {jobs} is not allowed; --jobs takes a whole number of at least 1 (leave it out "
-                         f"for {RUNS_PER_GPU} runs per GPU, or 1 on the CPU)")
+    resolve_device(base.device)  # a device this machine lacks is refused before any run starts
+    most = max(os.cpu_count() or 1, default_jobs(base.device))  # each run needs a core to drive it
+    if jobs is not None and not 1 <= jobs <= most:
+        raise ValueError(f"--jobs {jobs} is not allowed; --jobs takes 1 to {most} here (a run at once per CPU core, "
+                         f"or {RUNS_PER_GPU} per GPU; leave it out for {RUNS_PER_GPU} runs per GPU, or 1 on the CPU)")
     jobs = jobs or default_jobs(base.device)
     if len(grid) > 1 and base.val_fraction <= 0:
         raise ValueError("choosing among learning rates needs a validation split: give --val-fraction, e.g. 0.1")
@@ -328,25 +348,48 @@ def _execute(base: TrainConfig, runs: list[Run], out: Path, jobs: int, results: 
             progress("skip", run=run, result=results[run])
         else:
             pending.append(run)
-    if jobs <= 1 or len(pending) <= 1:
+    if jobs > 1 and len(pending) > 1:
+        _execute_in_workers(base, pending, out, min(jobs, len(pending)), results, progress, share)
+        return
+    with catch_signals() as caught:  # train() takes this list: a stop during a run ends it at a checkpoint
         for run in pending:
+            if caught:  # between runs: no other starts
+                raise TrainingStopped(caught[0], out)
             progress("run", run=run)
             results[run] = _train_one(run_config(base, run).to_json(), str(run.folder(out)), None, share.time_left())
             progress("done", run=run, result=results[run])
-        return
-    workers = min(jobs, len(pending))
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
-                             initargs=(threads,)) as pool:
 
-        def start(run: Run, device: str | None) -> Future:
+
+def _execute_in_workers(base: TrainConfig, pending: list[Run], out: Path, workers: int, results: dict, progress,
+                        share: Share):
+    """The runs in ``workers`` processes. A signal here is forwarded to every worker (each stops
+    its run at a checkpoint) and starts no other run; so does a run that fails or is stopped (a
+    signal sent to its worker alone). Every running run is waited for, then the stop (TrainingStopped)
+    or the first failure is raised; a second signal kills the workers at once."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    ended_early: list[BaseException] = []  # the failed or stopped runs' errors
+    with WorkerPool(_worker_init, (threads,)) as pool, catch_signals(forward=pool.send_signal) as caught:
+
+        def start(run: Run, device: str | None) -> Future | None:
+            if caught or ended_early:
+                return None
             progress("run", run=run)
             return pool.submit(_train_one, run_config(base, run).to_json(), str(run.folder(out)), device,
                                share.time_left())
 
         for run, future in run_in_slots(pending, device_slots(base.device, workers), start):
-            results[run] = future.result()
-            progress("done", run=run, result=results[run])
+            if future.exception() is None:
+                results[run] = future.result()
+                progress("done", run=run, result=results[run])
+                continue
+            if not caught and not ended_early:
+                pool.send_signal(signal.SIGTERM)  # the other runs stop at a checkpoint
+            ended_early.append(future.exception())
+    failure = next((e for e in ended_early if not isinstance(e, TrainingStopped)), None)
+    if failure is not None and not caught:
+        raise failure
+    if caught or ended_early:
+        raise TrainingStopped(caught[0] if caught else ended_early[0].signum, out)
 
 
 def default_jobs(device: str) -> int:
@@ -368,17 +411,22 @@ def device_slots(device: str, jobs: int) -> list[str | None]:
 
 
 def run_in_slots(tasks: list, slots: list,
-                 start: Callable[[object, object], Future]) -> Iterator[tuple[object, Future]]:
+                 start: Callable[[object, object], Future | None]) -> Iterator[tuple[object, Future]]:
     """``start(task, slot)`` for each of ``tasks`` on a free one of ``slots``, as slots free up:
     a task starts when one ends, on the slot that task held (the lowest-numbered free slot when
     several are free), so a GPU whose runs end early takes the next ones and no slot holds two
-    tasks at once -> (task, its future) as each ends."""
+    tasks at once -> (task, its future) as each ends. ``start`` returning None (a stop) starts
+    no other task; those running are still waited for."""
     waiting, free, running = list(tasks), list(range(len(slots))), {}
     while waiting or running:
         while waiting and free:
             slot = heapq.heappop(free)
-            task = waiting.pop(0)
-            running[start(task, slots[slot])] = task, slot
+            future = start(waiting[0], slots[slot])
+            if future is None:
+                waiting.clear()
+                heapq.heappush(free, slot)
+                break
+            running[future] = waiting.pop(0), slot
         done, _ = wait(running, return_when=FIRST_COMPLETED)
         for future in done:
             task, slot = running.pop(future)

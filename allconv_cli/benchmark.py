@@ -67,6 +67,7 @@ MODES = ("train", "infer", "data", "all")
 SYNTHETIC_IMAGES = 50_000  # CIFAR-10's training split
 SYNTHETIC_BYTES = 2**28  # 256 MiB of uint8 pixels at most, for large inputs
 DEFAULT_STEPS = {"cpu": 20, "cuda": 200}  # timed steps: a CPU step takes ~1 s, a GPU step ~1 ms
+MAX_STEPS = 100_000  # of --steps or --warmup: over a day of CPU steps, minutes of GPU steps
 DEFAULT_WARMUP = {"cpu": 5, "cuda": 50}
 MATMUL_SIZE = {"cpu": 4096, "cuda": 8192}  # n of the n x n matmul that measures the achievable rate
 
@@ -252,8 +253,8 @@ def run(config: TrainConfig, mode: str = "all", steps: int | None = None, warmup
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
     for name, value, least in (("--steps", steps, 1), ("--warmup", warmup, 0)):
-        if value is not None and value < least:
-            raise ValueError(f"{name} must be at least {least}, got {value}")
+        if value is not None and not least <= value <= MAX_STEPS:
+            raise ValueError(f"{name} must be from {least} to {MAX_STEPS:,}, got {value}")
     name = resolve_name(config.model)
     dev = resolve_device(config.device)
     steps, warmup = resolve_steps(dev, steps, warmup)

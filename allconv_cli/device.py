@@ -10,20 +10,41 @@ import torch
 from allconv_cli.choices import PRECISIONS
 
 
+def available_devices() -> list[str]:
+    """What ``--device`` can name on this machine: cpu, each CUDA GPU (cuda:0, cuda:1, ...) and
+    the devices of another accelerator torch finds here (mps; xpu:0, ...)."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    other = torch.accelerator.current_accelerator(check_available=True)
+    if other is not None and other.type == "mps":  # one Apple GPU, named without an index
+        names.append("mps")
+    elif other is not None and other.type != "cuda":
+        names += [f"{other.type}:{i}" for i in range(torch.accelerator.device_count())]
+    return names
+
+
 def resolve_device(name: str | None = "auto", local_rank: int | None = None) -> torch.device:
-    """``auto`` -> the first CUDA device if there is one, else the CPU; bad names raise, and so
-    does a CUDA device this machine does not have. Under torchrun (``local_rank`` given), a CUDA
-    device becomes the process's own, ``cuda:LOCAL_RANK``."""
+    """``auto`` -> the first CUDA device if there is one, else the CPU; a name torch does not know,
+    meta (no data), or a device this machine does not have raises, naming those it has. Under
+    torchrun (``local_rank`` given), a CUDA device becomes the process's own, ``cuda:LOCAL_RANK``."""
     if name in (None, "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    fix = f"give --device auto or one this machine has: {', '.join(available_devices())}"
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+        raise ValueError(f"unknown device {name!r}: {fix}") from None
+    if device.type == "meta":
+        raise ValueError(f"device 'meta' holds no data, so nothing runs on it: {fix}")
+    if device.type not in ("cuda", "cpu") and not _has(device):
+        raise ValueError(f"device {name!r} asked for, but this machine has no {device.type} device: {fix}")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise ValueError(f"device {name!r}: the CPU is one device, cpu (or cpu:0): {fix}")
     if device.type != "cuda":
         return device
     if not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here: use --device cpu")
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here: {fix}")
     count = torch.cuda.device_count()
     if local_rank is not None:
         if local_rank >= count:
@@ -36,6 +57,13 @@ def resolve_device(name: str | None = "auto", local_rank: int | None = None) -> 
                          f"(cuda:0 to cuda:{count - 1}): give --device cuda or cuda:N below {count} "
                          "(--resume takes a new --device too)")
     return device
+
+
+def _has(device: torch.device) -> bool:
+    """Whether this machine has ``device`` of an accelerator other than CUDA (mps, xpu, ...)."""
+    other = torch.accelerator.current_accelerator(check_available=True)
+    return (other is not None and other.type == device.type
+            and (device.index or 0) < torch.accelerator.device_count())
 
 
 def native_bf16(device: torch.device) -> bool:

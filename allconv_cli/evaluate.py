@@ -104,6 +104,9 @@ def evaluate_checkpoint(path: str | Path, dataset: str | None = None, data_dir: 
     """Evaluate a run folder or checkpoint on a split -> metrics, classes and the paper's error."""
     if tta not in TTA:
         raise ValueError(f"unknown --tta {tta!r}: use one of {', '.join(TTA)}")
+    for option, value in (("--batch-size", batch_size), ("--limit", limit)):
+        if value is not None and value < 1:  # above the split's size, either is the whole split
+            raise ValueError(f"{option} {value} is not allowed: {option} takes a whole number of at least 1")
     dev = resolve_device(device)
     arithmetic = resolve_precision(precision, dev)
     loaded = load_checkpoint(path, device=dev)

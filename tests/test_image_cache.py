@@ -106,6 +106,34 @@ def test_a_changed_folder_is_decoded_again(tmp_path, cache_dir, decodes, change)
     assert len(decodes) == 2
 
 
+def same_size_png(path: Path, colour: tuple[int, int, int]):
+    """A 12x10 PNG stored without compression: every colour gives a file of the same size."""
+    Image.new("RGB", (12, 10), colour).save(path, format="PNG", compress_level=0)
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["rewritten in place", "replaced by a copy"])
+def test_a_same_size_copy_with_its_mtime_kept_is_decoded_again(tmp_path, cache_dir, decodes, in_place):
+    """``cp -p``, ``rsync -a`` or ``tar x``: same size, mtime set back; the inode or ctime differs."""
+    root = image_folder(tmp_path / "data")
+    target = root / "train" / "dog" / "1.png"
+    same_size_png(target, (255, 0, 0))
+    before = load(root)
+    kept = target.stat()
+    copy = tmp_path / "copy.png"
+    same_size_png(copy, (0, 0, 255))
+    if in_place:
+        target.write_bytes(copy.read_bytes())
+    else:
+        os.replace(copy, target)
+    os.utime(target, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (kept.st_size, kept.st_mtime_ns)
+    after = load(root)
+    assert len(decodes) == 2  # not read from the entry of the old file
+    index = [path for path, _ in datasets._scan_folder(root / "train")[1]].index(target)
+    assert before.images[index, 0].float().mean() > 200 and after.images[index, 2].float().mean() > 200
+    assert after.images[index, 0].max() < 50  # the new blue pixels, not the old red ones
+
+
 def truncate(path: Path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 

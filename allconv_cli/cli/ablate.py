@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from allconv_cli.cli.common import (
+    EXIT_FAILED,
     EXIT_SIGNAL,
     duration,
     make_console,
@@ -44,14 +45,13 @@ def ablate(
         import time
 
         from allconv_cli import ablate as ablation
-        from allconv_cli.train import TIME_LIMIT, TrainingStopped
+        from allconv_cli.train import TIME_LIMIT, TrainingDiverged, TrainingStopped
         from allconv_cli.train import settings as configuration
 
         started = time.monotonic()
         names = ablation.select_models(family, models.split(",") if models else None)
         rates = parse_numbers(lr_grid, "--lr-grid", float, ablation.PAPER_GRID) if lr_grid else None
-        seed_list = parse_numbers(seeds, "--seeds", int)
-        seed_list = list(range(seed_list[0])) if len(seed_list) == 1 else seed_list
+        seed_list = ablation.seed_list(parse_numbers(seeds, "--seeds", int))
         settings_grid = ablation.parse_grid(grid or [])
         index, count = ablation.parse_shard(shard) if shard is not None else (1, 1)
         deadline = started + parse_duration(time_limit) if time_limit is not None else None
@@ -74,6 +74,10 @@ def ablate(
             cause = "time limit reached" if signum == TIME_LIMIT else "interrupted"
             typer.echo(f"{cause}; run the same command again to continue {out}", err=True)
             raise typer.Exit(EXIT_SIGNAL.get(signum, 130)) from None
+        except TrainingDiverged as err:  # the other runs stopped at their checkpoints
+            typer.echo(f"Error: {err}; the other runs stopped resumably: run the same command again to continue",
+                       err=True)
+            raise typer.Exit(EXIT_FAILED) from None
     if rows is None:
         typer.echo(f"shard {index}/{count} is done; other shards' runs are not finished yet: the last shard to "
                    f"finish (or the same command run again once they are) writes the table in {out}")

@@ -28,9 +28,9 @@ def user_errors():
 EXIT_FAILED = 1  # a run that diverged
 
 
-# SIGINT, SIGTERM: the shell's 128 + signal number; SIGALRM stands for a --time-limit reached, which
-# exits as timeout(1) does
-EXIT_SIGNAL = {2: 130, 15: 143, 14: 124}
+# SIGHUP, SIGINT, SIGTERM: the shell's 128 + signal number; SIGALRM stands for a --time-limit
+# reached, which exits as timeout(1) does
+EXIT_SIGNAL = {1: 129, 2: 130, 15: 143, 14: 124}
 
 
 UNWRAPPED_WIDTH = 10_000  # columns when not a terminal: wide enough that no line is wrapped

@@ -65,7 +65,8 @@ class _TrainProgress:
                                f"{m['seconds']:,.0f} s" + (f"; {evaluated}" if evaluated else ""))
 
     def stop(self):
-        self.bars.stop()
+        if self.bars.live.is_started:  # stopping bars never started prints an empty line
+            self.bars.stop()
 
 
 def _processes(fields: dict) -> str:
@@ -84,7 +85,7 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the summary as JSON on stdout; progress goes to stderr.")] = False,
     **settings,
 ):
-    """Train a model of the paper: the paper's protocol (presets paper-*), the ten-epoch fast recipe (fast-cifar10) or your own settings. Writes a run folder with safetensors weights, the resolved settings, per-epoch metrics, learning curves and a resumable state, and holds a lock on it while it runs. Ctrl-C stops with a resumable checkpoint (exit 130; SIGTERM 143).
+    """Train a model of the paper: the paper's protocol (presets paper-*), the ten-epoch fast recipe (fast-cifar10) or your own settings. Writes a run folder with safetensors weights, the resolved settings, per-epoch metrics, learning curves and a resumable state, and holds a lock on it while it runs. Ctrl-C stops with a resumable checkpoint (exit 130; SIGTERM 143, SIGHUP 129).
 
     Examples: [bold]allconv train --model all-cnn-c --dataset cifar100[/bold] ·
     [bold]allconv train --preset paper-cifar10 --data-dir data[/bold] ·

@@ -9,6 +9,7 @@ import torch
 
 from allconv_cli.data.folders import FolderDataset
 from allconv_cli.data.splits import ImageData, Split
+from allconv_cli.processes import ignore_stop_signals
 
 
 class Batches:
@@ -62,7 +63,7 @@ class Batches:
         loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(FolderDataset(self.data), index.tolist()),
             batch_size=self.batch_size, num_workers=self.workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=False)
+            persistent_workers=False, worker_init_fn=ignore_stop_signals)
         batches = iter(loader)
         while True:
             try:

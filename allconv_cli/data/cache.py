@@ -4,9 +4,11 @@ decode on two cores; their cached tensor, 154 MB, reads back in about a second).
 
 One entry per (split folder, input size, fit options): ``<cache>/<name>.safetensors`` holding
 ``images`` uint8 (N, C, H, W) and ``labels`` int64 (N,), with the class names, a fingerprint of
-every file (relative path, size in bytes, mtime in ns) and a CRC-32 of the pixels in its
-metadata. A folder whose files change gets a new fingerprint and its entry is rewritten in place,
-so the cache holds no stale copies. safetensors, not pickle: reading an entry runs no code.
+every file (relative path, size in bytes, mtime and ctime in ns, inode) and a CRC-32 of the
+pixels in its metadata. A copy that keeps a file's size and mtime (``cp -p``, ``rsync -a``,
+``tar x``) still gets a new inode or change time, which nothing can set back. A folder whose files
+change gets a new fingerprint and its entry is rewritten in place, so the cache holds no stale
+copies. safetensors, not pickle: reading an entry runs no code.
 
 The folder is ``$ALLCONV_CACHE_DIR``, else ``$XDG_CACHE_HOME/allconv/images``, else
 ``~/.cache/allconv/images``; ``ALLCONV_CACHE_DIR=off`` (or empty) turns the cache off.
@@ -84,13 +86,14 @@ def _fingerprint(folder: Path, files: Sequence[Path], classes: list[str], input_
                  fit: tuple[str, float]) -> str:
     """SHA-256 (hex) of everything the decoded tensor depends on: the format version, Pillow's
     version (its decoders), the resolved split folder, the classes, the input size, the fit
-    options, and each file's relative path, size (bytes) and mtime (ns). One stat per file: about
-    0.1 s for 60,000 files."""
+    options, and each file's relative path, size (bytes), mtime and ctime (ns) and inode. One stat
+    per file: about 0.1 s for 60,000 files."""
     digest = hashlib.sha256(json.dumps([FORMAT_VERSION, PIL.__version__, str(folder.resolve()), classes,
                                         list(input_size), [fit[0], float(fit[1])]]).encode())
     for path in files:
         stat = path.stat()
-        digest.update(f"\0{path.relative_to(folder).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+        digest.update(f"\0{path.relative_to(folder).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+                      f"\0{stat.st_ctime_ns}\0{stat.st_ino}".encode())
     return digest.hexdigest()
 
 

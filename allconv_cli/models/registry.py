@@ -241,6 +241,10 @@ def create_model(name: str, **kwargs) -> AllConvNet:
     return timm.create_model(resolve_name(name), **kwargs)
 
 
+# Classes of --num-classes: ImageNet-21k, the largest label set in common use, has 21,841.
+MAX_CLASSES = 100_000
+
+
 def describe(name: str | None = None, num_classes: int | None = None) -> list[dict]:
     """The registry as rows (name, family, exact params, the paper's params and errors where it
     gives them, input size, layers).
@@ -248,6 +252,8 @@ def describe(name: str | None = None, num_classes: int | None = None) -> list[di
     With ``name``, one row that also lists every layer with its output (C, H, W) on the
     model's native input and its parameter count.
     """
+    if num_classes is not None and not 2 <= num_classes <= MAX_CLASSES:
+        raise ValueError(f"--num-classes {num_classes} is not allowed: it takes 2 to {MAX_CLASSES:,} classes")
     names = [resolve_name(name)] if name is not None else list(NETWORKS)
     rows = []
     for key in names:

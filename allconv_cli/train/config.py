@@ -28,6 +28,8 @@ from allconv_cli.choices import (
 )
 from allconv_cli.train.fields import ABOVE_0, AT_LEAST_1, DROPOUT, UNIT, setting
 from allconv_cli.train.optimizers import OPTIMIZERS, optimizer_settings
+MAX_WORKERS = 256  # data-loading processes of one run: above the cores of the largest machines
+
 
 @dataclass
 class TrainConfig:
@@ -146,8 +148,10 @@ class TrainConfig:
                                      "state, BatchNorm statistics and the loss stay fp32.", choices=PRECISIONS)
     channels_last: bool = setting(True, "channels_last memory format.")
     compile: bool = setting(False, "torch.compile the training step.")
+    # Decoding is CPU-bound: past the cores another worker only adds a process (and a decode thread),
+    # and a count in the thousands would start that many.
     workers: int = setting(4, "DataLoader workers for image folders too large to hold in memory.",
-                           check=(lambda v: v >= 0, "of at least 0"))
+                           check=(lambda v: 0 <= v <= MAX_WORKERS, f"from 0 to {MAX_WORKERS}"))
     eval_every: int = setting(1, "Evaluate every N epochs; the last is always evaluated.",
                               check=(lambda v: v >= 1, "of at least 1 (epochs)"))
     # A checkpoint of All-CNN-C with ZCA writes 54 MB (the weights with the 36 MiB matrix, then weights and

@@ -27,12 +27,16 @@ Progress = Callable[..., None]  # progress(event, **fields); events: start, step
 
 
 class TrainingStopped(Exception):
-    """A signal stopped the run after a resumable checkpoint; ``signum`` says which."""
+    """A signal stopped the run after a resumable checkpoint; ``signum`` says which. Its args are
+    its constructor's, so that it crosses a process boundary (pickling rebuilds it from them)."""
 
-    def __init__(self, signum: int, run_dir: Path):
-        cause = "at the time limit" if signum == signal.SIGALRM else f"by {signal.Signals(signum).name}"
-        super().__init__(f"stopped {cause}; resume with: allconv train --resume {run_dir}")
-        self.signum = signum
+    def __init__(self, signum: int, run_dir: Path | str | None):
+        super().__init__(signum, run_dir)
+        self.signum, self.run_dir = signum, run_dir
+
+    def __str__(self) -> str:
+        cause = "at the time limit" if self.signum == signal.SIGALRM else f"by {signal.Signals(self.signum).name}"
+        return f"stopped {cause}; resume with: allconv train --resume {self.run_dir}"
 
 
 class TrainingDiverged(RuntimeError):

@@ -29,6 +29,7 @@ from allconv_cli.models.initialization import (
     whiten_first_conv,
 )
 from allconv_cli.models.registry import default_config, resolve_name
+from allconv_cli.processes import catch_signals
 from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.learner import Learner, Setup, make_learner, make_model, memory_format, place_model
 from allconv_cli.train.loop import Position, Progress, finished, fit
@@ -115,10 +116,12 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
 
     A new run refuses a folder holding one unless ``replace``. ``stop_after`` ends this call,
     resumably, after that many epochs; ``time_limit`` (seconds from now) ends it before then, with
-    the checkpoint written (TrainingStopped with signum TIME_LIMIT). SIGINT / SIGTERM write a
-    resumable checkpoint and raise TrainingStopped. ``finished_ok`` lets ``resume`` of a finished
-    run just summarize it.
+    the checkpoint written (TrainingStopped with signum TIME_LIMIT). SIGINT / SIGTERM / SIGHUP
+    write a resumable checkpoint and raise TrainingStopped. ``finished_ok`` lets ``resume`` of a
+    finished run just summarize it.
     """
+    if stop_after is not None and not 1 <= stop_after <= config.epochs:
+        raise ValueError(f"--stop-after {stop_after} is not allowed: it takes 1 to the run's {config.epochs} epochs")
     stop_at = None if time_limit is None else time.monotonic() + time_limit - time_reserve(time_limit)
     run = RunFolder(run_dir)
     rank, world, local_rank = _distributed()
@@ -266,39 +269,20 @@ def time_reserve(time_limit: float) -> float:
 
 @contextlib.contextmanager
 def _catch_signals(stop_at: float | None = None):
-    """Record SIGINT / SIGTERM instead of dying, so the loop can checkpoint; a second one kills.
-    At ``stop_at`` (time.monotonic()) TIME_LIMIT is recorded as if it were a signal."""
-    caught: list[int] = []
-    timer = None
-    if stop_at is not None:
-        timer = threading.Timer(max(0.0, stop_at - time.monotonic()), lambda: caught or caught.append(TIME_LIMIT))
-        timer.daemon = True
-        timer.start()
-    try:
-        with _signal_handlers(caught):
+    """``processes.catch_signals``, and at ``stop_at`` (time.monotonic()) TIME_LIMIT recorded as
+    if it were a signal."""
+    with catch_signals() as caught:
+        timer = None
+        if stop_at is not None:
+            timer = threading.Timer(max(0.0, stop_at - time.monotonic()),
+                                    lambda: caught or caught.append(TIME_LIMIT))
+            timer.daemon = True
+            timer.start()
+        try:
             yield caught
-    finally:
-        if timer is not None:
-            timer.cancel()
-
-
-@contextlib.contextmanager
-def _signal_handlers(caught: list[int]):
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        if caught:
-            raise KeyboardInterrupt
-        caught.append(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        finally:
+            if timer is not None:
+                timer.cancel()
 
 
 def default_run_dir(config: TrainConfig, root: str | Path = "runs") -> Path:
