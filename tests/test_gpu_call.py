@@ -1,6 +1,7 @@
-"""The rehearsal of the GPU call (scripts/gpu_call.py): the same steps on the CPU with the
-bundled sample and tiny sizes, two calls, so the call cannot rot between GPU runs."""
+"""The rehearsal of a GPU session (scripts/gpu_call.py): the same steps on the CPU with the bundled
+sample at tiny sizes, two sessions, the second continuing from the first's carry."""
 
+import io
 import json
 import os
 import subprocess
@@ -14,45 +15,37 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_call.py"
 
 
-def call(env: dict, out: Path, work: Path, *extra) -> list[dict]:
-    done = subprocess.run([sys.executable, str(SCRIPT), "--rehearsal", "--budget", "300", "--out", str(out),
-                           "--work", str(work), *map(str, extra)], capture_output=True, text=True, env=env,
-                          timeout=600)
+def session(out: Path, work: Path, budget: int, *extra) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(SCRIPT), "--rehearsal", "--budget", str(budget), "--out", str(out),
+                           "--work", str(work), *map(str, extra)], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    return {entry["step"]: entry for entry in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+
+
+def epochs_done(work: Path) -> dict[str, int]:
+    return {str(p.parent.relative_to(work)): len(p.read_text().splitlines()) for p in work.rglob("metrics.jsonl")}
 
 
 @pytest.mark.slow
-def test_the_rehearsal_writes_the_call_files_and_a_second_call_continues(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    first = call(env, tmp_path / "out1", tmp_path / "work1")
-    files = sorted((tmp_path / "out1").iterdir())
-    names = [p.name for p in files]
-    parts = [n for n in names if n.startswith("carry-")]
-    # what a device returns: at most 8 files of at most 16 MiB; the paper run's state (ZCA) needs 3 parts
-    assert names == [*parts, "log.txt", "results.jsonl", "runs-small.tar.gz", "weights.tar"], names
-    assert 1 <= len(parts) <= 4 and len(names) <= 8 and all(p.stat().st_size <= 16 * 2**20 for p in files)
-    steps = {entry["step"]: entry for entry in first}
-    assert steps["environment"]["rehearsal"] and steps["environment"]["packages"]["torch"]
-    assert steps["gpu-tests"]["rc"] == 0  # every test marked gpu, skipped without CUDA
-    assert steps["bench-b32"]["rc"] == 0 and steps["bench-b32"]["out"]["results"]["train"]["images_per_s"] > 0
-    assert steps["bench-fast-recipe"]["out"]["finished"]
-    assert steps["plan"]["fast_seeds"] == 1 and "why" in steps["plan"]
-    assert steps["fast-protocol"]["rc"] == 0 and len(steps["fast-protocol"]["out"]) == 2  # two networks' rows
-    paper = steps["paper-protocol"]
-    assert paper["stopped"]  # 100 epochs do not fit: stopped by the guard, resumably
-    with tarfile.open(tmp_path / "out1" / "runs-small.tar.gz") as tar:
+def test_a_session_stops_at_its_budget_and_the_next_continues_from_its_carry(tmp_path):
+    first = session(tmp_path / "out1", tmp_path / "work1", 75)
+    assert first["environment"]["rehearsal"] and first["environment"]["versions"]["torch"]
+    pair = first["pair"]
+    assert pair["rc"] == 124 and "--time-limit" in pair["cmd"]  # 100 epochs never fit: stopped resumably
+    assert "skipped" in first["family-c"]  # the pair took the session
+    files = sorted(p.name for p in (tmp_path / "out1").iterdir())
+    parts = [f"carry-{i:02d}.tar" for i in range(first["carry"]["parts"])]  # a run's state is 11 MB
+    assert files == [*parts, "log.txt", "results.jsonl"] and 1 <= len(parts) <= 4
+    assert all((tmp_path / "out1" / name).stat().st_size <= 16 * 2**20 for name in files)
+    with tarfile.open(fileobj=io.BytesIO(b"".join((tmp_path / "out1" / p).read_bytes() for p in parts))) as tar:
         names = tar.getnames()
-    assert any(n.endswith("fast-protocol/table.json") for n in names)
-    assert not any(n.endswith(("state.pt", "model.safetensors")) for n in names)
-    with tarfile.open(tmp_path / "out1" / "weights.tar") as tar:
-        assert len([n for n in tar.getnames() if n.endswith("model-fp16.safetensors")]) == 2
-    carried = steps["carry"]["carried"]
-    assert [c["run"] for c in carried] == ["runs/paper-protocol/all-cnn-c/lr0.05-seed0"], steps["carry"]
+    assert not any(n.endswith("model.safetensors") for n in names)
+    started = [n for n in names if n.endswith("state.pt")]
+    assert started and all(n.startswith("pair/all-cnn-c/batch_size=") for n in started)
+    before = epochs_done(tmp_path / "work1")
 
-    second = call(env, tmp_path / "out2", tmp_path / "work2", "--carry", tmp_path / "out1")
-    steps2 = {entry["step"]: entry for entry in second}
-    assert "bench-b32" not in steps2 and "fast-protocol" not in steps2  # done in the first call
-    assert steps2["paper-protocol"]["stopped"]
-    after = {c["run"]: c["done"] for c in steps2["carry"]["carried"]}
-    assert after["runs/paper-protocol/all-cnn-c/lr0.05-seed0"] > carried[0]["done"]  # it went on from there
+    second = session(tmp_path / "out2", tmp_path / "work2", 75, "--carry", tmp_path / "out1")
+    assert second["pair"]["rc"] == 124
+    after = epochs_done(tmp_path / "work2")
+    assert any(after[run] > done for run, done in before.items())  # a carried run went on from where it stopped
