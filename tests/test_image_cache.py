@@ -129,7 +129,7 @@ def test_a_same_size_copy_with_its_mtime_kept_is_decoded_again(tmp_path, cache_d
     assert (target.stat().st_size, target.stat().st_mtime_ns) == (kept.st_size, kept.st_mtime_ns)
     after = load(root)
     assert len(decodes) == 2  # not read from the entry of the old file
-    index = [path for path, _ in datasets._scan_folder(root / "train")[1]].index(target)
+    index = [path for path, _ in folders.scan_folder(root / "train")[1]].index(target)
     assert before.images[index, 0].float().mean() > 200 and after.images[index, 2].float().mean() > 200
     assert after.images[index, 0].max() < 50  # the new blue pixels, not the old red ones
 

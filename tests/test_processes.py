@@ -45,9 +45,10 @@ def examples() -> list[BaseException]:
     from allconv_cli.explain.targets import _StopForward
     from allconv_cli.export import VerificationError
     from allconv_cli.models.initialization import _Reached
-    from allconv_cli.train.loop import TrainingDiverged, TrainingStopped
+    from allconv_cli.train.loop import ClassReluShut, TrainingDiverged, TrainingStopped
 
     return [TrainingStopped(signal.SIGTERM, Path("runs/a")), TrainingDiverged("the loss became nan"),
+            ClassReluShut("the ReLU after the class conv was shut"),
             VerificationError("max |diff| 0.1 over tolerance 0.01"), _StopForward(), _Reached()]
 
 
@@ -181,8 +182,8 @@ def test_an_ablation_with_two_jobs_ends_whatever_ends_it_and_continues(tmp_path)
 STREAMED_TRAINING = """
 import sys
 from allconv_cli.cli import app
-from allconv_cli.data import datasets
-datasets.IN_MEMORY_LIMIT = 0  # every image folder streams through DataLoader workers
+from allconv_cli.data import folders
+folders.IN_MEMORY_LIMIT = 0  # every image folder streams through DataLoader workers
 sys.argv = ["allconv", "train", "--preset", "smoke", "--dataset", "imagefolder", "--data-dir", sys.argv[1],
             "--workers", "2", "--epochs", "100", "--batch-size", "8", "--device", "cpu", "--out", sys.argv[2]]
 app()

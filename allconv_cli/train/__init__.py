@@ -12,7 +12,7 @@ from allconv_cli.util import lazy_attributes
 # Public name -> the submodule that defines it.
 _API = {
     "Learner": "learner", "Setup": "learner", "make_learner": "learner",
-    "Position": "loop", "TrainingDiverged": "loop", "TrainingStopped": "loop", "finished": "loop", "fit": "loop",
+    "ClassReluShut": "loop", "Position": "loop", "TrainingDiverged": "loop", "TrainingStopped": "loop", "finished": "loop", "fit": "loop",
     "TIME_LIMIT": "run", "build": "run", "default_run_dir": "run", "resume": "run", "train": "run",
     "RESUME_MAY_CHANGE": "run_folder", "RunFolder": "run_folder", "load_run_config": "run_folder",
     "TrainConfig": "config", "resolve": "settings",

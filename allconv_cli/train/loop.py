@@ -5,6 +5,7 @@ every rank, and the target."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import signal
 import time
 from collections.abc import Callable
@@ -41,6 +42,17 @@ class TrainingStopped(Exception):
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; no checkpoint holds that step."""
+
+
+class ClassReluShut(TrainingDiverged):
+    """The paper's ReLU after the class conv was shut on every training image for a whole epoch:
+    every class score 0, every gradient 0, so the run can never learn again."""
+
+
+# How close to ln K an epoch's mean training loss is when every class score was 0 on every image
+# (the loss of uniform scores is ln K exactly, with or without label smoothing or mixing; a run
+# that learns, even at chance, has scores that differ, and a loss that differs by 1e-3 or more).
+SHUT_TOLERANCE = 1e-6
 
 
 @dataclasses.dataclass
@@ -147,11 +159,26 @@ def fit(learner: Learner, batches: Batches, position: Position, epochs: int, *,
         else:
             record(position.history)
         progress("epoch", metrics=metrics, epochs=epochs)
+        _refuse_a_shut_class_relu(learner.model, metrics, run_dir)
         if reached:
             break
         if stopping:
             raise TrainingStopped(stop[0] if stop else signal.SIGTERM, run_dir)
     return position
+
+
+def _refuse_a_shut_class_relu(model, metrics: dict, run_dir: Path | None):
+    """Raise ClassReluShut after an epoch whose training loss says the class ReLU was shut
+    throughout (the epoch's metrics are written by then)."""
+    classes = getattr(model, "num_classes", 0)
+    if not getattr(model, "class_relu", False) or classes < 2:
+        return
+    if abs(metrics["train_loss"] - math.log(classes)) < SHUT_TOLERANCE * math.log(classes):
+        raise ClassReluShut(
+            f"the ReLU after the class conv was shut on every training image for all of epoch {metrics['epoch']} "
+            f"(train loss {metrics['train_loss']:.4f} = ln {classes}): every class score and gradient is 0, so this "
+            f"run cannot learn ({run_dir} keeps its metrics). Try --weight-init xavier-open (class biases that start "
+            "the ReLU open), a lower --lr, --batch-norm, or --no-class-relu")
 
 
 def target_reached(metrics: dict, target: float | None) -> bool:

@@ -1,0 +1,50 @@
+"""A run whose class ReLU is shut for a whole epoch says so and ends, instead of training at chance."""
+
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from allconv_cli.cli import app
+from allconv_cli.train import ClassReluShut, loop, settings, train
+from allconv_cli.train import run as train_run
+
+
+@pytest.fixture
+def shut_start(monkeypatch):
+    """Every run starts with the class conv's biases at -1000: its ReLU is shut on every image."""
+    real = train_run.initialize
+
+    def shut(model, kind, images):
+        real(model, kind, images)
+        model.get_classifier().bias.data.fill_(-1000.0)
+
+    monkeypatch.setattr(train_run, "initialize", shut)
+
+
+TINY = dict(train_limit=64, test_limit=16, batch_size=16, epochs=3, warmup_epochs=0.0, batch_norm=False)
+
+
+def test_a_shut_class_relu_ends_the_run_after_its_first_epoch(shut_start, tmp_path):
+    with pytest.raises(ClassReluShut, match=r"shut on every training image for all of epoch 1 .*= ln 10\)"):
+        train(settings.resolve(None, **TINY), tmp_path / "run")
+    [line] = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()  # the figures it has
+    assert '"train_loss": 2.302585' in line
+
+
+def test_the_command_says_it_in_one_line(shut_start, tmp_path):
+    result = CliRunner().invoke(app, ["train", "--train-limit", "64", "--test-limit", "16", "--batch-size", "16",
+                                      "--epochs", "3", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert "--weight-init xavier-open" in error and "--no-class-relu" in error
+
+
+def test_a_run_at_chance_that_still_learns_is_left_alone(tmp_path):
+    class Model:
+        class_relu, num_classes = True, 10
+
+    near = {"epoch": 1, "train_loss": math.log(10) + 1e-4}
+    loop._refuse_a_shut_class_relu(Model(), near, tmp_path)  # scores that differ: the run goes on
+    Model.class_relu = False
+    loop._refuse_a_shut_class_relu(Model(), {"epoch": 1, "train_loss": math.log(10)}, tmp_path)
