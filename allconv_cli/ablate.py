@@ -229,7 +229,7 @@ def _train_one(config_json: str, folder: str, device: str | None, time_limit: fl
     folder = Path(folder)
     # A run that holds a checkpoint continues; one that finished training but died before its
     # result was written is only summarized (its final test evaluation runs again).
-    summary = train(config, folder, resume=RunFolder(folder).holds_run(), finished_ok=True, time_limit=time_limit)
+    summary = train(config, folder, from_checkpoint=RunFolder(folder).holds_run(), finished_ok=True, time_limit=time_limit)
     test = summary.get("test") or {"top1_error": summary["last"].get("test_top1_error")}
     result = {"model": config.model, "lr": config.lr, "seed": config.seed,
               "val_error": summary["last"].get("val_top1_error"), "test_error": test["top1_error"],

@@ -155,7 +155,7 @@ def test_resume_is_bit_identical(tmp_path, optimizer):
     straight = train(_tiny_config(optimizer=optimizer), tmp_path / "straight")
     first = train(_tiny_config(optimizer=optimizer), tmp_path / "split", stop_after=1)
     assert not first["finished"] and first["epochs_done"] == 1
-    resumed = train(_tiny_config(optimizer=optimizer), tmp_path / "split", resume=True)
+    resumed = train(_tiny_config(optimizer=optimizer), tmp_path / "split", from_checkpoint=True)
     assert resumed["finished"]
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "split" / "model.safetensors"))
@@ -197,7 +197,7 @@ def test_non_finite_loss_stops_before_a_checkpoint_holds_it(tmp_path, monkeypatc
     monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward",
                         lambda self, x, y: original(self, x, y) * float("nan"))
     with pytest.raises(TrainingDiverged, match="epoch 2, step 1; .* keeps the last good checkpoint .epoch 1"):
-        train(_tiny_config(), run, resume=True)
+        train(_tiny_config(), run, from_checkpoint=True)
     assert (run / "model.safetensors").read_bytes() == before
 
 
@@ -206,7 +206,7 @@ def test_resume_of_a_finished_run(tmp_path):
     train(_tiny_config(epochs=1), run)
     one_line_error(invoke("train", "--resume", run), 2, "already finished")
     with pytest.raises(ValueError, match="other settings .*epochs, lr"):
-        train(_tiny_config(epochs=3, lr=0.2), run, resume=True)
+        train(_tiny_config(epochs=3, lr=0.2), run, from_checkpoint=True)
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -285,9 +285,9 @@ def test_a_setting_added_since_a_run_began_resumes_at_its_default(tmp_path, key,
     older = json.loads(state["config"])
     del older[key]
     torch.save({**state, "config": json.dumps(older)}, run / "state.pt")
-    assert train(_tiny_config(decay_all=False), run, resume=True)["finished"]
+    assert train(_tiny_config(decay_all=False), run, from_checkpoint=True)["finished"]
     with pytest.raises(ValueError, match=rf"other settings \({key}\)"):
-        train(_tiny_config(decay_all=False, **{key: other}), tmp_path / "run", resume=True)
+        train(_tiny_config(decay_all=False, **{key: other}), tmp_path / "run", from_checkpoint=True)
 
 
 def test_crop_epochs_train_on_windows_then_on_whole_images(tmp_path, monkeypatch):

@@ -208,9 +208,7 @@ def sanity_check(
     precision: str = "fp32",
 ) -> SanityResult:
     """Run the model-randomization test on ``paths`` (or, with ``against``, compare with that
-    model), leaving ``loaded.model`` unchanged.
-
-    Targets: with a class (``target_class``: name, index or ``predicted``) or by default, each
+    model), leaving ``loaded.model`` unchanged. Targets: with a class (``target_class``: name, index or ``predicted``) or by default, each
     image's class predicted by the trained model, and ``layer`` is Grad-CAM's (default: the
     last conv); with ``layer`` and no class, the most active neuron of ``layer`` on the trained
     model. Default methods: all that fit the target (those that explain a neuron, for a neuron).

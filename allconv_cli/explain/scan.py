@@ -115,8 +115,7 @@ def top_patches(
     the ``top`` images whose best neuron of each filter in ``channels`` (default: the layer's
     first 8) fires most, then reconstruct that neuron on its image with each method, both
     cropped to its receptive field. Memory: the top images only, not the data set.
-    ``progress(images_scanned)`` is called after each batch.
-    """
+    ``progress(images_scanned)`` is called after each batch."""
     methods = check_methods(methods)
     if top < 1:
         raise ValueError(f"--top {top}: give at least 1 patch per filter")

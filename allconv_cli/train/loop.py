@@ -1,6 +1,19 @@
 """The epoch loop: steps, the host syncs (every ``CHECK_EVERY`` steps, at most every
 ``CHECK_SECONDS`` in one process), evaluation, checkpoints at the run's cadence, stops agreed by
-every rank, and the target."""
+every rank, and the target.
+
+``fit``'s contract: ``evaluate_epoch(epoch)`` adds a split's metrics after an epoch (or returns
+{}); ``save`` checkpoints: at the end of the epochs that the config's ``save_every`` /
+``save_minutes`` cadence picks, of this call's last epoch and of the epoch reaching the target,
+and at a stop; ``record(history)`` is called at the end of each epoch without a checkpoint, so
+that the metrics are written every epoch; ``stop`` is the list a signal handler appends to. A
+stop is taken at a step boundary that every rank agrees on, and a stop during an epoch's last
+step waits for the epoch's end, so no checkpoint sits between an epoch's last step and its
+evaluation. ``stop_after`` ends the call after that many epochs. The run ends early after an
+evaluated epoch whose top-1 accuracy reaches ``config.target`` (%); every epoch's metrics give
+``wall_seconds``, the run's time so far with evaluations (not counting the part of an epoch lost
+to a stop).
+"""
 
 from __future__ import annotations
 
@@ -90,23 +103,8 @@ def fit(learner: Learner, batches: Batches, position: Position, epochs: int, *,
         record: Callable[[list[dict]], None] | None = None, progress: Progress | None = None,
         stop: list[int] | None = None, stop_after: int | None = None, world: int = 1,
         run_dir: Path | None = None) -> Position:
-    """Train from ``position`` to ``epochs`` on ``batches`` -> the position reached.
-
-    ``evaluate_epoch(epoch)`` adds a split's metrics after an epoch (or returns {}); ``save``
-    checkpoints: at the end of the epochs that the config's ``save_every`` / ``save_minutes``
-    cadence picks, of this call's last epoch and of the epoch reaching the target, and at a stop;
-    ``record(history)`` is called at the end of each epoch without a checkpoint, so that the
-    metrics are written every epoch; ``stop`` is the list a signal handler appends to. A stop is
-    taken at a step boundary that every rank agrees on, and a stop during an epoch's last step
-    waits for the epoch's end, so no checkpoint sits between an epoch's last step and its
-    evaluation. ``stop_after`` ends the call after that many epochs. The run ends early after an
-    evaluated epoch whose top-1 accuracy reaches ``config.target`` (%); every epoch's metrics give
-    ``wall_seconds``, the run's time so far with evaluations (not counting the part of an epoch
-    lost to a stop).
-    """
-    progress = progress or (lambda event, **fields: None)
-    save = save or (lambda position: None)
-    record = record or (lambda history: None)
+    """Train from ``position`` to ``epochs`` on ``batches`` -> the position reached (see above)."""
+    progress, save, record = progress or _ignore, save or _ignore, record or _ignore
     stop = stop if stop is not None else []
     cadence = Cadence(learner.config.save_every, learner.config.save_minutes, position)
     device = next(learner.model.parameters()).device
@@ -165,6 +163,10 @@ def fit(learner: Learner, batches: Batches, position: Position, epochs: int, *,
         if stopping:
             raise TrainingStopped(stop[0] if stop else signal.SIGTERM, run_dir)
     return position
+
+
+def _ignore(*args, **fields):
+    """The callback a caller leaves out."""
 
 
 def _refuse_a_shut_class_relu(model, metrics: dict, run_dir: Path | None):

@@ -54,21 +54,21 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
     """Load the data, fit (or restore) the preprocessing, and build the model on ``device``."""
     name = resolve_name(config.model)
     registered = default_config(name)
-    input_size, fit = tuple(registered["input_size"]), fit_options(registered)
-    train = datasets.load_split(config.dataset, "train", config.data_dir, input_size, config.workers, fit)
-    train = splits.limit(train, config.train_limit, config.seed)
+    input_size, fitting = tuple(registered["input_size"]), fit_options(registered)
+    train_split = datasets.load_split(config.dataset, "train", config.data_dir, input_size, config.workers, fitting)
+    train_split = splits.limit(train_split, config.train_limit, config.seed)
     test = splits.limit(datasets.load_split(config.dataset, "test", config.data_dir, input_size, config.workers,
-                                              fit), config.test_limit, config.seed)
-    if len(test.classes) != len(train.classes):
-        raise ValueError(f"the train split has {len(train.classes)} classes and the test split "
+                                              fitting), config.test_limit, config.seed)
+    if len(test.classes) != len(train_split.classes):
+        raise ValueError(f"the train split has {len(train_split.classes)} classes and the test split "
                          f"{len(test.classes)}: give both the same class folders")
     validation = None
     if config.val_fraction > 0:
-        train, validation = splits.held_out(train, config.val_fraction, config.seed)
+        train_split, validation = splits.held_out(train_split, config.val_fraction, config.seed)
     if config.shuffle_labels:  # once, fixed by the seed: the labels no longer say what the image shows
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
-        train = dataclasses.replace(train, labels=train.labels[order])
-    model = make_model(config, len(train.classes))
+        order = torch.randperm(len(train_split), generator=torch.Generator().manual_seed(config.seed))
+        train_split = dataclasses.replace(train_split, labels=train_split.labels[order])
+    model = make_model(config, len(train_split.classes))
     if config.init is not None and preprocess_state is None:  # a resumed run restores its own state
         state, meta, tensors = load_weights(config.init)
         load_state(model, state, f"--init {config.init} holds {meta['model'].replace('_', '-')} with "
@@ -78,9 +78,9 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
                              f"give --preprocess {meta['preprocess']['kind']}")
         preprocess_state = (meta["preprocess"], tensors)  # the inputs its weights were learned for
     if preprocess_state is not None:  # resumed (ZCA fitted again, checked), or --init weights: no fresh init
-        prep = preprocessing.restore(*preprocess_state, lambda: _fit_images(train, config.seed))
+        prep = preprocessing.restore(*preprocess_state, lambda: _fit_images(train_split, config.seed))
     else:
-        images = _fit_images(train, config.seed)
+        images = _fit_images(train_split, config.seed)
         prep = preprocessing.fit(config.preprocess, images)
         shuffled = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))]
         initialize(model, config.weight_init, prep(shuffled[:LSUV_IMAGES].float() / 255))
@@ -96,7 +96,7 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
                                 rank=rank, world=world, device=device, workers=config.workers)
 
     evaluate_on = validation if validation is not None else test
-    return Setup(model, prep.to(device), train.classes, input_size, batches(train, True),
+    return Setup(model, prep.to(device), train_split.classes, input_size, batches(train_split, True),
                  batches(evaluate_on, False), batches(test, False) if validation is not None else None)
 
 
@@ -109,15 +109,15 @@ def _fit_images(split: splits.Split, seed: int, most: int = 10_000) -> torch.Ten
 
 
 
-def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = None, resume: bool = False,
+def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = None, from_checkpoint: bool = False,
           stop_after: int | None = None, replace: bool = False, finished_ok: bool = False,
           time_limit: float | None = None) -> dict:
-    """Train ``config`` into ``run_dir`` (or continue it there with ``resume``) -> summary.
+    """Train ``config`` into ``run_dir``, or continue it there ``from_checkpoint`` -> summary.
 
     A new run refuses a folder holding one unless ``replace``. ``stop_after`` ends this call,
     resumably, after that many epochs; ``time_limit`` (seconds from now) ends it before then, with
     the checkpoint written (TrainingStopped with signum TIME_LIMIT). SIGINT / SIGTERM / SIGHUP
-    write a resumable checkpoint and raise TrainingStopped. ``finished_ok`` lets ``resume`` of a
+    write a resumable checkpoint and raise TrainingStopped. ``finished_ok`` lets continuing a
     finished run just summarize it.
     """
     if stop_after is not None and not 1 <= stop_after <= config.epochs:
@@ -131,18 +131,18 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
     config = dataclasses.replace(config, precision=resolve_precision(config.precision, device))
     try:
         with run.lock() if rank == 0 else contextlib.nullcontext():
-            state = run.read_state(config) if resume else None
+            state = run.read_state(config) if from_checkpoint else None
             if state is not None and finished(json.loads(state["history"]), config.epochs) and not finished_ok:
                 raise ValueError(f"{run.path} already finished (all {config.epochs} epochs, or its --target); "
                                  "nothing to resume (start a new run, e.g. with --epochs)")
             if state is None and rank == 0:
-                run.refuse_a_run(replace or resume)  # before loading data, which can take minutes
+                run.refuse_a_run(replace or from_checkpoint)  # before loading data, which can take minutes
             _seed(config)
             setup = build(config, device, rank, world, state["preprocess"] if state else None)
             if rank:  # every rank built the same model; dropout now draws per process (rank 0 goes on as one process)
                 torch.manual_seed(config.seed + rank)
             if state is None and rank == 0:  # after build: a run whose data fails to load writes nothing
-                run.begin(config, replace or resume)  # a resume without state.pt restarts from scratch
+                run.begin(config, replace or from_checkpoint)  # a resume without state.pt restarts from scratch
             learner = make_learner(config, setup.model, setup.preprocess, len(setup.classes), len(setup.train),
                                    rank, world)
             position = run.restore(learner, state, rank, world) if state else Position()
@@ -175,7 +175,7 @@ def resume(run_dir: str | Path, progress: Progress | None = None, stop_after: in
     config = RunFolder(run_dir).read_config()
     for key, value in check_values(changes, dict.fromkeys(changes, OPTIONS)).items():
         setattr(config, key, value)
-    return train(config, run_dir, progress=progress, resume=True, stop_after=stop_after, time_limit=time_limit)
+    return train(config, run_dir, progress=progress, from_checkpoint=True, stop_after=stop_after, time_limit=time_limit)
 
 
 def check_batch(config: TrainConfig, world: int):
