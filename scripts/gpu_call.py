@@ -8,10 +8,10 @@
 Each step is one ``allconv ablate`` under ``--time-limit``, so every run stops resumably before
 the session's budget ends and continues in the next session: OUT receives ``results.jsonl`` (the
 environment, then each step's command, exit code, seconds and ``--json`` output), ``log.txt``
-(the commands' stderr) and ``carry-NN.tar``: every run folder but its weights file (a resume
-reads the settings, the state and the preprocessing's digest, 11 MB for a paper run, and fits the
-ZCA again; a finished run's table row and metrics are what the next session reports), in parts of
-at most 16 MiB. Copy the parts into a folder of the repository and give ``--carry FOLDER`` to
+(the commands' stderr) and ``carry-NN.tar``: every run folder but its weights file
+(``RunFolder.carried_files``: a resume reads the settings, the state and the preprocessing's
+digest, 11 MB for a paper run, and fits the ZCA again; of a finished run its result and metrics),
+in parts of at most 16 MiB. Copy the parts into a folder of the repository and give ``--carry FOLDER`` to
 continue.
 
     PYTHONPATH=$PWD python3 scripts/gpu_call.py --out OUT [--budget 540] [--carry DIR] [--data ARCHIVE]
@@ -33,11 +33,13 @@ import tarfile
 import time
 from pathlib import Path
 
+from allconv_cli.ablate import RESULT_NAME
+from allconv_cli.train.run_folder import CONFIG_NAME, RunFolder
+
 REPO = Path(__file__).resolve().parents[1]
 PART_BYTES = 16 * 2**20  # what one returned file may hold
 CARRY_PARTS = 4  # parts of at most 16 MiB: what may travel into the next session, with room for the code
 PACK_SECONDS = 30  # kept at the budget's end for packing the carry
-LEFT_BEHIND = ("model.safetensors", "curves.png", "chart.png")  # a resume reads none of them
 PAIR = ["--grid", "batch_size=128,256", "--grid", "weight_init=xavier-open,caffe-xavier"]
 STEPS = {  # name -> the ablation's own arguments
     "pair": ["--models", "all-cnn-c", *PAIR],
@@ -113,18 +115,26 @@ def run_step(session: Session, name: str, data: list[str]):
                     "cmd": " ".join(argv[1:]), "out": out})
 
 
+def carried(step: Path) -> list[Path]:
+    """What continues an ablation elsewhere: its plan and tables, each run's result, and what
+    ``RunFolder`` says continues the run (all but its weights; a finished run's state neither)."""
+    files = [p for p in step.glob("*") if p.is_file() and p.suffix in (".json", ".md", ".csv")]
+    for config in sorted(step.rglob(CONFIG_NAME)):
+        result = config.parent / RESULT_NAME
+        files += RunFolder(config.parent).carried_files(finished=result.is_file())
+        files += [result] if result.is_file() else []
+    return files
+
+
 def pack_carry(session: Session):
-    """carry-NN.tar: every step's folder but the files a resume does not read, and a finished
-    run's state (its result.json says it is done)."""
+    """carry-NN.tar: what continues every step's ablation in the next session."""
     for old in session.out.glob("carry-*.tar"):
         old.unlink()
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for name in STEPS:
-            for path in sorted((session.work / name).rglob("*")):
-                finished = path.name == "state.pt" and (path.parent / "result.json").is_file()
-                if path.is_file() and path.name not in LEFT_BEHIND and not path.name.startswith(".") and not finished:
-                    tar.add(path, arcname=str(path.relative_to(session.work)))
+            for path in carried(session.work / name):
+                tar.add(path, arcname=str(path.relative_to(session.work)))
     blob = buffer.getvalue()
     if len(blob) > CARRY_PARTS * PART_BYTES:
         raise SystemExit(f"the carry is {len(blob) / 2**20:.0f} MiB, over {CARRY_PARTS} parts of 16 MiB")

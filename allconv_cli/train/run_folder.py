@@ -45,6 +45,10 @@ CONFIG_NAME, STATE_NAME, PREPROCESS_NAME, METRICS_NAME, CURVES_NAME, LOCK_NAME =
 
 
 RUN_FILES = (CONFIG_NAME, STATE_NAME, PREPROCESS_NAME, WEIGHTS_NAME, METRICS_NAME, CURVES_NAME)
+# What continues a run on another machine: a resume reads the settings, the state and the
+# preprocessing (a ZCA whitening's digest, fitted again), and the metrics are its history so far;
+# the weights (43 MB with a ZCA matrix) are written again at its next checkpoint.
+CARRIED_FILES = (CONFIG_NAME, STATE_NAME, PREPROCESS_NAME, METRICS_NAME)
 
 
 # 3: the preprocessing's tensors live in preprocess.safetensors; format 2 carried them (and their
@@ -77,6 +81,12 @@ class RunFolder:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+
+    def carried_files(self, finished: bool = False) -> list[Path]:
+        """The files that continue this run elsewhere (CARRIED_FILES); of a ``finished`` run only
+        its settings and metrics."""
+        names = (CONFIG_NAME, METRICS_NAME) if finished else CARRIED_FILES
+        return [self.path / name for name in names if (self.path / name).is_file()]
 
     def holds_run(self) -> bool:
         return any((self.path / name).exists() for name in RUN_FILES)
