@@ -44,11 +44,11 @@ from allconv_cli.models.registry import (
 )
 from allconv_cli.processes import WorkerPool, catch_signals
 from allconv_cli.train.config import TrainConfig
-from allconv_cli.train.loop import TrainingStopped
+from allconv_cli.train.loop import ClassReluShut, TrainingStopped
 from allconv_cli.train.run import train
-from allconv_cli.train.run_folder import RunFolder
+from allconv_cli.train.run_folder import METRICS_NAME, RunFolder
 from allconv_cli.train.settings import check_values, from_json, parse_setting, validate
-from allconv_cli.util import atomic_write_text
+from allconv_cli.util import atomic_write_text, read_text
 
 PAPER_GRID = (0.25, 0.1, 0.05, 0.01)  # Section 3.2
 # (train, test) images of the data sets whose size is fixed: a dry run counts without reading them
@@ -229,11 +229,19 @@ def _train_one(config_json: str, folder: str, device: str | None, time_limit: fl
     folder = Path(folder)
     # A run that holds a checkpoint continues; one that finished training but died before its
     # result was written is only summarized (its final test evaluation runs again).
-    summary = train(config, folder, from_checkpoint=RunFolder(folder).holds_run(), finished_ok=True, time_limit=time_limit)
-    test = summary.get("test") or {"top1_error": summary["last"].get("test_top1_error")}
+    try:
+        summary = train(config, folder, from_checkpoint=RunFolder(folder).holds_run(), finished_ok=True,
+                        time_limit=time_limit)
+    except ClassReluShut as shut:  # a result all the same: a recipe whose runs die is what a grid can show
+        last = json.loads(read_text(folder / METRICS_NAME).splitlines()[-1])
+        summary = {"last": last, "seconds": last["wall_seconds"], "epochs_done": last["epoch"], "shut": str(shut)}
+    last = summary["last"]
+    # a run that died has no final test evaluation: its last evaluated error stands for it
+    test = summary.get("test") or {"top1_error": last.get("test_top1_error", last.get("val_top1_error"))}
     result = {"model": config.model, "lr": config.lr, "seed": config.seed,
-              "val_error": summary["last"].get("val_top1_error"), "test_error": test["top1_error"],
-              "seconds": summary["seconds"], "epochs": summary["epochs_done"]}
+              "val_error": last.get("val_top1_error"), "test_error": test["top1_error"],
+              "seconds": summary["seconds"], "epochs": summary["epochs_done"],
+              **({"class_relu_shut": summary["shut"]} if "shut" in summary else {})}
     atomic_write_text(folder / RESULT_NAME, json.dumps(result, indent=2))
     return result
 

@@ -48,3 +48,12 @@ def test_a_run_at_chance_that_still_learns_is_left_alone(tmp_path):
     loop._refuse_a_shut_class_relu(Model(), near, tmp_path)  # scores that differ: the run goes on
     Model.class_relu = False
     loop._refuse_a_shut_class_relu(Model(), {"epoch": 1, "train_loss": math.log(10)}, tmp_path)
+
+
+def test_an_ablation_records_a_shut_run_as_its_result(shut_start, tmp_path):
+    from allconv_cli import ablate
+
+    rows = ablate.ablate(settings.resolve(None, **TINY), ["all-cnn-c"], [0.05], [0], tmp_path / "ablation", jobs=1)
+    result = (tmp_path / "ablation" / "all-cnn-c" / "lr0.05-seed0" / ablate.RESULT_NAME).read_text()
+    assert '"class_relu_shut": "the ReLU after the class conv was shut' in result and '"epochs": 1' in result
+    assert rows[0]["test_error_mean"] >= 50  # every image called class 0
