@@ -61,7 +61,7 @@ def image_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def gpu_env(image_cache) -> dict:
     """The environment for a `gpu` test's subprocesses: pytest's own (CUDA visible), unbuffered,
-    with this checkout on PYTHONPATH and this session's image cache."""
+    with this checkout on PYTHONPATH and this test run's image cache."""
     return {**STARTED_WITH, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), "ALLCONV_CACHE_DIR": str(image_cache)}
 
 
