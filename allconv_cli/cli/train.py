@@ -13,8 +13,8 @@ from allconv_cli.cli.common import (
     EXIT_FAILED,
     EXIT_SIGNAL,
     duration,
-    parse_duration,
     make_console,
+    parse_duration,
     user_errors,
 )
 from allconv_cli.cli.options import given_settings, takes_settings
@@ -75,6 +75,8 @@ def _processes(fields: dict) -> str:
         return ""
     synced = ", SyncBatchNorm" if fields["sync_batch_norm"] else ""
     return f" x {fields['world']} ({fields['batch_per_process']} images a process{synced})"
+
+
 @takes_settings()
 def train(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder. Default: runs/MODEL-DATASET-TIME.", show_default=False)] = None,

@@ -1,8 +1,10 @@
 """Every training setting, declared once: its type, default, help, choices and range.
 
 ``TrainConfig``'s fields are the single source for the settings' checks (``settings``), the
-options of ``allconv train`` (generated from the fields, so no default, choice or range is
-written twice) and the run folder's ``config.json``. Torch-free: ``allconv --help`` reads it.
+options of ``allconv train``, ``ablate`` and ``benchmark`` (generated from the fields by
+``cli.options``, so no default, choice or range is written twice) and the run folder's
+``config.json``; an optimizer's own settings are declared in its entry (``optimizers``) and
+join the fields here. Torch-free: ``allconv --help`` reads it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from allconv_cli.choices import (
 )
 from allconv_cli.train.fields import ABOVE_0, AT_LEAST_1, DROPOUT, UNIT, setting
 from allconv_cli.train.optimizers import OPTIMIZERS, optimizer_settings
+
 MAX_WORKERS = 256  # data-loading processes of one run: above the cores of the largest machines
 
 
