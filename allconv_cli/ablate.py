@@ -348,14 +348,11 @@ def _selection_error(result: dict | None) -> float:
 
 
 def _execute(base: TrainConfig, runs: list[Run], out: Path, jobs: int, results: dict, progress, share: Share):
-    pending = []
+    _collect(runs, out, results)  # finished by an earlier call or another share
+    pending = [run for run in runs if run not in results]
     for run in runs:
-        done = run.folder(out) / RESULT_NAME
-        if done.is_file():
-            results[run] = json.loads(done.read_text())
+        if run in results:
             progress("skip", run=run, result=results[run])
-        else:
-            pending.append(run)
     if jobs > 1 and len(pending) > 1:
         _execute_in_workers(base, pending, out, min(jobs, len(pending)), results, progress, share)
         return
