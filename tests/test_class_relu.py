@@ -57,3 +57,28 @@ def test_an_ablation_records_a_shut_run_as_its_result(shut_start, tmp_path):
     result = (tmp_path / "ablation" / "all-cnn-c" / "lr0.05-seed0" / ablate.RESULT_NAME).read_text()
     assert '"class_relu_shut": "the ReLU after the class conv was shut' in result and '"epochs": 1' in result
     assert rows[0]["test_error_mean"] >= 50  # every image called class 0
+
+
+def test_a_run_that_ends_at_chance_says_so_after_its_figures(monkeypatch, tmp_path):
+    """Class scores that start at 0 and barely move (no class ReLU, so nothing is shut): the run
+    finishes, prints its table, then one line that it has not begun to learn."""
+    real = train_run.initialize
+
+    def flat(model, kind, images):
+        real(model, kind, images)
+        model.get_classifier().weight.data.zero_()
+        model.get_classifier().bias.data.zero_()
+
+    monkeypatch.setattr(train_run, "initialize", flat)
+    result = CliRunner().invoke(app, ["train", "--train-limit", "64", "--test-limit", "16", "--batch-size", "16",
+                                      "--epochs", "1", "--lr", "1e-9", "--no-class-relu", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    [note] = [line for line in result.stdout.splitlines() if line.startswith("Note:")]
+    assert "(ln 10 = 2.303): this run has not begun to learn" in note and "--preset fast-cifar10" in note
+
+
+def test_only_a_loss_near_ln_k_counts_as_not_learning():
+    assert loop.not_learning({"epoch": 3, "train_loss": 4.601}, 100) is not None  # the default on glyphs-100
+    assert loop.not_learning({"epoch": 3, "train_loss": 0.95 * math.log(10)}, 10) is None
+    assert loop.not_learning({"epoch": 3, "train_loss": 1.05 * math.log(10)}, 10) is None
+    assert loop.not_learning({"epoch": 1, "train_loss": 0.0}, 1) is None  # one class: nothing to guess

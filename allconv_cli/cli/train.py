@@ -161,5 +161,7 @@ def _print_summary(console, summary: dict):
     if summary["paper_error"] is not None:
         table.add_row("paper's error %", f"{summary['paper_error']:.2f}")
     console.print(table)
+    if "not_learning" in summary:
+        console.print(f"Note: {summary['not_learning']}", markup=False)
     state = "finished" if summary["finished"] else f"stopped; continue with: allconv train --resume {summary['run_dir']}"
     console.print(f"run folder: {summary['run_dir']} ({state})")

@@ -32,7 +32,7 @@ from allconv_cli.models.registry import default_config, resolve_name
 from allconv_cli.processes import catch_signals
 from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.learner import Learner, Setup, make_learner, make_model, memory_format, place_model
-from allconv_cli.train.loop import Position, Progress, finished, fit
+from allconv_cli.train.loop import Position, Progress, finished, fit, not_learning
 from allconv_cli.train.run_folder import RESUME_MAY_CHANGE, RunFolder
 from allconv_cli.train.settings import (
     OPTIONS,
@@ -235,6 +235,8 @@ def _summary(learner: Learner, setup: Setup, config: TrainConfig, run: RunFolder
                "processes": setup.train.world, "batch_per_process": setup.train.batch_size,
                "precision": config.precision, "last": position.history[-1] if position.history else {},
                "paper_error": paper_error(config.model, config.dataset, setup.classes, config.augment)}
+    if position.history and (warning := not_learning(position.history[-1], len(setup.classes))):
+        summary["not_learning"] = warning
     if config.target is not None and done and position.history[-1].get("target_reached"):
         summary["target"] = {"accuracy": config.target, "epoch": position.epoch,
                              "wall_seconds": position.history[-1]["wall_seconds"]}
