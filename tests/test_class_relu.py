@@ -73,6 +73,11 @@ def test_a_run_that_ends_at_chance_says_so_after_its_figures(monkeypatch, tmp_pa
     result = CliRunner().invoke(app, ["train", "--train-limit", "64", "--test-limit", "16", "--batch-size", "16",
                                       "--epochs", "1", "--lr", "1e-9", "--no-class-relu", "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
+    # its second line names the recipe's deviations from the paper, with the way back
+    second = result.stdout.splitlines()[1]
+    assert second.startswith("Deviations from the paper's recipe (Section 3.2): --no-class-relu (paper: on), ")
+    assert "--schedule cosine (paper: paper)" in second and second.endswith("--preset paper-cifar10 "
+                                                                          "(or paper-cifar100, paper-cifar10-aug).")
     [note] = [line for line in result.stdout.splitlines() if line.startswith("Note:")]
     assert "(ln 10 = 2.303): this run has not begun to learn" in note and "--preset fast-cifar10" in note
 

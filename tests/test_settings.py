@@ -67,3 +67,42 @@ def test_checks_come_from_the_declaration():
 
 def test_every_optimizer_name_has_an_entry_and_every_entry_a_name():
     assert list(OPTIMIZERS) == list(CHOICES["optimizer"])
+
+
+@pytest.mark.parametrize("preset", ["paper-cifar10", "paper-cifar10-aug", "paper-cifar100"])
+def test_the_paper_presets_run_the_papers_recipe(preset):
+    from allconv_cli.train.settings import deviations, resolve
+
+    assert deviations(resolve(preset)) == []
+
+
+def test_a_run_names_each_deviation_by_its_option_and_the_papers_value():
+    from allconv_cli.train.settings import deviations, resolve
+
+    fast = deviations(resolve("fast-cifar10"))
+    for expected in ("--batch-norm (paper: off)", "--drop-rate 0.0 (paper: 0.5)", "--optimizer muon (paper: sgd)",
+                     "--decay-weights-only (paper: on)", "--lr 0.2 (paper: 0.25 or 0.1 or 0.05 or 0.01)",
+                     "--whiten frozen (paper: off)"):
+        assert expected in fast
+    assert not any(d.startswith("--milestones") for d in fast)  # unused by its schedule, and the paper's
+    # a value of the paper's grid is none; batch size and initialization, which it leaves open, are none
+    plain = deviations(resolve("paper-cifar10", lr=0.25, batch_size=64, weight_init="kaiming", epochs=3))
+    assert plain == []
+    assert deviations(resolve("paper-cifar10", lr=0.02, class_relu=False)) == [
+        "--no-class-relu (paper: on)", "--lr 0.02 (paper: 0.25 or 0.1 or 0.05 or 0.01)"]
+
+
+def test_a_variants_own_options_are_deviations_and_a_paper_networks_are_not():
+    from allconv_cli.train.settings import deviations, resolve
+
+    variant = deviations(resolve("paper-cifar10", model="all-cnn-c-bn"))
+    assert variant == ["--batch-norm (paper: off)", "--drop-input 0.0 (paper: 0.2)", "--drop-rate 0.25 (paper: 0.5)"]
+    assert not any("drop" in d for d in deviations(resolve("paper-imagenet")))  # its one dropout is the paper's
+
+
+def test_every_setting_the_paper_states_declares_the_papers_value():
+    from allconv_cli.train.fields import NOT_STATED
+
+    stated = {name for name, field in FIELDS.items() if field.metadata["paper"] is not NOT_STATED}
+    assert {"preprocess", "optimizer", "momentum", "weight_decay", "schedule", "milestones", "gamma"} <= stated
+    assert not stated & {"batch_size", "weight_init", "epochs", "seed"}  # left open by the paper

@@ -46,6 +46,7 @@ class _TrainProgress:
                                f"training images, {fields['steps']} steps an epoch, {fields['device']}"
                                f"{_processes(fields)}, {config.precision} "
                                f"-> {fields['run_dir']}")
+            self.console.print(_deviations_line(config), markup=False)
             self.bars.start()
             self.epochs = self.bars.add_task("epochs", total=config.epochs, completed=fields["start_epoch"], info="")
             self.batches = self.bars.add_task("batches", total=fields["steps"], info="")
@@ -128,6 +129,17 @@ def train(
     _print_summary(console, summary)
 
 
+
+
+def _deviations_line(config) -> str:
+    """The run's second line: where its recipe departs from the paper's, and how to get the paper's."""
+    from allconv_cli.train.settings import deviations
+
+    found = deviations(config)
+    if not found:
+        return "The paper's recipe (Section 3.2): no deviation."
+    return (f"Deviations from the paper's recipe (Section 3.2): {', '.join(found)}. "
+            "The paper's own: --preset paper-cifar10 (or paper-cifar100, paper-cifar10-aug).")
 
 
 def _print_summary(console, summary: dict):

@@ -142,6 +142,16 @@ def model_options(name: str) -> dict:
     return {key: row.options.get(key, defaults[key].default) for key in MODEL_OPTIONS}
 
 
+def paper_model_options(name: str) -> dict:
+    """The paper's MODEL_OPTIONS for a network: its row's where the row is one of the paper's (a
+    figure or a parameter count of its own: all-cnn-imagenet's single dropout), else AllConvNet's
+    defaults, the paper's All-CNN design (a variant's own options are its deviations)."""
+    defaults = inspect.signature(AllConvNet).parameters
+    row = NETWORKS[resolve_name(name)]
+    own = row.options if row.paper_error or row.paper_params else {}
+    return {key: own.get(key, defaults[key].default) for key in MODEL_OPTIONS}
+
+
 def _cfg(network: Network) -> dict:
     """A row's timm configuration: CIFAR-10's, then the row's own."""
     n_convs = sum(token not in ("M", "D") for token in network.layers)

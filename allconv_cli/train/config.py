@@ -1,9 +1,10 @@
-"""Every training setting, declared once: its type, default, help, choices and range.
+"""Every training setting, declared once: its type, default, help, choices, range and the paper's value.
 
 ``TrainConfig``'s fields are the single source for the settings' checks (``settings``), the
 options of ``allconv train``, ``ablate`` and ``benchmark`` (generated from the fields by
-``cli.options``, so no default, choice or range is written twice) and the run folder's
-``config.json``; an optimizer's own settings are declared in its entry (``optimizers``) and
+``cli.options``, so no default, choice or range is written twice), the run folder's
+``config.json`` and the deviations from the paper that a run names (``settings.deviations``);
+an optimizer's own settings are declared in its entry (``optimizers``) and
 join the fields here. Torch-free: ``allconv --help`` reads it.
 """
 
@@ -61,19 +62,19 @@ class TrainConfig:
                                          "missing; imagefolder: train/ and val/ or test/).",
                                    default_text="data for CIFAR")
     preprocess: str = setting("standardize", "standardize (per-channel mean and std) or zca (the paper's GCN + ZCA).",
-                              choices=PREPROCESSING)
+                              choices=PREPROCESSING, paper="zca")
     augment: str = setting("paper", "none, paper (flips and translations of up to --shift px) or strong (adds "
-                                    "CutMix/Mixup).", choices=AUGMENTATIONS)
+                                    "CutMix/Mixup).", choices=AUGMENTATIONS, paper=("none", "paper"))
     shift: int = setting(5, "How far (px) the paper's translations reach each way (the paper's 5).",
-                         check=(lambda v: v >= 0, "of at least 0 (px; 0 turns translations off)"))
+                         check=(lambda v: v >= 0, "of at least 0 (px; 0 turns translations off)"), paper=5)
     crop: int = setting(0, "Train on random crops of this side (px) in the first --crop-epochs epochs: cheaper "
                            "steps, e.g. 24 of 32 px costs half.",
-                        check=(lambda v: v >= 0, "of at least 0 (px; 0 turns crops off)"))
+                        check=(lambda v: v >= 0, "of at least 0 (px; 0 turns crops off)"), paper=0)
     crop_epochs: int = setting(0, "How many of the first epochs train on --crop windows; the rest train at full "
                                   "size, so BatchNorm's statistics match the test images.",
                                check=(lambda v: v >= 0, "of at least 0"))
     flips: str = setting("random", "random (a coin per image and step) or alternate (each image mirrored in every "
-                                   "other epoch, from a random start; airbench's).", choices=FLIPS)
+                                   "other epoch, from a random start; airbench's).", choices=FLIPS, paper="random")
     val_fraction: float = setting(0.0, "Hold out this share of train for evaluation; test is then scored once at the "
                                        "end.", check=UNIT)
     train_limit: int | None = setting(None, "Use at most this many training images.",
@@ -88,21 +89,23 @@ class TrainConfig:
     epochs: int = setting(30, "Epochs.", check=AT_LEAST_1)
     batch_size: int = setting(128, "Global batch size, split over DDP processes.", check=AT_LEAST_1,
                               flags=("--batch-size", "-b"))
-    lr: float = setting(0.05, "Peak learning rate; 0.05 is in the paper's grid.", check=ABOVE_0)
-    momentum: float = setting(0.9, "SGD momentum (the paper's 0.9).", check=UNIT)
-    nesterov: bool = setting(False, "Nesterov momentum.")
+    lr: float = setting(0.05, "Peak learning rate; 0.05 is in the paper's grid.", check=ABOVE_0,
+                        paper=(0.25, 0.1, 0.05, 0.01))
+    momentum: float = setting(0.9, "SGD momentum (the paper's 0.9).", check=UNIT, paper=0.9)
+    nesterov: bool = setting(False, "Nesterov momentum.", paper=False)
     weight_decay: float = setting(0.001, "Weight decay (the paper's 0.001). With --optimizer muon it acts on the SGD "
                                          "parameters only (with --decay-all): Muon holds the conv weights' norm fixed.",
-                                  check=(lambda v: v >= 0, "of at least 0"))
+                                  check=(lambda v: v >= 0, "of at least 0"), paper=0.001)
     schedule: str = setting("cosine", "paper (x --gamma at --milestones), cosine, onecycle (warm-up, then a linear "
-                                      "decay to lr / 1000) or constant.", choices=SCHEDULES)
+                                      "decay to lr / 1000) or constant.", choices=SCHEDULES, paper="paper")
     milestones: list[int] = setting([200, 250, 300], "Comma-separated epochs for the paper schedule.",
                                     check=(lambda v: all(m >= 1 for m in v) and v == sorted(set(v)),
-                                           "of increasing epochs of at least 1, e.g. [200, 250, 300]"))
-    gamma: float = setting(0.1, "The paper schedule's factor at each milestone.", check=ABOVE_0)
+                                           "of increasing epochs of at least 1, e.g. [200, 250, 300]"),
+                                    paper=[200, 250, 300])
+    gamma: float = setting(0.1, "The paper schedule's factor at each milestone.", check=ABOVE_0, paper=0.1)
     warmup_epochs: float = setting(1.0, "Linear warm-up from lr / 10, in epochs (a fraction is allowed; 0 for none).",
-                                   check=(lambda v: v >= 0, "of at least 0 (epochs)"))
-    label_smoothing: float = setting(0.0, "Label smoothing.", check=UNIT)
+                                   check=(lambda v: v >= 0, "of at least 0 (epochs)"), paper=0.0)
+    label_smoothing: float = setting(0.0, "Label smoothing.", check=UNIT, paper=0.0)
     weight_init: str = setting("xavier-open", "How the convs start: xavier-open (Xavier-uniform, biases 0.1, the class "
                                               "conv's 1.0 so that its ReLU starts open), xavier (biases 0.1 "
                                               "everywhere), caffe-xavier (Caffe's xavier filler: uniform with "
@@ -111,30 +114,33 @@ class TrainConfig:
                                               "conv scaled to unit output variance on training images).",
                                choices=WEIGHT_INITS)
     whiten: str = setting("off", "off, init (the first conv starts as the whitening of the training images' patches) "
-                                 "or frozen (and is never trained).", choices=WHITEN)
-    dirac: bool = setting(False, "Start the convs after the first (not the class conv) with identity filters.")
+                                 "or frozen (and is never trained).", choices=WHITEN, paper="off")
+    dirac: bool = setting(False, "Start the convs after the first (not the class conv) with identity filters.",
+                          paper=False)
     decay_all: bool = setting(True, "Weight decay on every parameter, or on conv weights only (not biases and "
-                                    "BatchNorm).", flags=("--decay-all/--decay-weights-only",))
+                                    "BatchNorm).", flags=("--decay-all/--decay-weights-only",), paper=True)
     bn_momentum: float = setting(0.1, "Weight of each batch in BatchNorm's running statistics (torch's momentum; "
                                       "airbench's 0.4).",
                                  check=(lambda v: 0 < v <= 1, "in (0, 1] (the weight of each batch in the running "
                                                               "statistics)"))
-    optimizer: str = setting("sgd", "The optimizer; its own settings follow the others.", choices=OPTIMIZERS)
+    optimizer: str = setting("sgd", "The optimizer; its own settings follow the others.", choices=OPTIMIZERS,
+                             paper="sgd")
     bias_lr_scale: float = setting(1.0, "Learning rate of the biases (BatchNorm shifts, conv biases) as a multiple of "
                                         "--lr; their weight decay per step stays the same (airbench's 64).",
-                                   check=(lambda v: v > 0, "above 0 (1 gives biases the weights' learning rate)"))
+                                   check=(lambda v: v > 0, "above 0 (1 gives biases the weights' learning rate)"),
+                                   paper=1.0)
     init: str | None = setting(None, "Start from these weights (a run folder or allconv .safetensors) and their "
                                      "preprocessing, with a fresh optimizer and schedule: fine-tuning, or a further "
                                      "cycle.", default_text="a fresh initialization")
     ema_decay: float = setting(0.0, "Per-step weight EMA decay (timm's ModelEmaV3), e.g. 0.999.",
-                               check=(lambda v: 0 <= v < 1, "in [0, 1) (0 turns EMA off)"))
+                               check=(lambda v: 0 <= v < 1, "in [0, 1) (0 turns EMA off)"), paper=0.0)
     lookahead_decay: float = setting(0.0, "Lookahead (airbench's): every 5 steps the weights and BatchNorm statistics "
                                           "are pulled toward a slow copy of themselves, training goes on from that "
                                           "copy, and the pull grows as the cube of the run's progress to this per-step "
                                           "decay at its end, e.g. 0.95.",
-                                     check=(lambda v: 0 <= v < 1, "in [0, 1) (0 turns lookahead off)"))
+                                     check=(lambda v: 0 <= v < 1, "in [0, 1) (0 turns lookahead off)"), paper=0.0)
     tta: str = setting("none", "Test-time augmentation of the last epoch's evaluation and the final test, reported "
-                               "beside the plain figures (see allconv eval --tta).", choices=TTA)
+                               "beside the plain figures (see allconv eval --tta).", choices=TTA, paper="none")
     target: float | None = setting(None, "Stop once the evaluated top-1 accuracy (%, validation split if held out, "
                                          "else test) reaches this; every epoch is then evaluated, and the epoch and "
                                          "time are reported.",

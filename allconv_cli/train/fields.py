@@ -14,17 +14,21 @@ ABOVE_0: Check = (lambda v: v > 0, "above 0")
 DROPOUT: Check = (lambda v: 0 <= v < 1, "in [0, 1) (0 turns that dropout off)")
 
 
+NOT_STATED = object()  # a setting the paper leaves open (batch size, initialization) or does not have
+
+
 def setting(default, help: str, *, choices=None, check: Check | None = None, flags: tuple[str, ...] = (),
-            default_text: str | None = None):
+            default_text: str | None = None, paper=NOT_STATED):
     """A field of TrainConfig with what its option shows: ``help`` (the default, the choices and the
     range are added from the other arguments), ``choices`` (names, or a dict name -> what it does),
     ``check`` (range), ``flags`` (the option's names, e.g. ("--model", "-m"); default: --name, and
-    --name/--no-name for a bool), ``default_text`` (how to show a None default)."""
+    --name/--no-name for a bool), ``default_text`` (how to show a None default), ``paper`` (the
+    paper's value, or a tuple of the values it allows: any other is a deviation that a run names)."""
     # a dict's keys stay a live view: a table that gains an entry (a test's) offers it at once
     metadata = {"help": help, "choices": choices.keys() if isinstance(choices, dict) else
                 tuple(choices) if choices is not None else None,
                 "choice_help": choices if isinstance(choices, dict) else None, "check": check, "flags": flags,
-                "default_text": default_text}
+                "default_text": default_text, "paper": paper}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

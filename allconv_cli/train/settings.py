@@ -22,6 +22,7 @@ from allconv_cli.models.registry import (
     MODEL_OPTIONS,
     list_models,
     model_options,
+    paper_model_options,
     resolve_name,
 )
 from allconv_cli.train.config import (
@@ -34,6 +35,7 @@ from allconv_cli.train.config import (
     list_presets,
     preset_dir,
 )
+from allconv_cli.train.fields import NOT_STATED
 from allconv_cli.train.optimizers import OPTIMIZERS
 from allconv_cli.util import did_you_mean, read_text, show_value
 
@@ -274,6 +276,34 @@ def network_options(config: TrainConfig) -> dict:
     model (a variant's own, else the paper's), then those the settings give."""
     given = {key: getattr(config, key) for key in MODEL_OPTIONS if getattr(config, key) is not None}
     return {**model_options(config.model), **given}
+
+
+def deviations(config: TrainConfig) -> list[str]:
+    """Where ``config``'s recipe departs from the paper's (Section 3.2 and the network's own
+    options), each as the option that sets it and the paper's value: ["--preprocess standardize
+    (paper: zca)", ...]. Settings the paper leaves open (batch size, initialization, epochs) are
+    not deviations."""
+    paper = {key: (value, value) for key, value in paper_model_options(config.model).items()}
+    paper |= {name: (field.metadata["paper"], field.metadata["paper"]) for name, field in FIELDS.items()
+              if field.metadata["paper"] is not NOT_STATED}
+    current = {**dataclasses.asdict(config), **network_options(config)}
+    found = []
+    for name, (allowed_values, shown) in paper.items():
+        value = current[name]
+        if value in allowed_values if isinstance(allowed_values, tuple) else value == allowed_values:
+            continue
+        flags = FIELDS[name].metadata["flags"]
+        option = (flags[0].split("/")[0 if value else 1] if isinstance(value, bool) and flags
+                  else _show(name, value, OPTIONS))
+        paper_text = " or ".join(map(str, shown)) if isinstance(shown, tuple) else _paper_value(shown)
+        found.append(f"{option} (paper: {paper_text})")
+    return found
+
+
+def _paper_value(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def model_kwargs(config: TrainConfig, num_classes: int) -> dict:
