@@ -137,19 +137,21 @@ MODEL_OPTIONS = ("batch_norm", "class_relu", "drop_input", "drop_rate")
 def model_options(name: str) -> dict:
     """A network's MODEL_OPTIONS as it is built without keyword arguments: AllConvNet's
     defaults (the paper's), then its row's (all-cnn-c-bn: BatchNorm, no input dropout, 25 %)."""
-    defaults = inspect.signature(AllConvNet).parameters
-    row = NETWORKS[resolve_name(name)]
-    return {key: row.options.get(key, defaults[key].default) for key in MODEL_OPTIONS}
+    return _with_defaults(NETWORKS[resolve_name(name)].options)
 
 
 def paper_model_options(name: str) -> dict:
     """The paper's MODEL_OPTIONS for a network: its row's where the row is one of the paper's (a
     figure or a parameter count of its own: all-cnn-imagenet's single dropout), else AllConvNet's
     defaults, the paper's All-CNN design (a variant's own options are its deviations)."""
-    defaults = inspect.signature(AllConvNet).parameters
     row = NETWORKS[resolve_name(name)]
-    own = row.options if row.paper_error or row.paper_params else {}
-    return {key: own.get(key, defaults[key].default) for key in MODEL_OPTIONS}
+    return _with_defaults(row.options if row.paper_error or row.paper_params else {})
+
+
+def _with_defaults(options: dict) -> dict:
+    """MODEL_OPTIONS from ``options``, AllConvNet's defaults for those it leaves out."""
+    defaults = inspect.signature(AllConvNet).parameters
+    return {key: options.get(key, defaults[key].default) for key in MODEL_OPTIONS}
 
 
 def _cfg(network: Network) -> dict:

@@ -66,7 +66,7 @@ class ClassReluShut(TrainingDiverged):
 # (the loss of uniform scores is ln K exactly, with or without label smoothing or mixing; a run
 # that learns, even at chance, has scores that differ, and a loss that differs by 1e-3 or more).
 SHUT_TOLERANCE = 1e-6
-# A finished run whose last epoch's mean training loss is within this share of ln K has not begun
+# A run whose last epoch's mean training loss is within this share of ln K has not begun
 # to learn: the default recipe on glyphs-100 ends 10 epochs at 4.601 against ln 100 = 4.605 (0.1 %),
 # while runs that learn are 5 % or more below ln K by their third epoch (docs/RESULTS.md).
 CHANCE_TOLERANCE = 0.01

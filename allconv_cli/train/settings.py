@@ -283,20 +283,19 @@ def deviations(config: TrainConfig) -> list[str]:
     options), each as the option that sets it and the paper's value: ["--preprocess standardize
     (paper: zca)", ...]. Settings the paper leaves open (batch size, initialization, epochs) are
     not deviations."""
-    paper = {key: (value, value) for key, value in paper_model_options(config.model).items()}
-    paper |= {name: (field.metadata["paper"], field.metadata["paper"]) for name, field in FIELDS.items()
-              if field.metadata["paper"] is not NOT_STATED}
+    paper = {**paper_model_options(config.model), **{name: field.metadata["paper"] for name, field in FIELDS.items()
+                                                      if field.metadata["paper"] is not NOT_STATED}}
     current = {**dataclasses.asdict(config), **network_options(config)}
     found = []
-    for name, (allowed_values, shown) in paper.items():
+    for name, papers in paper.items():  # a tuple: any of the values the paper allows
         value = current[name]
-        if value in allowed_values if isinstance(allowed_values, tuple) else value == allowed_values:
+        if value in papers if isinstance(papers, tuple) else value == papers:
             continue
         flags = FIELDS[name].metadata["flags"]
         option = (flags[0].split("/")[0 if value else 1] if isinstance(value, bool) and flags
                   else _show(name, value, OPTIONS))
-        paper_text = " or ".join(map(str, shown)) if isinstance(shown, tuple) else _paper_value(shown)
-        found.append(f"{option} (paper: {paper_text})")
+        shown = " or ".join(map(str, papers)) if isinstance(papers, tuple) else _paper_value(papers)
+        found.append(f"{option} (paper: {shown})")
     return found
 
 
