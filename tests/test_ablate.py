@@ -138,7 +138,7 @@ def test_dry_run_counts_an_image_folder_without_decoding(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["ablate", "--models", "all-cnn-c", "--dataset", "imagefolder",
                                       "--data-dir", str(tmp_path), "--epochs", "3", "--dry-run"])
     assert result.exit_code == 0, result.output
-    assert "1. all-cnn-c  lr 0.05  seed 0  3 epochs x 14 images" in result.stdout
+    assert "1. all-cnn-c  lr 0.2  seed 0  3 epochs x 14 images" in result.stdout
     assert "estimated time: 0 s on test CPU" in result.stdout
 
 

@@ -22,19 +22,20 @@ def shut_start(monkeypatch):
     monkeypatch.setattr(train_run, "initialize", shut)
 
 
-TINY = dict(train_limit=64, test_limit=16, batch_size=16, epochs=3, warmup_epochs=0.0, batch_norm=False)
+# the paper's network (no BatchNorm) and SGD, as the faithful preset trains them
+TINY = dict(train_limit=64, test_limit=16, batch_size=16, epochs=3, warmup_epochs=0.0)
 
 
 def test_a_shut_class_relu_ends_the_run_after_its_first_epoch(shut_start, tmp_path):
     with pytest.raises(ClassReluShut, match=r"shut on every training image for all of epoch 1 .*= ln 10\)"):
-        train(settings.resolve(None, **TINY), tmp_path / "run")
+        train(settings.resolve("faithful", **TINY), tmp_path / "run")
     [line] = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()  # the figures it has
     assert '"train_loss": 2.302585' in line
 
 
 def test_the_command_says_it_in_one_line(shut_start, tmp_path):
-    result = CliRunner().invoke(app, ["train", "--train-limit", "64", "--test-limit", "16", "--batch-size", "16",
-                                      "--epochs", "3", "--out", str(tmp_path / "run")])
+    result = CliRunner().invoke(app, ["train", "--preset", "faithful", "--train-limit", "64", "--test-limit", "16",
+                                      "--batch-size", "16", "--epochs", "3", "--out", str(tmp_path / "run")])
     assert result.exit_code == 1
     [error] = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert "--weight-init xavier-open" in error and "--no-class-relu" in error
@@ -53,7 +54,7 @@ def test_a_run_at_chance_that_still_learns_is_left_alone(tmp_path):
 def test_an_ablation_records_a_shut_run_as_its_result(shut_start, tmp_path):
     from allconv_cli import ablate
 
-    rows = ablate.ablate(settings.resolve(None, **TINY), ["all-cnn-c"], [0.05], [0], tmp_path / "ablation", jobs=1)
+    rows = ablate.ablate(settings.resolve("faithful", **TINY), ["all-cnn-c"], [0.05], [0], tmp_path / "ablation", jobs=1)
     result = (tmp_path / "ablation" / "all-cnn-c" / "lr0.05-seed0" / ablate.RESULT_NAME).read_text()
     assert '"class_relu_shut": "the ReLU after the class conv was shut' in result and '"epochs": 1' in result
     assert rows[0]["test_error_mean"] >= 50  # every image called class 0
@@ -70,20 +71,21 @@ def test_a_run_that_ends_at_chance_says_so_after_its_figures(monkeypatch, tmp_pa
         model.get_classifier().bias.data.zero_()
 
     monkeypatch.setattr(train_run, "initialize", flat)
-    result = CliRunner().invoke(app, ["train", "--train-limit", "64", "--test-limit", "16", "--batch-size", "16",
-                                      "--epochs", "1", "--lr", "1e-9", "--no-class-relu", "--out", str(tmp_path / "run")])
+    result = CliRunner().invoke(app, ["train", "--preset", "faithful", "--train-limit", "64", "--test-limit", "16",
+                                      "--batch-size", "16", "--epochs", "1", "--lr", "1e-9", "--no-class-relu",
+                                      "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     # its second line names the recipe's deviations from the paper, with the way back
     second = result.stdout.splitlines()[1]
     assert second.startswith("Deviations from the paper's recipe (Section 3.2): --no-class-relu (paper: on), ")
-    assert "--schedule cosine (paper: paper)" in second and second.endswith("--preset paper-cifar10 "
-                                                                          "(or paper-cifar100, paper-cifar10-aug).")
+    assert "--schedule cosine (paper: paper)" in second and "--preset paper-cifar10 " in second
     [note] = [line for line in result.stdout.splitlines() if line.startswith("Note:")]
-    assert "(ln 10 = 2.303): this run has not begun to learn" in note and "--preset fast-cifar10" in note
+    assert "(ln 10 = 2.303): this run has not begun to learn" in note and "leave out --preset faithful" in note
 
 
 def test_only_a_loss_near_ln_k_counts_as_not_learning():
-    assert loop.not_learning({"epoch": 3, "train_loss": 4.601}, 100) is not None  # the default on glyphs-100
-    assert loop.not_learning({"epoch": 3, "train_loss": 0.95 * math.log(10)}, 10) is None
-    assert loop.not_learning({"epoch": 3, "train_loss": 1.05 * math.log(10)}, 10) is None
-    assert loop.not_learning({"epoch": 1, "train_loss": 0.0}, 1) is None  # one class: nothing to guess
+    assert "default recipe" in loop.not_learning({"epoch": 3, "train_loss": 4.601}, 100, False)  # faithful, glyphs-100
+    assert "default recipe" not in loop.not_learning({"epoch": 1, "train_loss": 2.30}, 10, True)  # it is the default
+    assert loop.not_learning({"epoch": 3, "train_loss": 0.95 * math.log(10)}, 10, False) is None
+    assert loop.not_learning({"epoch": 3, "train_loss": 1.05 * math.log(10)}, 10, False) is None
+    assert loop.not_learning({"epoch": 1, "train_loss": 0.0}, 1, False) is None  # one class: nothing to guess

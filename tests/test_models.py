@@ -362,14 +362,15 @@ def test_default_config_builds_no_model(monkeypatch):
         default_config("all_cnn_c.cifar10")
 
 
-# A variant's options are the defaults of the training settings that set them; a setting given
-# overrides them, as keyword arguments to timm.create_model do.
+# A network's options as training builds it: AllConvNet's, then the recipe's (BatchNorm, no
+# dropout), then those its row states (a variant's own), then the settings given, as keyword
+# arguments to timm.create_model override a model's defaults.
 
 
 @pytest.mark.parametrize("given, expected", [
     ({}, {"batch_norm": True, "class_relu": True, "drop_input": 0.0, "drop_rate": 0.25}),
-    ({"batch_norm": False, "drop_rate": 0.5}, {"batch_norm": False, "class_relu": True, "drop_input": 0.0,
-                                               "drop_rate": 0.5}),
+    ({"batch_norm": False, "drop_rate": 0.5, "optimizer": "sgd"},
+     {"batch_norm": False, "class_relu": True, "drop_input": 0.0, "drop_rate": 0.5}),
 ])
 def test_training_settings_override_a_variants_options(given, expected):
     config = settings.resolve(None, model="all-cnn-c-bn", **given)
@@ -378,14 +379,18 @@ def test_training_settings_override_a_variants_options(given, expected):
     assert settings.model_kwargs(settings.from_json(config.to_json()), 10) == settings.model_kwargs(config, 10)
 
 
-def test_training_settings_default_to_the_paper_for_its_networks():
-    config = settings.resolve(None, model="all-cnn-imagenet")
-    assert settings.model_kwargs(config, 3) == {"num_classes": 3, "batch_norm": False, "class_relu": True,
-                                      "drop_input": 0.0, "drop_rate": 0.5}
-    # muon needs BatchNorm: all-cnn-c-bn has it, all-cnn-c has not unless it is given
-    assert settings.resolve(None, model="all-cnn-c-bn", optimizer="muon").optimizer == "muon"
+def test_the_recipe_gives_a_network_the_options_its_row_leaves_open():
+    recipe = {"batch_norm": True, "class_relu": True, "drop_input": 0.0, "drop_rate": 0.0}
+    assert settings.model_kwargs(settings.resolve(None), 10) == {"num_classes": 10, **recipe}
+    # all-cnn-imagenet's row has no input dropout; the faithful preset gives the paper's elsewhere
+    assert settings.model_kwargs(settings.resolve(None, model="all-cnn-imagenet"), 3)["drop_input"] == 0.0
+    assert settings.model_kwargs(settings.resolve("paper-imagenet"), 3) == {
+        "num_classes": 3, "batch_norm": False, "class_relu": True, "drop_input": 0.0, "drop_rate": 0.5}
+    assert settings.model_kwargs(settings.resolve("faithful"), 10) == {
+        "num_classes": 10, "batch_norm": False, "class_relu": True, "drop_input": 0.2, "drop_rate": 0.5}
+    # muon, the default optimizer, needs BatchNorm: a network without it is refused
     with pytest.raises(ValueError, match="optimizer muon needs batch_norm"):
-        settings.resolve(None, model="all-cnn-c-bn", optimizer="muon", batch_norm=False)
+        settings.resolve(None, model="all-cnn-c-bn", batch_norm=False)
 
 
 def test_allconv_train_the_variant(tmp_path):

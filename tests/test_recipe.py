@@ -46,7 +46,7 @@ def test_given_flips_replace_the_coin():
 @pytest.mark.parametrize("frozen_first", [False, True])
 @pytest.mark.parametrize("decay_all", [True, False])
 def test_weight_decay_on_weights_only(decay_all, frozen_first):
-    config = configuration.resolve(None, batch_norm=True, decay_all=decay_all, weight_decay=5e-4)
+    config = configuration.resolve(None, optimizer="sgd", bias_lr_scale=1.0, decay_all=decay_all, weight_decay=5e-4)
     model = create_model("all_cnn_c", batch_norm=True)
     first_conv(model).requires_grad_(not frozen_first)  # --whiten frozen: a BatchNorm comes first
     groups = train_optim.make_optimizer(model, config).param_groups
@@ -66,8 +66,8 @@ def test_weight_decay_on_weights_only(decay_all, frozen_first):
 @pytest.mark.parametrize("decay_all", [True, False])
 @pytest.mark.parametrize("batch_norm", [True, False])
 def test_bias_lr_scale_speeds_up_the_biases_only(decay_all, batch_norm):
-    config = configuration.resolve(None, batch_norm=batch_norm, decay_all=decay_all, weight_decay=5e-4,
-                                   lr=0.1, bias_lr_scale=64, nesterov=True)
+    config = configuration.resolve(None, optimizer="sgd", batch_norm=batch_norm, decay_all=decay_all,
+                                   weight_decay=5e-4, lr=0.1, bias_lr_scale=64, nesterov=True)
     model = create_model("all_cnn_c", batch_norm=batch_norm, num_classes=4)
     optimizer = train_optim.make_optimizer(model, config)
     biases = {id(p) for name, p in model.named_parameters() if name.endswith("bias")}
@@ -86,7 +86,8 @@ def test_bias_lr_scale_speeds_up_the_biases_only(decay_all, batch_norm):
         model = create_model("all_cnn_c", batch_norm=batch_norm, num_classes=4)
         before = {name: p.detach().clone() for name, p in model.named_parameters()}
         optimizer = train_optim.make_optimizer(model, configuration.resolve(
-            None, batch_norm=batch_norm, lr=0.1, bias_lr_scale=scale, weight_decay=0.0, nesterov=True))
+            None, optimizer="sgd", batch_norm=batch_norm, lr=0.1, bias_lr_scale=scale, weight_decay=0.0,
+            nesterov=True))
         model(x).logsumexp(1).mean().backward()
         optimizer.step()
         moves.append({name: p.detach() - before[name] for name, p in model.named_parameters()})

@@ -76,12 +76,20 @@ def test_the_paper_presets_run_the_papers_recipe(preset):
     assert deviations(resolve(preset)) == []
 
 
+def test_the_faithful_preset_deviates_only_where_short_runs_need_it():
+    from allconv_cli.train.settings import deviations, resolve
+
+    assert deviations(resolve("faithful")) == ["--preprocess standardize (paper: zca)",
+                                              "--schedule cosine (paper: paper)", "--warmup-epochs 1.0 (paper: 0.0)"]
+
+
 def test_a_run_names_each_deviation_by_its_option_and_the_papers_value():
     from allconv_cli.train.settings import deviations, resolve
 
-    fast = deviations(resolve("fast-cifar10"))
+    fast = deviations(resolve(None))  # the default recipe, as fast-cifar10 runs it
+    assert deviations(resolve("fast-cifar10")) == fast
     for expected in ("--batch-norm (paper: off)", "--drop-rate 0.0 (paper: 0.5)", "--optimizer muon (paper: sgd)",
-                     "--decay-weights-only (paper: on)", "--lr 0.2 (paper: 0.25 or 0.1 or 0.05 or 0.01)",
+                     "--decay-weights-only (paper: --decay-all)", "--lr 0.2 (paper: 0.25 or 0.1 or 0.05 or 0.01)",
                      "--whiten frozen (paper: off)"):
         assert expected in fast
     assert not any(d.startswith("--milestones") for d in fast)  # unused by its schedule, and the paper's
@@ -95,8 +103,10 @@ def test_a_run_names_each_deviation_by_its_option_and_the_papers_value():
 def test_a_variants_own_options_are_deviations_and_a_paper_networks_are_not():
     from allconv_cli.train.settings import deviations, resolve
 
-    variant = deviations(resolve("paper-cifar10", model="all-cnn-c-bn"))
-    assert variant == ["--batch-norm (paper: off)", "--drop-input 0.0 (paper: 0.2)", "--drop-rate 0.25 (paper: 0.5)"]
+    variant = deviations(resolve(None, model="all-cnn-c-bn"))
+    assert variant[:3] == ["--batch-norm (paper: off)", "--drop-input 0.0 (paper: 0.2)", "--drop-rate 0.25 (paper: 0.5)"]
+    # a preset that states the paper's network overrides the variant's options
+    assert deviations(resolve("paper-cifar10", model="all-cnn-c-bn")) == []
     assert not any("drop" in d for d in deviations(resolve("paper-imagenet")))  # its one dropout is the paper's
 
 

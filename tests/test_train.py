@@ -20,8 +20,10 @@ from allconv_cli.cli import app
 from allconv_cli.data import augmentation, datasets
 from allconv_cli.evaluate import evaluate_checkpoint
 from allconv_cli.files import weights as checkpoint
+from allconv_cli import train as trainer
 from allconv_cli.train import TrainingDiverged, build, train
 from allconv_cli.train import settings as configuration
+from allconv_cli.train.config import DEFAULTS_KEY, DEFAULTS_VERSION, VERSION_1_DEFAULTS
 
 runner = CliRunner()
 ALLCONV = str(Path(sys.executable).parent / "allconv")
@@ -219,7 +221,7 @@ def test_resume_of_a_finished_run(tmp_path):
     (["--crop", "32", "--crop-epochs", "1"], "smaller --crop"),
     (["--drop-rate", "1"], "--drop-rate 1.0 is not allowed; --drop-rate takes a finite number in [0, 1)"),
     (["--drop-input", "-0.1"], "--drop-input -0.1 is not allowed"),
-    (["--optimizer", "muon"], "optimizer muon needs batch_norm"),
+    (["--no-batch-norm"], "optimizer muon needs batch_norm"),
     (["--optimizer", "mun"], "did you mean 'muon'"),
 ])
 def test_bad_options(args, needle):
@@ -276,18 +278,39 @@ def test_translations_reach_shift_pixels_each_way(shift):
     assert offsets == {(dy, dx) for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)}
 
 
-@pytest.mark.parametrize("key, other", [("shift", 2), ("bias_lr_scale", 8.0), ("bn_momentum", 0.4)])
-def test_a_setting_added_since_a_run_began_resumes_at_its_default(tmp_path, key, other):
-    """A state saved before ``shift``, ``bias_lr_scale`` or ``bn_momentum`` existed ran with its default; it resumes."""
+@pytest.mark.parametrize("key, then, other", [("shift", 5, 2), ("bias_lr_scale", 1.0, 8.0), ("bn_momentum", 0.1, 0.4)])
+def test_a_setting_added_since_a_run_began_resumes_at_its_value_then(tmp_path, key, then, other):
+    """A run saved before ``shift``, ``bias_lr_scale`` or ``bn_momentum`` existed (so before the
+    fast recipe's defaults, and without the defaults' version) ran with the value it had then; it
+    resumes, and a run asking for another value is refused."""
     run = tmp_path / "run"
-    train(_tiny_config(decay_all=False), run, stop_after=1)
+    older_recipe = {**VERSION_1_DEFAULTS, "drop_input": 0.2, "drop_rate": 0.5}  # with the paper's dropout
+    train(_tiny_config(**{**older_recipe, key: then}), run, stop_after=1)
     state = torch.load(run / "state.pt", weights_only=True)
     older = json.loads(state["config"])
+    assert older.pop(DEFAULTS_KEY) == DEFAULTS_VERSION
     del older[key]
     torch.save({**state, "config": json.dumps(older)}, run / "state.pt")
-    assert train(_tiny_config(decay_all=False), run, from_checkpoint=True)["finished"]
+    (run / "config.json").write_text(json.dumps(older))
+    assert getattr(configuration.from_json(json.dumps(older)), key) == then
+    assert trainer.resume(run)["finished"]
     with pytest.raises(ValueError, match=rf"other settings \({key}\)"):
-        train(_tiny_config(decay_all=False, **{key: other}), tmp_path / "run", from_checkpoint=True)
+        train(_tiny_config(**{**older_recipe, key: other}), tmp_path / "run", from_checkpoint=True)
+
+
+def test_a_config_written_before_the_fast_defaults_reads_as_it_ran():
+    """A version-1 config.json: its null model options were the model's own (the paper's), and a
+    setting it lacks ran at the value it had then."""
+    older = json.loads(configuration.resolve(None).to_json())
+    del older[DEFAULTS_KEY], older["whiten"], older["tta"]
+    older.update(batch_norm=None, drop_input=None, drop_rate=None, optimizer="sgd", lr=0.05, weight_decay=0.001,
+                 nesterov=False, schedule="cosine", warmup_epochs=1.0, label_smoothing=0.0, decay_all=True,
+                 shift=5, flips="random", dirac=False, bias_lr_scale=1.0, lookahead_decay=0.0)
+    config = configuration.from_json(json.dumps(older))
+    assert configuration.model_kwargs(config, 10) == {"num_classes": 10, "batch_norm": False, "class_relu": True,
+                                                      "drop_input": 0.2, "drop_rate": 0.5}
+    assert (config.whiten, config.tta) == ("off", "none")
+    assert configuration.deviations(config) == configuration.deviations(configuration.resolve("faithful"))
 
 
 def test_crop_epochs_train_on_windows_then_on_whole_images(tmp_path, monkeypatch):
@@ -312,15 +335,17 @@ def test_init_starts_from_the_given_weights_and_their_preprocessing(tmp_path):
     assert all(torch.equal(setup.model.state_dict()[key], value) for key, value in state.items())
     assert setup.preprocess.to_meta()[0] == meta["preprocess"]
     with pytest.raises(ValueError, match="--init .* does not fit all-cnn-c"):
-        build(_tiny_config(init=str(first), batch_norm=False), torch.device("cpu"))
+        build(_tiny_config(init=str(first), batch_norm=False, optimizer="sgd"), torch.device("cpu"))
     with pytest.raises(ValueError, match="give --preprocess standardize"):
         build(_tiny_config(init=str(first), preprocess="zca"), torch.device("cpu"))
     one_line_error(invoke("train", "--init", tmp_path / "nowhere", *TINY), 2, "nowhere")
 
 
 def test_dropout_options_reach_the_model_and_its_checkpoint(tmp_path):
-    paper = build(_tiny_config(), torch.device("cpu")).model.features
-    assert paper.input_drop.p == 0.2 and {paper.drop1.p, paper.drop2.p} == {0.5}  # None: the model's own
+    recipe = build(_tiny_config(), torch.device("cpu")).model.features  # None: the recipe's, no dropout
+    assert not hasattr(recipe, "input_drop") and {recipe.drop1.p, recipe.drop2.p} == {0.0}
+    paper = build(configuration.resolve("faithful", train_limit=64, test_limit=32, batch_size=32), torch.device("cpu")).model.features
+    assert paper.input_drop.p == 0.2 and {paper.drop1.p, paper.drop2.p} == {0.5}
     train(_tiny_config(epochs=1, drop_input=0.0, drop_rate=0.1), tmp_path / "run")
     model, meta, _ = checkpoint.load_model(tmp_path / "run")
     assert (meta["model_kwargs"]["drop_input"], meta["model_kwargs"]["drop_rate"]) == (0.0, 0.1)

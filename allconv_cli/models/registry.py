@@ -140,6 +140,11 @@ def model_options(name: str) -> dict:
     return _with_defaults(NETWORKS[resolve_name(name)].options)
 
 
+def stated_options(name: str) -> dict:
+    """The MODEL_OPTIONS a network's row states (a variant's own; none for most of the paper's)."""
+    return dict(NETWORKS[resolve_name(name)].options)
+
+
 def paper_model_options(name: str) -> dict:
     """The paper's MODEL_OPTIONS for a network: its row's where the row is one of the paper's (a
     figure or a parameter count of its own: all-cnn-imagenet's single dropout), else AllConvNet's

@@ -187,15 +187,18 @@ def _refuse_a_shut_class_relu(model, metrics: dict, run_dir: Path | None):
             "the ReLU open), a lower --lr, --batch-norm, or --no-class-relu")
 
 
-def not_learning(metrics: dict, classes: int) -> str | None:
-    """A line for a run whose last epoch's training loss is still that of a uniform guess, else None."""
+def not_learning(metrics: dict, classes: int, batch_norm: bool) -> str | None:
+    """A line for a run whose last epoch's training loss is still that of a uniform guess, else None;
+    what to try depends on whether the network has BatchNorm (the default recipe's) or not."""
     chance = math.log(classes) if classes >= 2 else 0.0
     if not chance or abs(metrics["train_loss"] - chance) >= CHANCE_TOLERANCE * chance:
         return None
+    advice = ("try more --epochs or another --lr" if batch_norm else
+              "the paper's network without BatchNorm starts slowly with many classes or few steps, and may not start "
+              "at all (docs/RESULTS.md); try more --epochs, or the default recipe (BatchNorm and Muon, deviations "
+              "from the paper: leave out --preset faithful or --no-batch-norm)")
     return (f"after {metrics['epoch']} epochs the training loss {metrics['train_loss']:.3f} is still that of a "
-            f"uniform guess (ln {classes} = {chance:.3f}): this run has not begun to learn. The faithful net starts "
-            "slowly with many classes or few steps (docs/RESULTS.md); try more --epochs, or --preset fast-cifar10 "
-            "(BatchNorm and Muon, deviations from the paper)")
+            f"uniform guess (ln {classes} = {chance:.3f}): this run has not begun to learn; {advice}")
 
 
 def target_reached(metrics: dict, target: float | None) -> bool:

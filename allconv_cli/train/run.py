@@ -235,7 +235,7 @@ def _summary(learner: Learner, setup: Setup, config: TrainConfig, run: RunFolder
                "processes": setup.train.world, "batch_per_process": setup.train.batch_size,
                "precision": config.precision, "last": position.history[-1] if position.history else {},
                "paper_error": paper_error(config.model, config.dataset, setup.classes, config.augment)}
-    if position.history and (warning := not_learning(position.history[-1], len(setup.classes))):
+    if position.history and (warning := not_learning(position.history[-1], len(setup.classes), learner.model.batch_norm)):
         summary["not_learning"] = warning
     if config.target is not None and done and position.history[-1].get("target_reached"):
         summary["target"] = {"accuracy": config.target, "epoch": position.epoch,

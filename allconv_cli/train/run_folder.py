@@ -37,7 +37,7 @@ from allconv_cli.models.registry import resolve_name
 from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.learner import Learner, Setup
 from allconv_cli.train.loop import Position
-from allconv_cli.train.settings import from_json, model_kwargs
+from allconv_cli.train.settings import from_json, model_kwargs, network_options
 from allconv_cli.util import atomic_write, atomic_write_text, read_text
 
 CONFIG_NAME, STATE_NAME, PREPROCESS_NAME, METRICS_NAME, CURVES_NAME, LOCK_NAME = (
@@ -161,10 +161,10 @@ class RunFolder:
             if not (self.path / CONFIG_NAME).is_file():
                 raise FileNotFoundError(f"{self.path} has no {STATE_NAME} to resume from: give the folder of "
                                         "a run that allconv train started")
-            _check_same(json.loads(self.read_config().to_json()), config, self.path)
+            _check_same(self.read_config(), config, self.path)
             return None
         state = _load_state(path)
-        _check_same(json.loads(state["config"]), config, self.path)
+        _check_same(from_json(state["config"], str(path)), config, self.path)
         if state["format"] == 2:
             state["preprocess"] = state.pop("preprocess_meta"), state.pop("preprocess_tensors")
         else:
@@ -292,9 +292,9 @@ def _load_state(path: Path) -> dict:
     return state
 
 
-def _check_same(saved: dict, config: TrainConfig, run_dir: Path):
-    given = json.loads(config.to_json())
-    saved = {**json.loads(TrainConfig().to_json()), **saved}  # a setting added since the run began: its default
+def _check_same(saved: TrainConfig, config: TrainConfig, run_dir: Path):
+    # the network as built: an older run's null options were the model's own, a newer's the recipe's
+    given, saved = ({**json.loads(c.to_json()), **network_options(c)} for c in (config, saved))
     changed = sorted(k for k in given if k not in RESUME_MAY_CHANGE and saved.get(k) != given[k])
     if changed:
         raise ValueError(f"{run_dir} was started with other settings ({', '.join(changed)}); resume it "

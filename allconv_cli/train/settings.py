@@ -24,12 +24,16 @@ from allconv_cli.models.registry import (
     model_options,
     paper_model_options,
     resolve_name,
+    stated_options,
 )
 from allconv_cli.train.config import (
+    DEFAULTS_KEY,
     FIELDS,
     NUMBER,
+    RECIPE_NETWORK,
     TYPES,
     WHOLE,
+    VERSION_1_DEFAULTS,
     TrainConfig,
     allowed,
     list_presets,
@@ -119,10 +123,15 @@ def from_json(text: str, where: str = "config.json") -> TrainConfig:
         raise ValueError(f"{where} holds a JSON {'array' if isinstance(settings, list) else 'value'}, not the "
                          "object of settings that allconv train writes")
     # Keys this version does not know come from another version's run (e.g. the former "amp"):
-    # they are dropped, and the missing ones keep their defaults.
+    # they are dropped, and the missing ones keep the defaults the file was written under.
+    version_1 = settings.get(DEFAULTS_KEY) is None
     settings = {k: v for k, v in settings.items() if k in FIELDS}
-    config = TrainConfig(**settings)
+    config = TrainConfig(**{**VERSION_1_DEFAULTS, **settings} if version_1 else settings)
     validate(config, dict.fromkeys(settings, where))
+    if version_1:  # a null model option meant the model's own then, not the recipe's
+        for key, value in model_options(config.model).items():
+            if getattr(config, key) is None:
+                setattr(config, key, value)
     return config
 
 
@@ -272,10 +281,11 @@ def _flag(key: str, where: str) -> str:
 
 
 def network_options(config: TrainConfig) -> dict:
-    """batch_norm, class_relu, drop_input, drop_rate as the model is built: the registry's for the
-    model (a variant's own, else the paper's), then those the settings give."""
+    """batch_norm, class_relu, drop_input, drop_rate as the model is built: AllConvNet's defaults,
+    then the recipe's (RECIPE_NETWORK), then those the model's registry row states (a variant's
+    own), then those the settings give."""
     given = {key: getattr(config, key) for key in MODEL_OPTIONS if getattr(config, key) is not None}
-    return {**model_options(config.model), **given}
+    return {**model_options(config.model), **RECIPE_NETWORK, **stated_options(config.model), **given}
 
 
 def deviations(config: TrainConfig) -> list[str]:
@@ -292,9 +302,11 @@ def deviations(config: TrainConfig) -> list[str]:
         if value in papers if isinstance(papers, tuple) else value == papers:
             continue
         flags = FIELDS[name].metadata["flags"]
-        option = (flags[0].split("/")[0 if value else 1] if isinstance(value, bool) and flags
-                  else _show(name, value, OPTIONS))
-        shown = " or ".join(map(str, papers)) if isinstance(papers, tuple) else _paper_value(papers)
+        if isinstance(value, bool) and flags:  # a pair of its own names: --decay-weights-only (paper: --decay-all)
+            option, shown = (flags[0].split("/")[0 if v else 1] for v in (value, papers))
+        else:
+            option = _show(name, value, OPTIONS)
+            shown = " or ".join(map(str, papers)) if isinstance(papers, tuple) else _paper_value(papers)
         found.append(f"{option} (paper: {shown})")
     return found
 
