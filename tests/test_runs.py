@@ -496,7 +496,7 @@ def _finished(run: Path, epochs: int) -> bool:
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_never_loses_a_run(tmp_path):
-    """20 SIGKILLs at moments drawn with a fixed seed, into start-up, steps and checkpoint writes;
+    """12 SIGKILLs at moments drawn with a fixed seed, into start-up, steps and checkpoint writes;
     a run that finishes between kills is checked and the next kill goes to a new one."""
     root = tmp_path / "data"
     rng = np.random.default_rng(0)
@@ -508,7 +508,7 @@ def test_sigkill_at_random_moments_never_loses_a_run(tmp_path):
     epochs = 12
     start = [ALLCONV, "train", "--dataset", "imagefolder", "--data-dir", str(root), "--model", "all-cnn-a",
              "--batch-norm", "--batch-size", "8", "--epochs", str(epochs), "--precision", "fp32"]
-    moments = random.Random(20).choices([0.5, 1.5, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0], k=20)  # seconds after launch
+    moments = random.Random(20).choices([0.5, 1.5, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0], k=12)  # seconds after launch
     runs = [tmp_path / "run0"]
     for moment in moments:
         if _finished(runs[-1], epochs):
