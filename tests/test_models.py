@@ -362,9 +362,9 @@ def test_default_config_builds_no_model(monkeypatch):
         default_config("all_cnn_c.cifar10")
 
 
-# A network's options as training builds it: AllConvNet's, then the recipe's (BatchNorm, no
-# dropout), then those its row states (a variant's own), then the settings given, as keyword
-# arguments to timm.create_model override a model's defaults.
+# A network's options as training builds it: the recipe's (BatchNorm, no dropout), then those its
+# row states (a variant's own), then the settings given, as keyword arguments to
+# timm.create_model override a model's defaults (every row and preset: test_layout.py).
 
 
 @pytest.mark.parametrize("given, expected", [

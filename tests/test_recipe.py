@@ -273,8 +273,8 @@ def test_paper_presets_follow_the_paper_then_the_caffe_reproduction(name):
     paper = (config.lr, config.momentum, config.weight_decay, config.schedule, config.milestones, config.gamma,
              config.warmup_epochs, config.epochs, config.preprocess)
     assert paper == (0.05, 0.9, 0.001, "paper", [200, 250, 300], 0.1, 0, 350, "zca")
-    assert configuration.network_options(config) == {"batch_norm": False, "class_relu": True, "drop_input": 0.2,
-                                                     "drop_rate": 0.5}
+    assert configuration.model_kwargs(config, 10) == {"num_classes": 10, "batch_norm": False, "class_relu": True,
+                                                      "drop_input": 0.2, "drop_rate": 0.5}
     assert (config.batch_size, config.weight_init) == (256, "caffe-xavier")
 
 

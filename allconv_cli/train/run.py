@@ -34,11 +34,7 @@ from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.learner import Learner, Setup, make_learner, make_model, memory_format, place_model
 from allconv_cli.train.loop import Position, Progress, finished, fit, not_learning
 from allconv_cli.train.run_folder import RESUME_MAY_CHANGE, RunFolder
-from allconv_cli.train.settings import (
-    OPTIONS,
-    check_values,
-    network_options,
-)
+from allconv_cli.train.settings import OPTIONS, check_values
 
 LSUV_IMAGES = 64  # training images the lsuv initialization measures variances on
 
@@ -149,7 +145,7 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
             if progress is not None:
                 progress("start", config=config, run_dir=run.path, classes=setup.classes, steps=len(setup.train),
                          start_epoch=position.epoch, examples=len(setup.train.data), device=str(device), world=world,
-                         batch_per_process=setup.train.batch_size, sync_batch_norm=world > 1 and network_options(config)["batch_norm"])
+                         batch_per_process=setup.train.batch_size, sync_batch_norm=world > 1 and config.batch_norm)
             started = time.perf_counter()
             with _catch_signals(stop_at) as caught:
                 position = fit(learner, setup.train, position, config.epochs,

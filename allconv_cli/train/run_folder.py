@@ -37,7 +37,7 @@ from allconv_cli.models.registry import resolve_name
 from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.learner import Learner, Setup
 from allconv_cli.train.loop import Position
-from allconv_cli.train.settings import from_json, model_kwargs, network_options
+from allconv_cli.train.settings import from_json, model_kwargs
 from allconv_cli.util import atomic_write, atomic_write_text, read_text
 
 CONFIG_NAME, STATE_NAME, PREPROCESS_NAME, METRICS_NAME, CURVES_NAME, LOCK_NAME = (
@@ -293,8 +293,7 @@ def _load_state(path: Path) -> dict:
 
 
 def _check_same(saved: TrainConfig, config: TrainConfig, run_dir: Path):
-    # the network as built: an older run's null options were the model's own, a newer's the recipe's
-    given, saved = ({**json.loads(c.to_json()), **network_options(c)} for c in (config, saved))
+    given, saved = (json.loads(c.to_json()) for c in (config, saved))
     changed = sorted(k for k in given if k not in RESUME_MAY_CHANGE and saved.get(k) != given[k])
     if changed:
         raise ValueError(f"{run_dir} was started with other settings ({', '.join(changed)}); resume it "
