@@ -42,7 +42,7 @@ class _TrainProgress:
     def __call__(self, event, **fields):
         if event == "start":
             config = fields["config"]
-            self.console.print(f"[bold]{config.model}[/bold] on {config.dataset}: {fields['examples']:,} "
+            self.console.print(f"[bold]{fields['network']}[/bold] on {config.dataset}: {fields['examples']:,} "
                                f"training images, {fields['steps']} steps an epoch, {fields['device']}"
                                f"{_processes(fields)}, {config.precision} "
                                f"-> {fields['run_dir']}")
@@ -148,7 +148,7 @@ def _print_summary(console, summary: dict):
     from rich.table import Table
 
     last = summary["last"]
-    table = Table(title=f"{summary['model']} on {summary['dataset']}: "
+    table = Table(title=f"{summary['network']} on {summary['dataset']}: "
                   f"{summary['epochs_done']}/{summary['epochs']} epochs in {summary['seconds']:.0f} s",
                   box=box.SIMPLE_HEAD)
     table.add_column("metric")

@@ -153,6 +153,27 @@ def model_options(name: str, paper: bool = False) -> dict:
     return {key: own.get(key, defaults[key].default) for key in MODEL_OPTIONS}
 
 
+# How network_name shows an option that differs from its row's: (if on, if off) or a rate's words.
+_SHOWN = {"batch_norm": ("BatchNorm", "no BatchNorm"), "class_relu": ("class ReLU", "no class ReLU"),
+          "drop_input": "input dropout", "drop_rate": "dropout"}
+
+
+def network_name(name: str, options: dict | None = None) -> tuple[str, bool]:
+    """A network as built with keyword arguments ``options`` (a run's model_kwargs) -> its name as
+    shown wherever a run's network is named, and whether it is the paper's. Its row's name where
+    ``options`` build it as the row is (``allconv models NAME``, ``timm.create_model(NAME)``),
+    else that name and what differs: "all-cnn-c (BatchNorm, input dropout 0 %, dropout 0 %)". The
+    paper's (only then is its error shown beside it): one of its rows, built as the paper has it."""
+    row, own = NETWORKS[resolve_name(name)], model_options(name)
+    differs = []
+    for key, shown in _SHOWN.items():
+        value = (options or {}).get(key, own[key])
+        if value != own[key]:
+            differs.append(shown[not value] if isinstance(shown, tuple) else f"{shown} {100 * value:g} %")
+    plain = resolve_name(name).replace("_", "-")
+    return (f"{plain} ({', '.join(differs)})" if differs else plain), row.is_papers and not differs
+
+
 def _cfg(network: Network) -> dict:
     """A row's timm configuration: CIFAR-10's, then the row's own."""
     n_convs = sum(token not in ("M", "D") for token in network.layers)

@@ -21,7 +21,6 @@ from pathlib import Path
 from allconv_cli import __version__
 from allconv_cli.choices import (
     AUGMENTATIONS,
-    DATASETS,
     FLIPS,
     PRECISIONS,
     PREPROCESSING,
@@ -30,6 +29,7 @@ from allconv_cli.choices import (
     WEIGHT_INITS,
     WHITEN,
 )
+from allconv_cli.data.sources import DATA_SOURCES
 from allconv_cli.train.fields import ABOVE_0, AT_LEAST_1, DROPOUT, UNIT, setting
 from allconv_cli.train.optimizers import OPTIMIZERS, optimizer_settings
 
@@ -68,9 +68,7 @@ class TrainConfig:
     drop_rate: float = setting(0.0, "Dropout after each pool or the conv replacing it (the paper's 0.5).",
                                check=DROPOUT)
     # data
-    dataset: str = setting("sample", "The data set: sample is bundled (4,000 + 1,000 CIFAR-10 images); cifar10 and "
-                           "cifar100 read torchvision's layout; imagefolder reads train/ and val/ or test/.",
-                           choices=DATASETS, flags=("--dataset", "-d"))
+    dataset: str = setting("sample", "The data set.", choices=DATA_SOURCES, flags=("--dataset", "-d"))
     data_dir: str | None = setting(None, "Folder of the data set (CIFAR: torchvision's layout, downloaded there if "
                                          "missing; imagefolder: train/ and val/ or test/).",
                                    default_text="data for CIFAR")

@@ -251,7 +251,8 @@ class RunFolder:
                 "dataset": config.dataset, "data_dir": config.data_dir, "augment": config.augment,
                 "precision": config.precision, "epoch": position.epoch,
                 "metrics": position.history[-1] if position.history else {},
-                "paper_error": paper_error(config.model, config.dataset, setup.classes, config.augment)}
+                "paper_error": paper_error(config.model, model_kwargs(config, len(setup.classes)), config.dataset,
+                                           setup.classes, config.augment)}
         save_weights(self.path / WEIGHTS_NAME, learner.eval_model, meta, preprocess=prep_tensors)
         if position.history:
             self.write_metrics(position.history)

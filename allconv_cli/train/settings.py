@@ -9,16 +9,14 @@ import dataclasses
 import json
 import math
 import tomllib
-import types
 import typing
 from pathlib import Path
 
 from timm.models import get_pretrained_cfg_value
 
-from allconv_cli.data.datasets import check_source
-from allconv_cli.data.folders import check_folder
-from allconv_cli.files.weights import check_weights_file
 from allconv_cli import __version__
+from allconv_cli.data.datasets import check_source
+from allconv_cli.files.weights import check_weights_file
 from allconv_cli.models.registry import MODEL_OPTIONS, NETWORKS, list_models, model_options, resolve_name
 from allconv_cli.train.config import (
     DEFAULTS_KEY,
@@ -31,6 +29,7 @@ from allconv_cli.train.config import (
     WRITER_KEY,
     TrainConfig,
     allowed,
+    kind,
     list_presets,
     preset_dir,
 )
@@ -157,13 +156,13 @@ RANGES = {name: f.metadata["check"] for name, f in FIELDS.items() if f.metadata[
 CHOICES = {name: f.metadata["choices"] for name, f in FIELDS.items() if f.metadata["choices"] is not None}
 
 
-def _convert(hint, value):
-    """``value`` as a value of the annotation ``hint`` -> (value, None), or (None, what is allowed).
+def _convert(key: str, value):
+    """``value`` as a value of setting ``key`` -> (value, None), or (None, what is allowed).
 
     bool is not taken for a number (TOML's ``epochs = true``); an int is taken for a float."""
-    if isinstance(hint, types.UnionType):  # X | None: null in JSON; a preset leaves the key out
-        inner = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-        return (None, None) if value is None else _convert(inner, value)
+    hint = kind(key)
+    if value is None and hint is not TYPES[key]:  # X | None: null in JSON; a preset leaves the key out
+        return None, None
     if typing.get_origin(hint) is list:
         if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return list(value), None
@@ -188,8 +187,7 @@ def parse_setting(key: str, text: str, where: str):
     a bool as true/false (on/off), a list of whole numbers as 200:250:300."""
     if key not in FIELDS or key == "preset":
         raise ValueError(f"unknown setting {show_value(key)} in {where}{did_you_mean(key, FIELDS)}")
-    hint = TYPES[key]
-    inner = next(a for a in typing.get_args(hint) if a is not type(None)) if isinstance(hint, types.UnionType) else hint
+    inner = kind(key)
     value: object = text
     try:
         if typing.get_origin(inner) is list:
@@ -213,7 +211,7 @@ def check_values(settings: dict, origin: dict[str, str]) -> dict:
 
     values, problems = {}, []
     for key, value in settings.items():
-        converted, wrong = _convert(TYPES[key], value)
+        converted, wrong = _convert(key, value)
         hint = ""
         if wrong is None and converted is not None:
             if key in RANGES and not RANGES[key][0](converted):
@@ -268,9 +266,9 @@ def validate(config: TrainConfig, origin: dict[str, str] | None = None):
                          "turn batch_norm on or use optimizer sgd")
 
     try:
-        check_source(config.dataset, config.data_dir)
-        if config.dataset == "imagefolder" and config.data_dir is not None:
-            check_folder(config.data_dir)  # the folder's layout, before a run folder is made for it
+        checker = check_source(config.dataset, config.data_dir).checker()
+        if checker is not None and config.data_dir is not None:
+            checker(config.data_dir)  # the folder's layout, before a run folder is made for it
     except (ValueError, FileNotFoundError) as err:
         raise type(err)(f"{where('dataset', 'data_dir')}: {err}") from None
 
