@@ -94,10 +94,8 @@ def paper_setting(dataset: str, classes: list[str], augment: str) -> str | None:
 def paper_error(model: str, options: dict, dataset: str, classes: list[str], augment: str) -> float | None:
     """The paper's test error (%) for this model, built with ``options`` (its model_kwargs), on this
     data set, where it reports one: None for a network that is not the paper's (network_name)."""
-    setting = paper_setting(dataset, classes, augment)
-    if setting is None or not network_name(model, options)[1]:
-        return None
-    return NETWORKS[resolve_name(model)].paper_error.get(setting)
+    setting, (shown, papers) = paper_setting(dataset, classes, augment), network_name(model, options)
+    return NETWORKS[resolve_name(shown)].paper_error.get(setting) if setting is not None and papers else None
 
 
 def evaluate_checkpoint(path: str | Path, dataset: str | None = None, data_dir: str | None = None,

@@ -87,6 +87,9 @@ def test_paper_figures_are_optional():
     assert paper_error("all-cnn-c-bn", {}, "cifar10", list(CIFAR10_CLASSES), "paper") is None
     # the paper's network only: its error is not shown beside the same row built otherwise
     assert paper_error("all-cnn-c", {"batch_norm": True}, "cifar10", list(CIFAR10_CLASSES), "paper") is None
+    paper_options = {"batch_norm": False, "drop_input": 0.2, "drop_rate": 0.5}  # the variant built as the paper's net
+    assert paper_error("all-cnn-c-bn", paper_options, "cifar10", list(CIFAR10_CLASSES), "paper") == 7.25
+    assert registry.network_name("all-cnn-c", model_options("all-cnn-c-bn")) == ("all-cnn-c-bn", False)
     (row,) = describe("all-cnn-c-bn")
     assert (row["paper_params"], row["paper_error"], row["family"]) == (None, {}, None)
 

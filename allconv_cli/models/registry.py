@@ -161,17 +161,21 @@ _SHOWN = {"batch_norm": ("BatchNorm", "no BatchNorm"), "class_relu": ("class ReL
 def network_name(name: str, options: dict | None = None) -> tuple[str, bool]:
     """A network as built with keyword arguments ``options`` (a run's model_kwargs) -> its name as
     shown wherever a run's network is named, and whether it is the paper's. Its row's name where
-    ``options`` build it as the row is (``allconv models NAME``, ``timm.create_model(NAME)``),
-    else that name and what differs: "all-cnn-c (BatchNorm, input dropout 0 %, dropout 0 %)". The
-    paper's (only then is its error shown beside it): one of its rows, built as the paper has it."""
-    row, own = NETWORKS[resolve_name(name)], model_options(name)
-    differs = []
-    for key, shown in _SHOWN.items():
-        value = (options or {}).get(key, own[key])
-        if value != own[key]:
-            differs.append(shown[not value] if isinstance(shown, tuple) else f"{shown} {100 * value:g} %")
-    plain = resolve_name(name).replace("_", "-")
-    return (f"{plain} ({', '.join(differs)})" if differs else plain), row.is_papers and not differs
+    ``options`` build it as the row is (``allconv models NAME``, ``timm.create_model(NAME)``), or
+    the row of the same layers that they build so, else that name and what differs: "all-cnn-c
+    (BatchNorm, input dropout 0 %, dropout 0 %)". The paper's (only then is its error shown
+    beside it): one of its rows, built as the paper has it."""
+    own = model_options(name)
+    built = {key: (options or {}).get(key, own[key]) for key in MODEL_OPTIONS}
+    # the row that builds it as it is, this one or another of the same layers (all-cnn-c with
+    # all-cnn-c-bn's options is all-cnn-c-bn)
+    same = [key for key, row in NETWORKS.items() if row.layers == NETWORKS[resolve_name(name)].layers
+            and model_options(key) == built]
+    key = resolve_name(name) if resolve_name(name) in same or not same else same[0]
+    differs = [shown[not built[option]] if isinstance(shown, tuple) else f"{shown} {100 * built[option]:g} %"
+               for option, shown in _SHOWN.items() if built[option] != model_options(key)[option]]
+    plain = key.replace("_", "-")
+    return (f"{plain} ({', '.join(differs)})" if differs else plain), NETWORKS[key].is_papers and not differs
 
 
 def _cfg(network: Network) -> dict:
