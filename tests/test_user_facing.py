@@ -33,20 +33,21 @@ def drawn(monkeypatch) -> list:
 
 def test_a_model_is_named_as_users_type_it_in_every_line_and_file(tmp_path, drawn):
     """Given as all_cnn_c (the Python name), the run's first line, its summary, config.json, the
-    learning curves' title and eval all say all-cnn-c."""
+    learning curves' title and eval all say all-cnn-c, and name the network as built (smoke's
+    BatchNorm)."""
     run = tmp_path / "first"
     trained = invoke("train", "--model", "all_cnn_c", *QUICK, "--epochs", "2", "--stop-after", "1", "--out", run)
-    assert trained.output.startswith("all-cnn-c on sample: 32 training images"), trained.output
-    assert "all-cnn-c on sample: 1/2 epochs" in trained.output
+    assert trained.output.startswith("all-cnn-c (BatchNorm) on sample: 32 training images"), trained.output
+    assert "all-cnn-c (BatchNorm) on sample: 1/2 epochs" in trained.output
     assert json.loads((run / "config.json").read_text())["model"] == "all-cnn-c"
     summary = json.loads(invoke("train", "--resume", run, "--json").stdout)
     assert summary["model"] == "all-cnn-c"
     evaluated = invoke("eval", run, "--limit", "16", "--device", "cpu")
-    assert "all-cnn-c (epoch 2) on sample test" in evaluated.stdout
+    assert "all-cnn-c (BatchNorm) (epoch 2) on sample test" in evaluated.stdout
     assert json.loads(invoke("eval", run, "--limit", "16", "--device", "cpu", "--json").stdout)["model"] == "all-cnn-c"
     everything = trained.output + evaluated.output + " ".join(fig.get_suptitle() for fig in drawn)
     assert "all_cnn_c" not in everything
-    assert drawn[0].get_suptitle() == "first: all-cnn-c on sample"
+    assert drawn[0].get_suptitle() == "first: all-cnn-c (BatchNorm) on sample"
 
 
 def test_learning_curves_are_titled_and_ticked_at_whole_epochs(drawn, tmp_path):

@@ -18,6 +18,7 @@ artifact (its ZCA matrix included) that eval, visualize and export read."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -33,7 +34,7 @@ from allconv_cli.charts import learning_curves
 from allconv_cli.data import preprocess as preprocessing
 from allconv_cli.evaluate import paper_error
 from allconv_cli.files.weights import WEIGHTS_NAME, save_weights
-from allconv_cli.models.registry import resolve_name
+from allconv_cli.models.registry import network_name, resolve_name
 from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.learner import Learner, Setup
 from allconv_cli.train.loop import Position
@@ -273,7 +274,8 @@ class RunFolder:
         atomic_write_text(self.path / METRICS_NAME, "".join(json.dumps(m) + "\n" for m in history))
         config = self.read_config()
         learning_curves(history, self.path / CURVES_NAME,
-                        title=f"{self.path.name}: {config.model} on {config.dataset}")
+                        title=f"{self.path.name}: {network_name(config.model, dataclasses.asdict(config))[0]} on "
+                              f"{config.dataset}")
 
 
 def _load_state(path: Path) -> dict:
