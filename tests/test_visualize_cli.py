@@ -168,8 +168,8 @@ def test_the_scan_progress_bar_on_a_terminal(workdir, tmp_path, monkeypatch):
     seen = []
     real = scan.top_patches
 
-    def top_patches(*args):
-        return real(*args[:-1], lambda count: (seen.append(count), args[-1](count)))
+    def top_patches(*args, **kwargs):
+        return real(*args[:-1], lambda count: (seen.append(count), args[-1](count)), **kwargs)
 
     monkeypatch.setattr(scan, "top_patches", top_patches)
     result = visualize(workdir, "--dataset", "cifar10", "--layer", "conv6", "--top", "2",
