@@ -84,6 +84,7 @@ def visualize(
     rows = result.rows()
     if as_json:
         typer.echo(json.dumps({"model": loaded.name, "weights": loaded.source, "precision": precision,
+                               "settings": result.settings if dataset is None else None,
                                "targets" if dataset is None else "filters": rows, "out": str(out),
                                "raw": None if raw is None else str(raw)}, indent=2))
         return
@@ -108,10 +109,12 @@ def _describe(row: dict) -> str:
     """One printed line per target (an image's neuron or class) or per scanned filter."""
     if "scanned" in row:
         return f"{row['layer']} filter {row['channel']}: top activation {row['value']:.4g}"
+    measured = "".join(f"; {method} {what.replace('_', ' ')} {value:.3g}"
+                       for method, values in row["reports"].items() for what, value in values.items())
     if row["layer"] is None:
-        return f"{Path(row['path']).name}: {row['class']}, logit {row['value']:.4g}"
+        return f"{Path(row['path']).name}: {row['class']}, logit {row['value']:.4g}{measured}"
     return (f"{Path(row['path']).name}: {row['layer']} channel {row['channel']} at ({row['y']}, {row['x']}), "
-            f"activation {row['value']:.4g}")
+            f"activation {row['value']:.4g}{measured}")
 
 
 @with_method_settings

@@ -150,7 +150,7 @@ def _report(rows: list[dict], result, loaded, out: Path) -> dict:
     return {
         "model": loaded.name, "weights": loaded.source, "images": result.source, "selection": result.selection,
         "baseline": result.baseline, "steps": result.steps, "seed": result.seed, "precision": result.precision,
-        "cam_layer": result.cam_layer, "seconds": round(result.seconds, 2), "table": rows,
+        "cam_layer": result.cam_layer, "settings": result.settings, "seconds": round(result.seconds, 2), "table": rows,
         "fractions": {metric: result.positions(metric) for metric in _COLUMNS},
         "mean_curves": {m: {k: c.mean(0).tolist() for k, c in curves.items()} for m, curves in result.curves.items()},
         "per_image": {"names": result.names, "classes": result.classes.tolist(),

@@ -187,6 +187,7 @@ class SanityResult:
         (an undefined score, a NaN, as null)."""
         return {
             "mode": self.mode, "seed": self.seed, "precision": self.precision, "layer": self.layer,
+            "settings": self.settings,
             "selection": self.selection,
             "targets": [{"path": self.paths[t.image], "layer": t.layer, "channel": t.channel, "y": t.y, "x": t.x,
                          "value": t.value} for t in self.targets],
