@@ -109,8 +109,9 @@ def _describe(row: dict) -> str:
     """One printed line per target (an image's neuron or class) or per scanned filter."""
     if "scanned" in row:
         return f"{row['layer']} filter {row['channel']}: top activation {row['value']:.4g}"
-    measured = "".join(f"; {method} {what.replace('_', ' ')} {value:.3g}"
-                       for method, values in row["reports"].items() for what, value in values.items())
+    measured = "".join(f"; {method}: " + ", ".join(f"{what.replace('_', ' ')} {value:.3g}"
+                                                   for what, value in values.items())
+                       for method, values in row["reports"].items())
     if row["layer"] is None:
         return f"{Path(row['path']).name}: {row['class']}, logit {row['value']:.4g}{measured}"
     return (f"{Path(row['path']).name}: {row['layer']} channel {row['channel']} at ({row['y']}, {row['x']}), "
