@@ -441,6 +441,10 @@ def test_a_method_with_settings_in_all_three_commands(workdir, tmp_path, new_met
     report = json.loads(checked.stdout)
     assert report["settings"]["scaled-gradient"] == {"gain": 3.0, "jitter": 0.1, "seed": 0}
     assert (tmp_path / "s" / "scaled-gradient.png").exists()
+    shown = visualize(workdir, image, "--class", "dog", "--methods", "integrated-gradients", "--ig-steps", "4",
+                      "--ig-baseline", "mean", "--out", str(tmp_path / "ig.png"))
+    assert shown.exit_code == 0, shown.output
+    assert "; integrated-gradients: baseline to image " in shown.output and ", completeness error " in shown.output
     for args, message in ((["--methods", "scaled-gradient", "--scaled-gain", "-1"], "--scaled-gain -1.0: give 0.0 "
                                                                                     "to 100.0"),
                           (["--methods", "guided", "--scaled-seed", "2"], "--scaled-seed sets scaled-gradient, "

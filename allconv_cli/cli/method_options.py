@@ -30,7 +30,7 @@ def _keyword(option: str) -> str:
     return "method_" + option.lstrip("-").replace("-", "_")
 
 
-class with_method_settings:  # noqa: N801 - used as a decorator
+class with_method_settings:  # lower case: it is used as a decorator
     """``command`` plus an option per method setting; the command gets them as ``method_settings``
     (method -> setting -> value, the options given only). An option that would clash with one of
     the command's own raises ValueError when the command line is built."""

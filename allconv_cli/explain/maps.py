@@ -24,6 +24,8 @@ from allconv_cli.explain.perturbation import baseline_inputs
 from allconv_cli.explain.rules import LRPRules, ReLURules, check_graph, fold_batchnorm
 from allconv_cli.explain.targets import Target, eval_mode, run_to
 
+_PASS_ROWS = 256  # images per forward/backward pass of the path, noise and occlusion methods
+
 __all__ = ["backprop", "completeness", "deconvnet", "gradcam", "guided", "guided_gradcam", "input_x_gradient",
            "integrated_gradients", "lrp", "occlusion", "path_start", "rule_map", "seed", "smoothgrad"]
 
@@ -92,19 +94,17 @@ def _values(model: nn.Module, x: torch.Tensor, rows: Sequence[Target]) -> torch.
     return (root * seed(root, rows)).flatten(1).sum(1)
 
 
-def _in_passes(x: torch.Tensor, copies: int, rows: Sequence[Target], compute) -> torch.Tensor:
-    """``compute(batch, rows)`` over ``copies`` variants of ``x``, (copies, N, ...) of them made by
-    the caller in chunks: ``x(first, count)`` -> (count, N, C, H, W); at most _PASS_ROWS rows a pass."""
+def _in_passes(copies: int, rows: Sequence[Target], variant, compute) -> torch.Tensor:
+    """``compute(batch, its rows)`` over ``copies`` variants of the batch of ``rows``' images, made
+    by ``variant(first, count)`` -> (count, N, C, H, W) a chunk at a time, so that a pass holds at
+    most _PASS_ROWS images: -> (copies, N, ...)."""
     n = len(rows)
     chunk = max(1, _PASS_ROWS // n)
     parts = []
     for first in range(0, copies, chunk):
         count = min(chunk, copies - first)
-        parts.append(compute(x(first, count).flatten(0, 1), list(rows) * count).unflatten(0, (count, n)))
+        parts.append(compute(variant(first, count).flatten(0, 1), list(rows) * count).unflatten(0, (count, n)))
     return torch.cat(parts)
-
-
-_PASS_ROWS = 256  # images per forward/backward pass of the path, noise and occlusion methods
 
 
 def input_x_gradient(model: nn.Module, x: torch.Tensor, rows: Sequence[Target], layer: str | None = None):
@@ -132,7 +132,7 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, rows: Sequence[Targe
     def path(first, count):
         return start + alphas[first:first + count].view(-1, 1, 1, 1, 1) * (x - start)
 
-    gradients = _in_passes(path, steps, rows, lambda batch, repeated: backprop(model, batch, repeated))
+    gradients = _in_passes(steps, rows, path, lambda batch, repeated: backprop(model, batch, repeated))
     return (x - start) * gradients.mean(0)
 
 
@@ -151,13 +151,12 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, rows: Sequence[Target], layer:
     (max - min); the noise of copy k is the k-th (N, C, H, W) draw from ``generator``."""
     wrapped = SALIENCY_METHODS[of].function()
     sigma = noise * (x.amax((1, 2, 3)) - x.amin((1, 2, 3))).view(-1, 1, 1, 1)
-    draws = torch.stack([torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                         for _ in range(samples)])  # (samples, N, C, H, W)
 
-    def noisy(first, count):
-        return x + draws[first:first + count] * sigma
+    def noisy(first, count):  # drawn in order, copy by copy, as the passes ask for them
+        return x + torch.stack([torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                                for _ in range(count)]) * sigma
 
-    return _in_passes(noisy, samples, rows, lambda batch, repeated: wrapped(model, batch, repeated, None)).mean(0)
+    return _in_passes(samples, rows, noisy, lambda batch, repeated: wrapped(model, batch, repeated, None)).mean(0)
 
 
 def _window_starts(side: int, window: int, stride: int) -> list[int]:
@@ -185,7 +184,7 @@ def occlusion(model: nn.Module, x: torch.Tensor, rows: Sequence[Target], layer: 
     def occluded(first, count):
         return x * (1 - masks[first:first + count, None, None])
 
-    drops = reference - _in_passes(occluded, len(masks), rows,
+    drops = reference - _in_passes(len(masks), rows, occluded,
                                    lambda batch, repeated: _values(model, batch, repeated))  # (P, N)
     total = (drops[:, :, None, None] * masks[:, None]).sum(0)  # (N, H, W)
     return (total / masks.sum(0)).unsqueeze(1).expand_as(x).contiguous()

@@ -14,8 +14,7 @@ it (``--PREFIX-NAME``, e.g. ``--ig-steps``), its help, default and range read fr
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from allconv_cli.util import did_you_mean
@@ -35,17 +34,19 @@ class Setting:
     high: int | float | None = None
     choices: tuple[str, ...] = ()
 
+    def allowed(self) -> str:
+        """The values allowed, in words."""
+        if self.choices:
+            return f"one of {', '.join(self.choices)}"
+        if self.low is not None and self.high is not None:
+            return f"{self.low} to {self.high}"
+        if self.low is not None:
+            return f"at least {self.low}"
+        return f"at most {self.high}" if self.high is not None else "any number"
+
     def describe(self) -> str:
         """The help text, with the default and the values allowed."""
-        if self.choices:
-            allowed = f"one of {', '.join(self.choices)}"
-        elif self.low is not None and self.high is not None:
-            allowed = f"{self.low} to {self.high}"
-        elif self.low is not None:
-            allowed = f"at least {self.low}"
-        else:
-            allowed = f"at most {self.high}" if self.high is not None else "any number"
-        return f"{self.help} Default: {self.default}; {allowed}."
+        return f"{self.help} Default: {self.default}; {self.allowed()}."
 
     def check(self, value, option: str):
         """``value`` as the setting's type; a value outside its range or choices raises ValueError."""
@@ -55,7 +56,7 @@ class Setting:
             return value
         value = type(self.default)(value)
         if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
-            raise ValueError(f"{option} {value}: give {self.describe().rsplit('; ', 1)[1].rstrip('.')}")
+            raise ValueError(f"{option} {value}: give {self.allowed()}")
         return value
 
 
@@ -74,9 +75,9 @@ class Method:
     needs_layer: bool = False  # weighs a layer's maps (--layer; default: the last conv layer)
     colormap: str | None = None  # a non-negative map, drawn 0 to max in this matplotlib colormap; None: by --norm
     paper: bool = False  # one of the paper's three (Section 3.4): visualize's default
-    settings: tuple[Setting, ...] = ()
+    settings: tuple[Setting, ...] = ()  # its own, each an option of every command that computes maps
     prefix: str | None = None  # of its options, --PREFIX-NAME; None: the method's name
-    needs_black: bool = False
+    needs_black: bool = False  # gets ``black``, a black image as the model's input (a baseline)
     report: str | Callable | None = None  # "module:function" (model, x, rows, maps, layer, **settings) -> {what: (N,)}
 
     def options(self, name: str) -> dict[str, Setting]:
@@ -191,6 +192,8 @@ def check_settings(methods: Iterable[str], settings: dict[str, dict] | None) -> 
     method not chosen raises ValueError (it would be silently ignored)."""
     methods, settings = tuple(methods), dict(settings or {})
     for name, given in settings.items():
+        if name not in SALIENCY_METHODS:
+            raise ValueError(f"settings for unknown method {name!r}; choose from {', '.join(SALIENCY_METHODS)}")
         if name not in methods and given:
             options = ", ".join(o for o, s in SALIENCY_METHODS[name].options(name).items() if s.name in given)
             raise ValueError(f"{options} set{'s' if ', ' not in options else ''} {name}, which is not among the "

@@ -14,6 +14,9 @@ mode that is active only during the forward pass of a saliency call: the model i
 modified. ``check_graph`` then walks the autograd graph: a ReLU that escaped the mode (called
 through ``torch.ops``) or another activation (GELU, SiLU, sigmoid, tanh, ...), which the
 paper's rules do not cover, makes ``deconvnet`` and ``guided`` refuse the model.
+
+Beside them, the rules of layer-wise relevance propagation (``LRPRules``, below), the same kind of
+backward rule at every conv, ReLU and global average.
 """
 
 from __future__ import annotations
@@ -116,9 +119,9 @@ def check_graph(root: torch.Tensor, method: str, model: nn.Module):
                              f"reach ({name}: called through torch.ops or C++); use --methods backprop")
         if _OTHER_ACTIVATION.match(name):
             act = _OTHER_ACTIVATION.match(name).group(1)
-            raise ValueError(f"{type(model).__name__} uses {act}, not a ReLU: the paper's deconvnet and "
-                             "guided rules are defined at ReLUs only; use --methods backprop,gradcam "
-                             "for this model")
+            raise ValueError(f"{type(model).__name__} uses {act}, not a ReLU: the {method} rule is defined at "
+                             "ReLUs only (as the paper's deconvnet and guided rules); use --methods "
+                             "backprop,gradcam for this model")
         stack.extend(next_node for next_node, _ in node.next_functions)
 
 
@@ -133,8 +136,9 @@ def check_graph(root: torch.Tensor, method: str, model: nn.Module):
 # - the global average: R_below = x / (H W) * R / (mean + eps), each position by its share
 #
 # ``LRPRules`` applies them as ``ReLURules`` applies the paper's rules, to every ReLU however it is
-# called. A BatchNorm is a linear map the rule does not see: ``saliency`` folds each one into the
-# conv before it first (as zennit's BatchNorm canonizers do); one left over is refused.
+# called. A BatchNorm is a linear map the rules do not see: ``maps.lrp`` folds each one into the
+# conv before it first (``fold_batchnorm``, as zennit's BatchNorm canonizers merge them); one left
+# over is refused.
 LRP_RULES = ("epsilon", "zplus")
 
 
