@@ -45,7 +45,7 @@ def visualize(
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the targets, their activations and the written paths as JSON.")] = False,
     method_settings: dict | None = None,
 ):
-    """Show what a neuron responds to, by the paper's backward rules at every ReLU (backprop, deconvnet, guided backprop) and Grad-CAM: one row per image or neuron, one column per method, written as a PNG grid. By default the neuron of the last conv layer with the largest activation on each image (the paper's Fig. 4); with --dataset, each filter's top patches beside their reconstructions (Fig. 3).
+    """Show what a neuron responds to, by the paper's backward rules at every ReLU (backprop, deconvnet, guided backprop) and, beside them, Grad-CAM, input x gradient, integrated gradients, SmoothGrad, occlusion and LRP: one row per image or neuron, one column per method, written as a PNG grid. By default the neuron of the last conv layer with the largest activation on each image (the paper's Fig. 4); with --dataset, each filter's top patches beside their reconstructions (Fig. 3).
 
     Examples: [bold]allconv visualize image.jpg --layer conv6[/bold] ·
     [bold]allconv visualize cat.png --class cat --methods guided,gradcam,guided-gradcam[/bold] ·
