@@ -54,7 +54,7 @@ def test_the_completeness_error_is_measured(bundled):
     loaded, x, targets, _ = bundled
     black = black_input(loaded)
     errors = []
-    for steps in (4, 64):
+    for steps in (4, 16):
         computed = saliency_maps(loaded.model, x, targets, "integrated-gradients", settings={"steps": steps},
                                  black=black)
         report = maps.completeness(loaded.model, x, targets, computed, steps=steps, baseline="black", black=black)
@@ -168,12 +168,32 @@ def test_lrp_conserves_relevance_at_every_spelling_of_relu():
                                        rtol=0, atol=0, msg=kind)
 
 
-def test_lrp_refuses_other_activations():
+class Residual(nn.Module):
+    """A conv whose output is added to its input: a branch LRP's rules here do not cover."""
+
+    def __init__(self, inplace):
+        super().__init__()
+        self.conv, self.inplace = nn.Conv2d(3, 3, 3, padding=1), inplace
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.inplace:
+            y += x
+        else:
+            y = y + x
+        return y.relu().mean((2, 3))
+
+
+def test_lrp_refuses_what_its_rules_do_not_cover():
     gelu = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Conv2d(4, 2, 1), nn.AdaptiveAvgPool2d(1),
                          nn.Flatten()).eval()
     x = torch.randn(1, 3, 8, 8)
-    with pytest.raises(ValueError, match="uses Gelu, not a ReLU"):
+    with pytest.raises(ValueError, match="uses Gelu, not a ReLU: the lrp rule is defined at ReLUs only"):
         saliency_maps(gelu, x, select_targets(gelu, x, target_class=0), "lrp")
+    for inplace in (False, True):
+        residual = Residual(inplace).eval()
+        with pytest.raises(ValueError, match="lrp: the model adds two branches"):
+            saliency_maps(residual, x, select_targets(residual, x, target_class=0), "lrp")
 
 
 def test_settings_are_checked_and_defaulted():

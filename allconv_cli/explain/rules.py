@@ -205,6 +205,11 @@ class _AverageLRP(torch.autograd.Function):
         return x * (r / _stabilized(z, ctx.epsilon)) / ctx.count, None, None, None
 
 
+# Additions of two computed tensors (a residual connection), which LRP would need a rule for.
+_ADDS = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__radd__,
+         torch.Tensor.__iadd__}
+
+
 def _global_dims(func, args, kwargs) -> tuple[int, ...] | None:
     """The spatial dims if this call is a mean over all of them (a global average), else None."""
     if func is F.adaptive_avg_pool2d:
@@ -244,6 +249,10 @@ class LRPRules(TorchFunctionMode):
         if dims is not None:
             keepdim = func is F.adaptive_avg_pool2d or bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
             return _AverageLRP.apply(args[0], dims, keepdim, self.epsilon)
+        if func in _ADDS and len(args) > 1 and all(isinstance(a, torch.Tensor) and a.requires_grad for a in args[:2]):
+            raise ValueError("lrp: the model adds two branches (a residual connection), and the rules here cover "
+                             "convs, ReLUs and the global average only; the gradient there would count relevance "
+                             "twice: choose another method for this model")
         if func is F.batch_norm:
             raise ValueError("lrp: a BatchNorm that could not be folded into the conv before it (torch.fx could "
                              "not trace the model, or the BatchNorm follows no conv); LRP's rules do not cover it")
