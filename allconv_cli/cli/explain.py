@@ -15,9 +15,11 @@ from allconv_cli.cli.common import (
     refuse_existing,
     user_errors,
 )
+from allconv_cli.cli.method_options import with_method_settings
 from allconv_cli.explain.methods import CLASS_METHODS, METHODS, PAPER_METHODS, fitting
 
 
+@with_method_settings
 def visualize(
     images: Annotated[Optional[list[Path]], typer.Argument(show_default=False, help="Image files, any format PIL reads; each is scaled to cover the model's input size, then center-cropped, with the interpolation and crop_pct of the model's registered configuration (bilinear and 1.0 for allconv's nets).")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", show_default=False, help="Run folder or .safetensors weights. Default: the bundled All-CNN-C trained on CIFAR-10.")] = None,
@@ -41,8 +43,9 @@ def visualize(
     precision: Annotated[str, typer.Option("--precision", help=PRECISION_HELP)] = "fp32",
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the targets, their activations and the written paths as JSON.")] = False,
+    method_settings: dict | None = None,
 ):
-    """Show what a neuron responds to, by the paper's backward rules at every ReLU (backprop, deconvnet, guided backprop) and Grad-CAM: one row per image or neuron, one column per method, written as a PNG grid. By default the neuron of the last conv layer with the largest activation on each image (the paper's Fig. 4); with --dataset, each filter's top patches beside their reconstructions (Fig. 3).
+    """Show what a neuron responds to, by the paper's backward rules at every ReLU (backprop, deconvnet, guided backprop) and, beside them, Grad-CAM, input x gradient, integrated gradients, SmoothGrad, occlusion and LRP: one row per image or neuron, one column per method, written as a PNG grid. By default the neuron of the last conv layer with the largest activation on each image (the paper's Fig. 4); with --dataset, each filter's top patches beside their reconstructions (Fig. 3).
 
     Examples: [bold]allconv visualize image.jpg --layer conv6[/bold] ·
     [bold]allconv visualize cat.png --class cat --methods guided,gradcam,guided-gradcam[/bold] ·
@@ -64,13 +67,13 @@ def visualize(
         if dataset is None:
             result = saliency.explain(loaded, images, layer, method_list or PAPER_METHODS,
                                       neuron=neuron, channels=channel or None, top_channels=top_channels,
-                                      target_class=target_class, precision=precision)
+                                      target_class=target_class, precision=precision, settings=method_settings)
             png = figures.saliency_figure(result, norm, percentile, upscale)
         else:
             progress, stop = progress_bar("scanning", quiet=False)
             try:
                 result = scan.scan_dataset(loaded, dataset, split, data_dir, layer, channel or None, top,
-                                           method_list or ["guided"], dev, progress)
+                                           method_list or ["guided"], dev, progress, method_settings)
             finally:
                 stop()
             png = figures.patches_figure(result, loaded, f"{dataset} {split}", norm, percentile, upscale)
@@ -81,6 +84,7 @@ def visualize(
     rows = result.rows()
     if as_json:
         typer.echo(json.dumps({"model": loaded.name, "weights": loaded.source, "precision": precision,
+                               "settings": result.settings if dataset is None else None,
                                "targets" if dataset is None else "filters": rows, "out": str(out),
                                "raw": None if raw is None else str(raw)}, indent=2))
         return
@@ -105,12 +109,16 @@ def _describe(row: dict) -> str:
     """One printed line per target (an image's neuron or class) or per scanned filter."""
     if "scanned" in row:
         return f"{row['layer']} filter {row['channel']}: top activation {row['value']:.4g}"
+    measured = "".join(f"; {method}: " + ", ".join(f"{what.replace('_', ' ')} {value:.3g}"
+                                                   for what, value in values.items())
+                       for method, values in row["reports"].items())
     if row["layer"] is None:
-        return f"{Path(row['path']).name}: {row['class']}, logit {row['value']:.4g}"
+        return f"{Path(row['path']).name}: {row['class']}, logit {row['value']:.4g}{measured}"
     return (f"{Path(row['path']).name}: {row['layer']} channel {row['channel']} at ({row['y']}, {row['x']}), "
-            f"activation {row['value']:.4g}")
+            f"activation {row['value']:.4g}{measured}")
 
 
+@with_method_settings
 def sanity(
     images: Annotated[list[Path], typer.Argument(show_default=False, help="Image files, fitted to the model's input as visualize fits them.")],
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", show_default=False, help="Run folder or allconv .safetensors weights. Default: the bundled All-CNN-C trained on CIFAR-10.")] = None,
@@ -126,6 +134,7 @@ def sanity(
     precision: Annotated[str, typer.Option("--precision", help=PRECISION_HELP)] = "fp32",
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the similarity table, per-image scores, targets and written paths as JSON.")] = False,
+    method_settings: dict | None = None,
 ):
     """Sanity checks for saliency maps (Adebayo et al., 2018): re-initialize the model's weights layer by layer with its own initializer and see how much each method's map changes. Similarity to the trained model's map, per stage: Spearman rank correlation of |map| and of the signed map, and SSIM. A map that barely changes when the weights are random does not explain the model. Writes a grid per method (rows: images; columns: trained, then each stage) and a chart.
 
@@ -136,7 +145,7 @@ def sanity(
     with user_errors():
         from allconv_cli.device import resolve_device
         from allconv_cli.explain import figures
-        from allconv_cli.explain.saliency import check_methods
+        from allconv_cli.explain.methods import check_methods
         from allconv_cli.explain.sanity import sanity_check
         from allconv_cli.files.loading import load_checkpoint
         from allconv_cli.util import atomic_write
@@ -150,7 +159,7 @@ def sanity(
         loaded = load_checkpoint(checkpoint, None, dev)
         other = load_checkpoint(against, None, dev) if against is not None else None
         result = sanity_check(loaded, images, layer, method_list, mode=mode, target_class=target_class,
-                              against=other, seed=seed, precision=precision)
+                              against=other, seed=seed, precision=precision, settings=method_settings)
         pngs = [out / f"{m}.png" for m in method_list] + [out / "similarity.png"]
         refuse_existing(pngs, force)  # only now: an error about an input comes first
         for method, png in zip(method_list, pngs):

@@ -16,7 +16,8 @@ from allconv_cli.cli.common import (
     refuse_existing,
     user_errors,
 )
-from allconv_cli.explain.methods import METHODS, MODEL_FREE
+from allconv_cli.cli.method_options import with_method_settings
+from allconv_cli.explain.methods import METHODS, MODEL_FREE, check_methods
 
 _COLUMNS = {"deletion": "deletion AUC ↓", "insertion": "insertion AUC ↑", "road_morf": "ROAD MoRF ↓",
             "road_lerf": "ROAD LeRF ↑"}
@@ -30,6 +31,7 @@ _MAPS_HELP = (f"Comma-separated: {', '.join(METHODS)}, and the model-free maps "
               f"{' and '.join(f'{name} ({about})' for name, about in MODEL_FREE.items())}. Default: all of them.")
 
 
+@with_method_settings
 def faithfulness(
     images: Annotated[Optional[list[Path]], typer.Argument(show_default=False, help="Image files to score instead of a data split, fitted to the model's input as visualize fits them.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", show_default=False, help="Run folder or .safetensors weights. Default: the bundled All-CNN-C trained on CIFAR-10.")] = None,
@@ -51,6 +53,7 @@ def faithfulness(
     force: Annotated[bool, typer.Option("--force", metavar="", help="Overwrite an existing --out (otherwise refused).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No count, time estimate or progress bar on stderr (there is no bar either when stderr is not a terminal).")] = False,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the table, the mean curves and every image's scores as JSON.")] = False,
+    method_settings: dict | None = None,
 ):
     """Which saliency map points at what the model uses? Scores each map by deletion and insertion AUC and by ROAD, and writes a chart of the mean curves.
 
@@ -73,7 +76,7 @@ def faithfulness(
         from allconv_cli.files.loading import load_checkpoint
         from allconv_cli.util import atomic_write
 
-        method_list = faith.check_methods(methods.split(",") if methods else None)
+        method_list = check_methods(methods.split(",") if methods else None, model_free=True)
         perturbation.check_baseline(baseline)
         dev = resolve_device(device)
         loaded = load_checkpoint(checkpoint, model, dev)
@@ -81,7 +84,8 @@ def faithfulness(
         ready, progress, stop = _reporting(out, force, quiet, what, len(method_list))
         try:
             result = faith.faithfulness(loaded, images, dataset=dataset, split=split, data_dir=data_dir, count=count,
-                                        methods=method_list, target_class=target_class, cam_layer=layer,
+                                        methods=method_list, settings=method_settings,
+                                        target_class=target_class, cam_layer=layer,
                                         baseline=baseline, steps=steps, seed=seed, precision=precision,
                                         batch_size=batch_size, ready=ready, progress=progress)
         finally:
@@ -146,7 +150,7 @@ def _report(rows: list[dict], result, loaded, out: Path) -> dict:
     return {
         "model": loaded.name, "weights": loaded.source, "images": result.source, "selection": result.selection,
         "baseline": result.baseline, "steps": result.steps, "seed": result.seed, "precision": result.precision,
-        "cam_layer": result.cam_layer, "seconds": round(result.seconds, 2), "table": rows,
+        "cam_layer": result.cam_layer, "settings": result.settings, "seconds": round(result.seconds, 2), "table": rows,
         "fractions": {metric: result.positions(metric) for metric in _COLUMNS},
         "mean_curves": {m: {k: c.mean(0).tolist() for k, c in curves.items()} for m, curves in result.curves.items()},
         "per_image": {"names": result.names, "classes": result.classes.tolist(),
