@@ -80,3 +80,63 @@ def test_a_commands_summary_is_one_paragraph_of_whole_sentences(command):
     info = next(c for c in app.registered_commands if (c.name or c.callback.__name__) == command)
     summary = info.callback.__doc__.strip().split("\n\n")[0]
     assert "\n" not in summary and summary.rstrip().endswith((".", ")")), summary
+
+
+# Issue #58: stdout carries results alone (the table, the files written, or --json); headers, the
+# deviations line, epoch lines, progress, estimates, notes and warnings go to stderr.
+DOCS = REPO / "docs"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    invoke("train", *QUICK, "--out", run)
+    return run
+
+
+def json_calls(run: Path, out: Path) -> dict:
+    """A quick call of every command with --json."""
+    return {
+        "models": ["models"],
+        "train": ["train", *QUICK, "--out", out / "run"],
+        "eval": ["eval", run, "--limit", "16", "--device", "cpu"],
+        "export": ["export", run, "--format", "safetensors", "--out", out / "export"],
+        "ablate": ["ablate", "--models", "all-cnn-c", *QUICK, "--out", out / "ablation"],
+        "visualize": ["visualize", DOCS / "chelsea.png", "--device", "cpu", "--out", out / "grid.png"],
+        "sanity": ["sanity", DOCS / "chelsea.png", "--methods", "guided", "--device", "cpu", "--out", out / "sanity"],
+        "faithfulness": ["faithfulness", "--limit", "2", "--methods", "sobel", "--steps", "2", "--device", "cpu",
+                         "--out", out / "faithfulness.png"],
+        "benchmark": ["benchmark", "--steps", "1", "--warmup", "1", "--mode", "infer", "--batch-size", "8",
+                      "--device", "cpu"],
+    }
+
+
+def test_every_command_is_covered_by_the_stdout_test(tmp_path):
+    assert sorted(json_calls(tmp_path, tmp_path)) == sorted(c.name for c in app.registered_commands)
+
+
+@pytest.mark.parametrize("command", list(json_calls(Path(), Path())))
+def test_stdout_of_json_is_json_alone(command, tiny_run, tmp_path):
+    """`allconv COMMAND --json | jq` works: whatever a command says while it works is on stderr."""
+    result = invoke(*json_calls(tiny_run, tmp_path)[command], "--json")
+    json.loads(result.stdout)  # nothing before or after the JSON
+    if command == "train":
+        assert result.stderr.startswith("all-cnn-c on sample: 32 training images") and "epoch 1/1: " in result.stderr
+        assert "Deviations from the paper's recipe" in result.stderr
+
+
+def test_train_prints_its_table_on_stdout_and_its_progress_on_stderr(tmp_path):
+    result = invoke("train", *QUICK, "--out", tmp_path / "run")
+    out, err = result.stdout.splitlines(), result.stderr.splitlines()
+    assert err[0].startswith("all-cnn-c on sample: 32 training images, 2 steps an epoch, cpu")
+    assert err[1].startswith("Deviations from the paper's recipe") and err[2].startswith("epoch 1/1: train loss")
+    assert "all-cnn-c on sample: 1/1 epoch in" in result.stdout  # one epoch, not "1/1 epochs"
+    assert f"run folder: {tmp_path / 'run'} (finished)" in out[-1]
+    assert not any(line.startswith(("epoch ", "Deviations", "all-cnn-c on sample: 32")) for line in out)
+
+
+def test_a_smoke_run_says_nothing_about_learning(tmp_path):
+    """One epoch on 256 images is no learning test: the note waits for the third epoch."""
+    result = invoke("train", "--preset", "smoke", "--device", "cpu", "--out", tmp_path / "run")
+    assert "Note:" not in result.output and "has not begun to learn" not in result.output
+    assert "1 epochs" not in result.output
