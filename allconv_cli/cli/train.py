@@ -86,17 +86,17 @@ def _processes(fields: dict) -> str:
 def train(
     out: Annotated[Optional[Path], out_option("Run folder. Default: runs/MODEL-DATASET-TIME.")] = None,
     force: Force = False,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder exactly where it stopped; only --device, --workers, --save-every and --save-minutes may change.", show_default=False)] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder where it stopped.", show_default=False)] = None,
     stop_after: Annotated[Optional[int], typer.Option("--stop-after", help="Stop, resumably, after this many epochs of this call.", show_default=False)] = None,
-    time_limit: Annotated[Optional[str], typer.Option("--time-limit", metavar="DURATION", help="Stop, resumably, before this much wall-clock time has passed (e.g. 3h50m, 90min, 1:30:00): a batch job's or a notebook's limit. The run checkpoints, says how to continue and exits with 124.", show_default=False)] = None,
+    time_limit: Annotated[Optional[str], typer.Option("--time-limit", metavar="DURATION", help="Stop, resumably, within this time (e.g. 3h50m, 90min, 1:30:00); exit 124.", show_default=False)] = None,
     as_json: AsJson = False,
     **settings,
 ):
-    """Train a model of the paper. The defaults are the fast recipe (BatchNorm, Muon, one-cycle, airbench's whitened first conv: deviations from the paper, each named in the run's second line), which learns on data the paper's recipe leaves at chance in short runs; the presets paper-* follow the paper's protocol, faithful trains its network and optimizer on any data, fast-cifar10 is the default recipe on CIFAR-10 for ten epochs. Writes a run folder with safetensors weights, the resolved settings, per-epoch metrics, learning curves and a resumable state, and holds a lock on it while it runs. Ctrl-C stops with a resumable checkpoint (exit 130; SIGTERM 143, SIGHUP 129).
+    """Train a model of the paper, by the fast recipe (its deviations from the paper named in the run's second line) or a preset. Writes a run folder: weights, settings, metrics, curves and a resumable state. Every setting, in detail: docs/training.md.
 
-    Examples: [bold]allconv train --model all-cnn-c --dataset cifar100[/bold] ·
+    Examples: [bold]allconv train --epochs 3 --out runs/first[/bold] (offline, on the bundled sample) ·
     [bold]allconv train --preset paper-cifar10 --data-dir data[/bold] ·
-    [bold]allconv train --resume runs/all-cnn-c-cifar10-20261123-101500[/bold] ·
+    [bold]allconv train --resume runs/first[/bold] ·
     [bold]torchrun --nproc-per-node 2 --no-python allconv train --preset fast-cifar10[/bold]
     """
     with user_errors():
