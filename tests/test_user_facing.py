@@ -140,3 +140,59 @@ def test_a_smoke_run_says_nothing_about_learning(tmp_path):
     result = invoke("train", "--preset", "smoke", "--device", "cpu", "--out", tmp_path / "run")
     assert "Note:" not in result.output and "has not begun to learn" not in result.output
     assert "1 epochs" not in result.output
+
+
+# Issue #58: a help page a person reads at 80 columns.
+def help_text(*command: str, columns: int = 80) -> str:
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": str(columns)})
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def test_train_help_reads_at_80_columns_in_panels_by_concern():
+    from allconv_cli.train.fields import PANELS
+
+    lines = help_text("train").splitlines()
+    assert max(map(len, lines)) <= 80
+    assert len(lines) <= 230, f"allconv train --help is {len(lines)} lines at 80 columns (516 before issue #58)"
+    panels = [re.match(r"╭─ (.+?) ─", line).group(1) for line in lines if line.startswith("╭─ ")]
+    assert panels == ["Options", *PANELS]
+
+
+def test_each_settings_help_is_one_short_sentence_and_docs_training_has_the_rest():
+    from allconv_cli.train.config import FIELDS
+
+    details = (REPO / "docs" / "training.md").read_text().split("## Every setting")[1].split("\n## ")[0]
+    for name, field in FIELDS.items():
+        words = re.sub(r"^With --optimizer [\w-]+: ", "", field.metadata["help"])
+        assert len(words) <= 70 and words.endswith(".") and ". " not in words[:-1], (name, words)
+        assert f"`--{name.replace('_', '-')}`" in details, f"docs/training.md: add --{name} to 'Every setting'"
+
+
+@pytest.mark.parametrize("command", [None, *(c.name for c in app.registered_commands)])
+def test_no_flag_shows_a_value(command):
+    """--help, --install-completion, --json, --force ... take no value, and show none."""
+    assert "<bool>" not in help_text(*([command] if command else []), columns=200)
+
+
+def test_the_first_example_of_train_help_is_the_readmes_offline_one():
+    """The README's first command, which tests/test_readme.py runs offline on the bundled sample."""
+    doc = next(c for c in app.registered_commands if c.name == "train").callback.__doc__
+    first = re.search(r"\[bold\](.+?)\[/bold\]", doc).group(1)
+    assert f"pipx install . && {first}\n" in (REPO / "README.md").read_text()
+
+
+def test_the_readme_and_the_help_list_the_same_commands_in_one_order_and_the_same_presets():
+    from allconv_cli.train.config import list_presets
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Commands")[1].split("\n## ")[0]
+    in_readme = list(dict.fromkeys(re.findall(r"^allconv (\w+)", section, flags=re.M)))
+    top = help_text(columns=120).split("╭─ Commands")[1]
+    in_help = re.findall(r"^│ (\w+) ", top, flags=re.M)
+    assert in_readme == in_help == [c.name for c in app.registered_commands]
+    mentioned = set(re.findall(r"`([\w-]+)`", readme)) | set(re.findall(r"--preset ([\w-]+)", readme))
+    assert {p for p in mentioned if (REPO / "presets" / f"{p}.toml").exists()} == set(list_presets())
+    assert all((REPO / "presets" / f"{p}.toml").exists() for p in re.findall(r"--preset ([\w-]+)", readme))
+    bundled = " ".join(help_text("train", columns=300).split()).split("Bundled: ")[1].split(". Default")[0]
+    assert bundled.split(", ") == list_presets()
