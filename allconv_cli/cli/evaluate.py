@@ -59,7 +59,8 @@ def _print_evaluation(result: dict, split: str, tta: str, png: Path):
 
     console = make_console(False)
     table = Table(title=f"{result['model']} (epoch {result['epoch']}) on {result['dataset']} {split}, "
-                  f"{plural(result['count'], 'image')}{f' with {tta} TTA' if tta != 'none' else ''}, {result['precision']}",
+                  f"{plural(result['count'], 'image')}{f' with {tta} TTA' if tta != 'none' else ''}, "
+                  f"{result['precision']}",
                   box=box.SIMPLE_HEAD)
     table.add_column("metric")
     table.add_column("value", justify="right")

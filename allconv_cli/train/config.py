@@ -94,7 +94,8 @@ class TrainConfig:
                                    default_text="data for CIFAR")
     preprocess: str = setting("standardize", "Per-channel standardization, or the paper's GCN + ZCA.", panel=DATA,
                               choices=PREPROCESSING, paper="zca")
-    augment: str = setting("paper", "Flips and shifts (paper), also CutMix/Mixup (strong), or none.", panel=AUGMENTATION, choices=AUGMENTATIONS, paper=("none", "paper"))
+    augment: str = setting("paper", "Flips and shifts (paper), also CutMix/Mixup (strong), or none.",
+                           panel=AUGMENTATION, choices=AUGMENTATIONS, paper=("none", "paper"))
     # 2 px, not the paper's 5: short runs underfit, and 2 px measured 1.3 points better
     shift: int = setting(2, "How far (px) translations reach (the paper's 5).", panel=AUGMENTATION,
                          check=(lambda v: v >= 0, "of at least 0 (px; 0 turns translations off)"), paper=5)
@@ -102,7 +103,8 @@ class TrainConfig:
                         check=(lambda v: v >= 0, "of at least 0 (px; 0 turns crops off)"), paper=0)
     crop_epochs: int = setting(0, "How many first epochs train on --crop windows.", panel=AUGMENTATION,
                                check=(lambda v: v >= 0, "of at least 0"))
-    flips: str = setting("alternate", "A coin per image and step, or every other epoch.", panel=AUGMENTATION, choices=FLIPS, paper="random")
+    flips: str = setting("alternate", "A coin per image and step, or every other epoch.", panel=AUGMENTATION,
+                         choices=FLIPS, paper="random")
     val_fraction: float = setting(0.0, "Share of train held out for evaluation.", panel=DATA, check=UNIT)
     train_limit: int | None = setting(None, "Use at most this many training images.", panel=DATA,
                                       check=(lambda v: v >= 1, "of at least 1 (leave it out to use every image)"),
@@ -118,7 +120,8 @@ class TrainConfig:
     batch_size: int = setting(128, "Global batch size, split over DDP processes.", panel=OPTIMIZER, check=AT_LEAST_1,
                               flags=("--batch-size", "-b"))
     # BatchNorm lets the 9-layer net take 0.2; with --optimizer muon it is the BatchNorm parameters' rate
-    lr: float = setting(0.2, "Peak learning rate (the paper's grid: 0.25, 0.1, 0.05, 0.01).", panel=OPTIMIZER, check=ABOVE_0,
+    lr: float = setting(0.2, "Peak learning rate (the paper's grid: 0.25, 0.1, 0.05, 0.01).", panel=OPTIMIZER,
+                        check=ABOVE_0,
                         paper=(0.25, 0.1, 0.05, 0.01))
     momentum: float = setting(0.9, "SGD momentum (the paper's 0.9).", panel=OPTIMIZER, check=UNIT, paper=0.9)
     nesterov: bool = setting(True, "Nesterov momentum.", panel=OPTIMIZER, paper=False)
@@ -126,12 +129,15 @@ class TrainConfig:
     # 5e-4 on conv weights only measured best
     weight_decay: float = setting(0.0, "Weight decay (the paper's 0.001).", panel=OPTIMIZER,
                                   check=(lambda v: v >= 0, "of at least 0"), paper=0.001)
-    schedule: str = setting("onecycle", "The learning rate's schedule.", panel=SCHEDULE, choices=SCHEDULES, paper="paper")
-    milestones: list[int] = setting([200, 250, 300], "Epochs of the paper schedule's steps, comma-separated.", panel=SCHEDULE,
+    schedule: str = setting("onecycle", "The learning rate's schedule.", panel=SCHEDULE, choices=SCHEDULES,
+                            paper="paper")
+    milestones: list[int] = setting([200, 250, 300], "Epochs of the paper schedule's steps, comma-separated.",
+                                    panel=SCHEDULE,
                                     check=(lambda v: all(m >= 1 for m in v) and v == sorted(set(v)),
                                            "of increasing epochs of at least 1, e.g. [200, 250, 300]"),
                                     paper=[200, 250, 300])
-    gamma: float = setting(0.1, "The paper schedule's factor at each milestone.", panel=SCHEDULE, check=ABOVE_0, paper=0.1)
+    gamma: float = setting(0.1, "The paper schedule's factor at each milestone.", panel=SCHEDULE, check=ABOVE_0,
+                           paper=0.1)
     warmup_epochs: float = setting(1.5, "Linear warm-up from lr / 10, in epochs.", panel=SCHEDULE,
                                    check=(lambda v: v >= 0, "of at least 0 (epochs)"), paper=0.0)
     label_smoothing: float = setting(0.2, "Label smoothing.", panel=OPTIMIZER, check=UNIT, paper=0.0)
@@ -140,10 +146,12 @@ class TrainConfig:
     # airbench's five ideas (whiten, dirac, flips, bias_lr_scale, lookahead_decay), taken together:
     # each alone ended within noise at full scale, but together they ended 0.6 and 1.3 points ahead
     # on two seeds, and the frozen first conv makes steps about 5 % faster (no gradient for it)
-    whiten: str = setting("frozen", "The first conv as the whitening of image patches.", panel=NETWORK, choices=WHITEN, paper="off")
+    whiten: str = setting("frozen", "The first conv as the whitening of image patches.", panel=NETWORK,
+                          choices=WHITEN, paper="off")
     dirac: bool = setting(True, "Identity filters to start the convs after the first.", panel=NETWORK,
                           paper=False)
-    decay_all: bool = setting(False, "Weight decay on every parameter, or on conv weights only.", panel=OPTIMIZER, flags=("--decay-all/--decay-weights-only",), paper=True)
+    decay_all: bool = setting(False, "Weight decay on every parameter, or on conv weights only.", panel=OPTIMIZER,
+                              flags=("--decay-all/--decay-weights-only",), paper=True)
     bn_momentum: float = setting(0.1, "Weight of each batch in BatchNorm's statistics.", panel=NETWORK,
                                  check=(lambda v: 0 < v <= 1, "in (0, 1] (the weight of each batch in the running "
                                                               "statistics)"))
@@ -153,12 +161,14 @@ class TrainConfig:
     bias_lr_scale: float = setting(64.0, "The biases' learning rate as a multiple of --lr.", panel=OPTIMIZER,
                                    check=(lambda v: v > 0, "above 0 (1 gives biases the weights' learning rate)"),
                                    paper=1.0)
-    init: str | None = setting(None, "Start from these weights (a run folder or .safetensors).", panel=NETWORK, default_text="a fresh initialization")
+    init: str | None = setting(None, "Start from these weights (a run folder or .safetensors).", panel=NETWORK,
+                               default_text="a fresh initialization")
     ema_decay: float = setting(0.0, "Per-step decay of an EMA of the weights.", panel=OPTIMIZER,
                                check=(lambda v: 0 <= v < 1, "in [0, 1) (0 turns EMA off)"), paper=0.0)
     lookahead_decay: float = setting(0.95, "Lookahead's per-step decay at the run's end.", panel=OPTIMIZER,
                                      check=(lambda v: 0 <= v < 1, "in [0, 1) (0 turns lookahead off)"), paper=0.0)
-    tta: str = setting("flip-shift", "Test-time augmentation of the final evaluations.", panel=AUGMENTATION, choices=TTA, paper="none")
+    tta: str = setting("flip-shift", "Test-time augmentation of the final evaluations.", panel=AUGMENTATION,
+                       choices=TTA, paper="none")
     target: float | None = setting(None, "Stop once the top-1 accuracy (%) reaches this.", panel=SCHEDULE,
                                    check=(lambda v: 0 < v <= 100, "in (0, 100] (top-1 accuracy, %)"),
                                    default_text="every epoch runs")
@@ -184,7 +194,8 @@ class TrainConfig:
                               check=(lambda v: v >= 1, "of at least 1 (epochs; 1 checkpoints every epoch)"))
     save_minutes: float = setting(5.0, "Checkpoint sooner once this many minutes have passed.", panel=RUN,
                                   check=(lambda v: v >= 0, "of at least 0 (minutes; 0 checkpoints every epoch)"))
-    preset: str | None = setting(None, "A bundled preset or a .toml file; options override it.", panel=RUN, flags=("--preset", "-p"), default_text="none")
+    preset: str | None = setting(None, "A bundled preset or a .toml file; options override it.", panel=RUN,
+                                 flags=("--preset", "-p"), default_text="none")
 
     def to_json(self) -> str:
         return json.dumps({**dataclasses.asdict(self), DEFAULTS_KEY: DEFAULTS_VERSION}, indent=2)

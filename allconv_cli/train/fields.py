@@ -22,7 +22,8 @@ PANELS = (DATA, NETWORK, OPTIMIZER, SCHEDULE, AUGMENTATION, RUN)
 NOT_STATED = object()  # a setting the paper leaves open (batch size, initialization) or does not have
 
 
-def setting(default, help: str, *, panel: str | None = None, choices=None, check: Check | None = None, flags: tuple[str, ...] = (),
+def setting(default, help: str, *, panel: str | None = None, choices=None, check: Check | None = None,
+            flags: tuple[str, ...] = (),
             default_text: str | None = None, paper=NOT_STATED):
     """A field of TrainConfig with what its option shows: ``help`` (one short sentence; the default
     and the choices are added from the other arguments; details go to docs/training.md), ``panel``
