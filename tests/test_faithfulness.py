@@ -392,7 +392,7 @@ def test_the_estimate_times_the_maps_after_the_first(monkeypatch, tmp_path, caps
     said 60 s for a run of 15 s. Timed from the first report on, it says 15 s."""
     clock = iter([0.0, 10.0, 11.0, 12.0])
     monkeypatch.setattr(command.time, "perf_counter", lambda: next(clock))
-    ready, progress, stop = command._reporting(tmp_path / "c.png", False, False, "images of sample test", 2)
+    ready, progress, stop = command._reporting(tmp_path / "c.png", False, False, ("image", " of sample test"), 2)
     ready(3, 1000)
     for done in (1, 2, 3):
         progress(done, 6)

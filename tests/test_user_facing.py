@@ -196,3 +196,22 @@ def test_the_readme_and_the_help_list_the_same_commands_in_one_order_and_the_sam
     assert all((REPO / "presets" / f"{p}.toml").exists() for p in re.findall(r"--preset ([\w-]+)", readme))
     bundled = " ".join(help_text("train", columns=300).split()).split("Bundled: ")[1].split(". Default")[0]
     assert bundled.split(", ") == list_presets()
+
+
+@pytest.mark.parametrize(("count", "noun", "text"), [(1, "epoch", "1 epoch"), (3, "epoch", "3 epochs"),
+                                                     (1000, "image", "1,000 images"), (0, "map", "0 maps")])
+def test_counts_agree_with_their_nouns(count, noun, text):
+    from allconv_cli.util import plural
+
+    assert plural(count, noun) == text
+
+
+def test_one_image_is_one_image(tmp_path):
+    """The header, eval's title and faithfulness's count say "1 training image", "1 image"."""
+    run = tmp_path / "run"
+    trained = invoke("train", *QUICK, "--train-limit", "1", "--test-limit", "1", "--batch-size", "1", "--out", run)
+    assert "all-cnn-c on sample: 1 training image, 1 step an epoch" in trained.stderr
+    assert "1 image," in invoke("eval", run, "--limit", "1", "--device", "cpu").stdout
+    scored = invoke("faithfulness", DOCS / "chelsea.png", "--methods", "sobel", "--steps", "2", "--device", "cpu",
+                    "--out", tmp_path / "f.png")
+    assert "scoring 1 image file, 1 map each" in scored.stderr

@@ -22,6 +22,7 @@ from allconv_cli.cli.common import (
     user_errors,
 )
 from allconv_cli.explain.methods import METHODS, MODEL_FREE
+from allconv_cli.util import plural
 
 _COLUMNS = {"deletion": "deletion AUC ↓", "insertion": "insertion AUC ↑", "road_morf": "ROAD MoRF ↓",
             "road_lerf": "ROAD LeRF ↑"}
@@ -82,7 +83,7 @@ def faithfulness(
         perturbation.check_baseline(baseline)
         dev = resolve_device(device)
         loaded = load_checkpoint(checkpoint, model, dev)
-        what = "image files" if images else f"images of {dataset} {split}"
+        what = ("image file", "") if images else ("image", f" of {dataset} {split}")  # (noun, where from)
         ready, progress, stop = _reporting(out, force, quiet, what, len(method_list))
         try:
             result = faith.faithfulness(loaded, images, dataset=dataset, split=split, data_dir=data_dir, count=count,
@@ -114,7 +115,7 @@ def _count(limit: str | None) -> int | None:
         raise ValueError(f"--limit takes a number of images or all, got {limit!r}") from None
 
 
-def _reporting(out: Path, force: bool, quiet: bool, what: str, maps: int):
+def _reporting(out: Path, force: bool, quiet: bool, what: tuple[str, str], maps: int):
     """-> (ready, progress, stop) for the library: ``ready`` refuses an existing --out (every input
     has been read and checked by then) and says how many images will be scored; ``progress``
     drives the bar and, at its second report, says about how long the whole run takes: timed from
@@ -129,7 +130,7 @@ def _reporting(out: Path, force: bool, quiet: bool, what: str, maps: int):
         refuse_existing([out], force)
         run.update(count=count, available=available, started=time.perf_counter(), first=None, estimated=False)
         rest = f" (--limit all scores all {available:,})" if count < available else ""
-        say(f"scoring {count:,} {what}{rest}, {maps} map{'s' if maps > 1 else ''} each")
+        say(f"scoring {plural(count, what[0])}{what[1]}{rest}, {plural(maps, 'map')} each")
 
     def progress(done: int, total: int):
         if bar is not None:

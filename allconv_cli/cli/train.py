@@ -46,9 +46,9 @@ class _TrainProgress:
     def __call__(self, event, **fields):
         if event == "start":
             config = fields["config"]
-            self.console.print(f"[bold]{config.model}[/bold] on {config.dataset}: {fields['examples']:,} "
-                               f"training images, {plural(fields['steps'], 'step')} an epoch, {fields['device']}"
-                               f"{_processes(fields)}, {config.precision} "
+            self.console.print(f"[bold]{config.model}[/bold] on {config.dataset}: "
+                               f"{plural(fields['examples'], 'training image')}, {plural(fields['steps'], 'step')} "
+                               f"an epoch, {fields['device']}{_processes(fields)}, {config.precision} "
                                f"-> {fields['run_dir']}")
             self.console.print(_deviations_line(config), markup=False)
             self.bars.start()
