@@ -56,8 +56,8 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
         settings={
             # the share of each conv's weight norm that one step moves (the schedule applies); 0.05
             # was the best of 0.03, 0.05 and 0.07 for All-CNN-C in ten CIFAR-10 epochs
-            "muon_lr": (float, setting(0.05, "The conv weights' peak learning rate.", check=ABOVE_0)),
-            "muon_momentum": (float, setting(0.6, "The conv weights' Nesterov momentum.", check=UNIT)),
+            "muon_lr": (float, setting(0.05, "the conv weights' peak learning rate.", check=ABOVE_0)),
+            "muon_momentum": (float, setting(0.6, "the conv weights' Nesterov momentum.", check=UNIT)),
         }),
 }
 
