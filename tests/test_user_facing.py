@@ -215,3 +215,17 @@ def test_one_image_is_one_image(tmp_path):
     scored = invoke("faithfulness", DOCS / "chelsea.png", "--methods", "sobel", "--steps", "2", "--device", "cpu",
                     "--out", tmp_path / "f.png")
     assert "scoring 1 image file, 1 map each" in scored.stderr
+
+
+def test_options_that_are_not_settings_read_the_same_in_every_command():
+    """Issue #56: --json, --force, --device and --quiet are declared once, with one help text."""
+    import typer
+
+    helps: dict[str, set] = {}
+    for command in typer.main.get_command(app).commands.values():
+        for param in command.params:
+            if param.name in ("as_json", "force", "device", "quiet") or "--out" in param.opts:
+                text = (param.help or "").split(" Default: ")[0]  # a setting's option names its default
+                helps.setdefault(param.name, set()).add(text if param.name != "out" else tuple(param.opts))
+    assert {name: len(texts) for name, texts in helps.items()} == {
+        "as_json": 1, "force": 1, "device": 1, "quiet": 1, "out": 1}, helps

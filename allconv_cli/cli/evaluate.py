@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from allconv_cli.cli.common import AsJson, Quiet, make_console, out_option, progress_bar, user_errors
+from allconv_cli.cli.common import AsJson, Device, Quiet, make_console, out_option, progress_bar, user_errors
 from allconv_cli.util import plural
 
 
@@ -20,7 +20,7 @@ def evaluate(
     tta: Annotated[str, typer.Option("--tta", help="Test-time augmentation: none, flip (average the predictions of each image and its mirror) or flip-shift (also both moved by one pixel down-right and up-left, weighted half).")] = "none",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch.")] = 256,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate at most this many images (a fixed subset).", show_default=False)] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Device = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast where the CPU or GPU computes bf16 natively, else fp32), fp32, bf16 or fp16 (CUDA only).")] = "auto",
     out: Annotated[Optional[Path], out_option("The confusion-matrix PNG. Default: confusion-DATASET-SPLIT.png in the run folder, or in the current directory for a checkpoint outside one (the bundled weights, a loose .safetensors file).")] = None,
     quiet: Quiet = False,

@@ -177,7 +177,7 @@ class TrainConfig:
                         # torch's generators take 64 bits; the per-epoch and per-step seeds made from it stay below 2^63
                         check=(lambda v: 0 <= v < 2**63, "in [0, 2^63)"))
     deterministic: bool = setting(False, "Deterministic kernels (slower on CUDA).", panel=RUN)
-    device: str = setting("auto", "auto, cpu, cuda or cuda:N.", panel=RUN)
+    device: str = setting("auto", "auto (the first GPU, else the CPU), cpu, cuda or cuda:N.", panel=RUN)
     precision: str = setting("auto", "Autocast of the forward and backward passes.", panel=RUN, choices=PRECISIONS)
     channels_last: bool = setting(True, "channels_last memory format.", panel=RUN)
     compile: bool = setting(False, "torch.compile the training step.", panel=RUN)
