@@ -17,7 +17,8 @@ from allconv_cli.train.config import FIELDS, list_presets, shown_default
 from allconv_cli.train.config import kind as config_kind
 from allconv_cli.train.fields import PANELS
 
-FIRST = ("model", "dataset", "data_dir", "preset")  # the options a user reaches for first, listed first in their panels
+FIRST = ("model", "dataset", "data_dir", "preset")  # the options a user reaches for first, first in their panels
+OTHER = "Other settings"  # the panel of a setting that declares none (tests/test_settings.py refuses one)
 
 
 def setting_option(name: str) -> inspect.Parameter:
@@ -37,7 +38,7 @@ def setting_option(name: str) -> inspect.Parameter:
     words.append(f"Default: {shown_default(name)}.")
     metavar = {"metavar": ""} if kind is bool else {}
     option = typer.Option(*flags, help=" ".join(words), show_default=False,
-                          rich_help_panel=meta["panel"], **metavar)
+                          rich_help_panel=meta["panel"] or OTHER, **metavar)
     value_type = str if typing.get_origin(kind) is list else kind  # a list is typed as comma-separated numbers
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Annotated[Optional[value_type], option])
@@ -56,7 +57,7 @@ def takes_settings(*, leave_out: tuple[str, ...] = ()):
                for p in inspect.signature(command, eval_str=True).parameters.values()
                if p.kind is not inspect.Parameter.VAR_KEYWORD]
         names = [n for n in (*FIRST, *(n for n in FIELDS if n not in FIRST)) if n not in leave_out]
-        names.sort(key=lambda n: PANELS.index(FIELDS[n].metadata["panel"]))  # stable: FIRST first in a panel
+        names.sort(key=lambda n: (*PANELS, None).index(FIELDS[n].metadata["panel"]))  # stable: FIRST first
         parameters = [setting_option(n) for n in names] + own
         command.__signature__ = inspect.Signature(parameters)
         command.__annotations__ = {p.name: p.annotation for p in parameters}

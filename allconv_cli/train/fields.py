@@ -23,11 +23,11 @@ NOT_STATED = object()  # a setting the paper leaves open (batch size, initializa
 
 
 def setting(default, help: str, *, panel: str | None = None, choices=None, check: Check | None = None,
-            flags: tuple[str, ...] = (),
-            default_text: str | None = None, paper=NOT_STATED):
+            flags: tuple[str, ...] = (), default_text: str | None = None, paper=NOT_STATED):
     """A field of TrainConfig with what its option shows: ``help`` (one short sentence; the default
     and the choices are added from the other arguments; details go to docs/training.md), ``panel``
-    (one of ``PANELS``: where the option is listed), ``choices`` (names, or a dict name -> what it does),
+    (one of ``PANELS``: where the option is listed; tests/test_settings.py checks that each has
+    one), ``choices`` (names, or a dict name -> what it does),
     ``check`` (range), ``flags`` (the option's names, e.g. ("--model", "-m"); default: --name, and
     --name/--no-name for a bool), ``default_text`` (how to show a None default), ``paper`` (the
     paper's value, or a tuple of the values it allows: any other is a deviation that a run names)."""
