@@ -97,3 +97,8 @@ def lazy_attributes(package: str, api: dict[str, str]):
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     return getattr_, lambda: sorted(api)
+
+
+def plural(count: int, noun: str) -> str:
+    """(1, 'epoch') -> '1 epoch'; (3, 'epoch') -> '3 epochs'; thousands grouped: '1,000 images'."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"

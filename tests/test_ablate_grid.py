@@ -86,10 +86,10 @@ def test_two_shards_give_the_table_of_one_job(tmp_path, monkeypatch, lr_grid):
     assert whole.exit_code == 0, whole.output
     shared = str(tmp_path / "shared")
     first = CliRunner().invoke(app, [*args, "--out", shared, "--shard", "1/2"])
-    assert first.exit_code == 0 and "shard 1/2 is done" in first.stdout  # shard 2's runs are not there yet
+    assert first.exit_code == 0 and "shard 1/2 is done" in first.stderr  # shard 2's runs are not there yet
     second = CliRunner().invoke(app, [*args, "--out", shared, "--shard", "2/2"])
     if lr_grid:  # the rates are chosen only now: shard 1's later seeds are still to train
-        assert "shard 2/2 is done" in second.stdout
+        assert "shard 2/2 is done" in second.stderr
         second = CliRunner().invoke(app, [*args, "--out", shared, "--shard", "1/2"])
     assert second.exit_code == 0, second.output
     assert (tmp_path / "shared" / "table.json").read_text() == (tmp_path / "one" / "table.json").read_text()

@@ -2,6 +2,7 @@
 
 import inspect
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -139,7 +140,7 @@ def test_inputs_are_checked_before_the_output(workdir, tmp_path, monkeypatch):
     as an image is reported first; the existing output is refused once the inputs are good."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "photos").mkdir()
-    (tmp_path / "grid.png").write_bytes(b"a former grid")
+    (tmp_path / "a-conv9.png").write_bytes(b"a former grid")  # visualize's default name: image and layer
     (tmp_path / "sanity").mkdir()
     (tmp_path / "sanity" / "guided.png").write_bytes(b"a former grid")
     for command in ("visualize", "sanity"):
@@ -149,8 +150,8 @@ def test_inputs_are_checked_before_the_output(workdir, tmp_path, monkeypatch):
         image = [str(workdir / "a.png"), "--checkpoint", str(workdir / "run"), "--device", "cpu"]
         existing = runner.invoke(app, [command, *image] + (["--methods", "guided"] if command == "sanity" else []))
         assert existing.exit_code == 2 and "already exists: pass --force" in existing.output, existing.output
-    assert (tmp_path / "grid.png").read_bytes() == b"a former grid"
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["grid.png", "guided.png", "photos", "sanity"]
+    assert (tmp_path / "a-conv9.png").read_bytes() == b"a former grid"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a-conv9.png", "guided.png", "photos", "sanity"]
 
 
 def test_the_scan_progress_bar_on_a_terminal(workdir, tmp_path, monkeypatch):
@@ -498,3 +499,26 @@ def test_help_summaries_are_whole_sentences():
         assert summary.endswith(".") and summary in shown.output, (command.callback.__name__, summary)
         for paragraph in [summary, *rest]:
             assert "\n" not in paragraph or paragraph.startswith("Example"), (command.callback.__name__, paragraph)
+
+
+def test_a_second_image_or_layer_never_meets_the_first_ones_grid(workdir, tmp_path, monkeypatch):
+    """Issue #58: the default grid is named after its image and layer, so no --force is needed."""
+    monkeypatch.chdir(tmp_path)
+    for args in (["a.png"], ["b.jpg"], ["a.png", "--layer", "conv6"], ["a.png", "b.jpg"],
+                 ["a.png", "--class", "predicted", "--methods", "gradcam"]):
+        result = visualize(workdir, *(str(workdir / a) if a.endswith((".png", ".jpg")) else a for a in args))
+        assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a-and-1-more-conv9.png", "a-conv6.png", "a-conv9-class.png", "a-conv9.png", "b-conv9.png"]
+    again = visualize(workdir, str(workdir / "a.png"))
+    assert again.exit_code == 2 and "a-conv9.png already exists: pass --force" in again.output
+
+
+def test_the_readmes_grad_cam_line_works(workdir, tmp_path, monkeypatch):
+    """The README's saliency paragraph says how to get Grad-CAM: those options make its map."""
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    options = re.search(r"Grad-CAM explains a class: `([^`]+)`", readme).group(1).split()
+    monkeypatch.chdir(tmp_path)
+    result = visualize(workdir, str(workdir / "a.png"), *options, "--json")
+    assert result.exit_code == 0, result.output
+    assert "gradcam" in options and json.loads(result.stdout)["targets"][0]["class"].split()[0] in CLASSES

@@ -10,10 +10,13 @@ from typing import Annotated, Optional
 import typer
 
 from allconv_cli.cli.common import (
+    AsJson,
     EXIT_FAILED,
     EXIT_SIGNAL,
+    Quiet,
     duration,
     make_console,
+    out_option,
     parse_duration,
     parse_numbers,
     user_errors,
@@ -31,10 +34,10 @@ def ablate(
     jobs: Annotated[Optional[int], typer.Option(help="Runs at once. Default: 4 per GPU on CUDA (4 runs at once each trained at one run's speed on an H200), else 1. A run starts on the GPU where one has just ended.", show_default=False)] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", metavar="K/N", help="K/N: train only the K-th of N shares of the runs (dealt round-robin), so that N jobs (a job array, N machines) with the same --out split the ablation; the share that finishes last writes the table.", show_default=False)] = None,
     time_limit: Annotated[Optional[str], typer.Option("--time-limit", metavar="DURATION", help="Stop every run, resumably, before this much wall-clock time has passed (e.g. 3h50m, 90min, 1:30:00), exit 124; the same command continues.", show_default=False)] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="The ablation folder; the same command continues it.")] = Path("runs/ablation"),
+    out: Annotated[Path, out_option("The ablation folder; the same command continues it.", default_shown=True)] = Path("runs/ablation"),
     dry_run: Annotated[bool, typer.Option("--dry-run", metavar="", help="List the runs, the images they train on and an estimate of the time (from one measured training step of each model), then stop; reads no data and writes nothing.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress on stderr (there is none either when stderr is not a terminal).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the table (with --dry-run: the plan) as JSON.")] = False,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
     **settings,
 ):
     """Reproduce the paper's ablation (Table 3), or compare recipes: train each model under one protocol (a preset and any training setting), optionally over the paper's learning-rate grid (picked on a validation split, never the test set), over a --grid of other settings and over several seeds, and write the table (Markdown, CSV, JSON) and a bar chart beside the paper's. Writes everything in --out: ablation.json (the plan), one run folder per model, combination, rate and seed, table.md, table.csv, table.json and chart.png. Interrupted? Run the same command again: finished runs are kept, others resume.
@@ -80,7 +83,7 @@ def ablate(
             raise typer.Exit(EXIT_FAILED) from None
     if rows is None:
         typer.echo(f"shard {index}/{count} is done; other shards' runs are not finished yet: the last shard to "
-                   f"finish (or the same command run again once they are) writes the table in {out}")
+                   f"finish (or the same command run again once they are) writes the table in {out}", err=True)
         return
     if as_json:
         typer.echo(json.dumps(rows, indent=2))

@@ -1,14 +1,32 @@
-"""What every command shares: one-line errors with exit codes, rich consoles that never wrap a
-value in a file or pipe, progress bars on stderr, and small parsers of option values."""
+"""What every command shares: the options that are not training settings (one declaration and
+help text each), one-line errors with exit codes, rich consoles that never wrap a value in a file
+or pipe, progress bars on stderr, and small parsers of option values."""
 
 from __future__ import annotations
 
 import contextlib
 import re
+from typing import Annotated
 
 import typer
 
 EXIT_USAGE = 2  # bad names, options or input files
+
+# The options every command shares; stdout carries results alone, so --json can be piped
+AsJson = Annotated[bool, typer.Option("--json", metavar="", show_default=False,
+                                      help="Print the results as JSON on stdout (progress stays on stderr).")]
+Force = Annotated[bool, typer.Option("--force", metavar="", show_default=False,
+                                     help="Replace outputs that exist (otherwise refused).")]
+Device = Annotated[str, typer.Option("--device", help="auto (the first GPU, else the CPU), cpu, cuda or cuda:N.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", metavar="", show_default=False,
+                                     help="No progress or time estimate on stderr (none either when it is not a "
+                                          "terminal).")]
+
+
+def out_option(help: str, default_shown: bool = False):
+    """--out / -o: what a command writes, and where by default (its help, the command's own)."""
+    return typer.Option("--out", "-o", help=help, show_default=default_shown)
+
 
 
 @contextlib.contextmanager
