@@ -251,7 +251,7 @@ def test_every_command_checks_its_device_first(tmp_path, command):
 
 
 def test_the_ablation_checks_the_device_before_it_writes(tmp_path, monkeypatch):
-    monkeypatch.setattr(ablate, "_train_one", lambda *args: pytest.fail("a run started"))
+    monkeypatch.setattr(ablate.pool, "train_one", lambda *args: pytest.fail("a run started"))
     from allconv_cli.train.settings import resolve
 
     with pytest.raises(ValueError, match="device 'meta' holds no data"):

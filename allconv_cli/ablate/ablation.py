@@ -1,0 +1,77 @@
+"""An ablation from its plan to its table: every combination checked, the runs trained (by
+however many processes share the folder), the table written by the one that finishes last."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from allconv_cli.ablate.grid import check_plan, variants
+from allconv_cli.ablate.paper import table_rows
+from allconv_cli.ablate.pool import check_jobs, default_jobs, execute
+from allconv_cli.ablate.shards import Queue, Share
+from allconv_cli.ablate.tables import write_tables
+from allconv_cli.train.config import TrainConfig
+from allconv_cli.util import atomic_write_text
+
+PLAN_NAME = "ablation.json"
+
+
+def prepare(base: TrainConfig, models: list[str], grid: list[float], seeds: list[int], out: str | Path,
+            jobs: int | None = None, settings_grid: dict[str, list] | None = None) -> dict:
+    """Every check of an ablation, before any run starts (the dry run makes the same): each
+    model under each combination as ``grid.check_plan`` checks it, --jobs, and a folder that holds
+    another ablation -> {"plan": what ablation.json holds, "configs": each unit's first run's
+    settings, "jobs": runs at once, "warning": a line to show, or None}."""
+    settings_grid = settings_grid or {}
+    configs = check_plan(base, models, grid, seeds, variants(settings_grid))
+    warning = check_jobs(jobs, base.device)
+    plan = {"config": json.loads(base.to_json()), "models": models, "grid": grid, "seeds": seeds,
+            **({"settings_grid": settings_grid} if settings_grid else {})}
+    previous = Path(out) / PLAN_NAME
+    if previous.is_file() and json.loads(previous.read_text()) != plan:
+        raise ValueError(f"{out} holds an ablation with other settings ({PLAN_NAME}); "
+                         "choose another --out, or repeat that ablation's command to continue it")
+    return {"plan": plan, "configs": configs, "jobs": jobs or default_jobs(base.device), "warning": warning}
+
+
+def ablate(base: TrainConfig, models: list[str], grid: list[float], seeds: list[int], out: str | Path,
+           jobs: int | None = None, progress: Callable[..., None] | None = None,
+           settings_grid: dict[str, list] | None = None, share: Share = Share(),
+           warn: Callable[[str], None] | None = None) -> list[dict] | None:
+    """Run (or continue) the ablation in ``out``, ``jobs`` runs at once (None: ``pool.default_jobs``),
+    each model under each combination of ``settings_grid`` -> one row per model and combination
+    (see ``paper.table_rows``), or None where runs of other shares are not finished yet. ``warn``
+    gets the line of a --jobs above what the machine runs at once."""
+    out = Path(out)
+    progress = progress or (lambda event, **fields: None)
+    prepared = prepare(base, models, grid, seeds, out, jobs, settings_grid)
+    if prepared["warning"] and warn is not None:
+        warn(prepared["warning"])
+    out.mkdir(parents=True, exist_ok=True)
+    previous = out / PLAN_NAME
+    if not previous.is_file():
+        atomic_write_text(previous, json.dumps(prepared["plan"], indent=2))
+    units = [(m, v) for m in models for v in variants(settings_grid or {})]
+    queue = Queue(out, units, grid, seeds, share)
+    _skipped(queue, progress)
+    try:
+        execute(base, queue.take, queue.release, out, prepared["jobs"], queue.results, progress, share.time_left)
+    finally:
+        queue.close()
+    if not queue.complete():
+        return None  # runs of another share are not finished: the last process to finish writes the table
+    rows = table_rows(units, queue.chosen(), seeds, queue.results, base)
+    write_tables(rows, out)
+    return rows
+
+
+def _skipped(queue: Queue, progress):
+    """Report the runs finished by an earlier call or another process."""
+    queue.collect(queue.first_runs())
+    planned = [run for _, run in queue.planned()]  # the later seeds' too, once the grid's results are read
+    queue.collect(planned)
+    for run in planned:
+        if run in queue.results:
+            progress("skip", run=run, result=queue.results[run])
