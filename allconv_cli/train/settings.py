@@ -80,7 +80,10 @@ SETTINGS = [key for key in FIELDS if key != "preset"]  # what a preset, an optio
 def check_keys(settings: dict, where: str):
 
     for key in settings:
-        if key not in FIELDS or key == "preset":
+        if key == "preset":  # a setting of the command line only: a preset is one layer, not a chain
+            raise ValueError(f"{where} names a preset (preset = {show_value(settings[key])}): a preset cannot name "
+                             "another: copy that preset's keys into this file")
+        if key not in FIELDS:
             raise ValueError(f"unknown key {show_value(key)} in {where}{did_you_mean(str(key), SETTINGS)}; "
                              f"valid keys: {', '.join(SETTINGS)}")
 
