@@ -16,6 +16,7 @@ import typer
 from typer.testing import CliRunner
 
 from allconv_cli import ablate
+from allconv_cli.ablate import pool
 from allconv_cli.cli import app
 from allconv_cli.models.registry import CIFAR10_CLASSES
 
@@ -62,7 +63,7 @@ def test_rate_is_picked_on_validation_not_test(tmp_path, monkeypatch):
         (Path(folder) / ablate.RESULT_NAME).write_text(json.dumps(result))
         return result
 
-    monkeypatch.setattr(ablate.pool, "train_one", fake_train_one)
+    monkeypatch.setattr(pool, "train_one", fake_train_one)
     from allconv_cli.train.settings import resolve
 
     base = resolve("smoke", val_fraction=0.1)
@@ -168,7 +169,7 @@ def fake_train_one(config_json, folder, device, time_limit=None):
 
 
 def test_table_piped_reads_as_markdown(tmp_path, monkeypatch):
-    monkeypatch.setattr(ablate.pool, "train_one", fake_train_one)
+    monkeypatch.setattr(pool, "train_one", fake_train_one)
     out = tmp_path / ("a-folder-name-long-enough-to-pass-eighty-columns-" * 2)
     result = CliRunner().invoke(app, ["ablate", "--models", "all-cnn-c", "--preset", "smoke", "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -197,7 +198,7 @@ def test_sigterm_stops_an_ablation_with_one_line(tmp_path):
 
 def test_table_3_column_beside_the_protocols_own(tmp_path, monkeypatch):
     """fast-cifar10 augments: Table 3's figure for every network, and Table 4's where it has one."""
-    monkeypatch.setattr(ablate.pool, "train_one", fake_train_one)
+    monkeypatch.setattr(pool, "train_one", fake_train_one)
     out = tmp_path / "fast"
     result = CliRunner().invoke(app, ["ablate", "--models", "model-a,all-cnn-c", "--preset", "fast-cifar10",
                                       "--out", str(out)])
@@ -214,7 +215,7 @@ def test_table_3_column_beside_the_protocols_own(tmp_path, monkeypatch):
 
 
 def test_seeds_give_a_spread_and_other_data_no_paper_figure(tmp_path, monkeypatch):
-    monkeypatch.setattr(ablate.pool, "train_one", fake_train_one)
+    monkeypatch.setattr(pool, "train_one", fake_train_one)
     from allconv_cli.train.settings import resolve
 
     rows = ablate.ablate(resolve("paper-cifar10"), ["all-cnn-c"], [0.05], [0, 1], tmp_path / "two")

@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from allconv_cli import ablate
+from allconv_cli.ablate import pool
 from allconv_cli.cli import app
 from allconv_cli.train import TIME_LIMIT, TrainingStopped, resume, train
 from allconv_cli.train.run_folder import RunFolder
@@ -30,7 +31,7 @@ def recording_train_one(config_json, folder, device, time_limit=None):
 
 
 def test_grid_trains_every_combination_as_its_own_rows(tmp_path, monkeypatch):
-    monkeypatch.setattr(ablate.pool, "train_one", recording_train_one)
+    monkeypatch.setattr(pool, "train_one", recording_train_one)
     out = tmp_path / "grid"
     result = CliRunner().invoke(app, ["ablate", "--models", "all-cnn-c", "--preset", "smoke", "--seeds", "2",
                                       "--grid", "batch_size=16,32", "--grid", "weight-init=xavier,caffe-xavier",
@@ -64,7 +65,7 @@ def test_grid_trains_every_combination_as_its_own_rows(tmp_path, monkeypatch):
     ("optimizer=sgd,muon", "optimizer muon needs batch_norm"),
 ])
 def test_a_bad_grid_is_one_line_before_any_run(tmp_path, monkeypatch, grid, message):
-    monkeypatch.setattr(ablate.pool, "train_one", recording_train_one)
+    monkeypatch.setattr(pool, "train_one", recording_train_one)
     args = ["ablate", "--models", "all-cnn-c", "--preset", "smoke", "--batch-norm" if "muon" not in grid else
             "--no-batch-norm", "--grid", grid, "--out", str(tmp_path / "bad")]
     result = CliRunner().invoke(app, args)
@@ -82,7 +83,7 @@ def test_grid_values_take_each_settings_type():
 
 @pytest.mark.parametrize("lr_grid", [None, "0.1,0.05"])
 def test_two_shards_give_the_table_of_one_job(tmp_path, monkeypatch, lr_grid):
-    monkeypatch.setattr(ablate.pool, "train_one", recording_train_one)
+    monkeypatch.setattr(pool, "train_one", recording_train_one)
     args = ["ablate", "--models", "all-cnn-c,model-c", "--preset", "smoke", "--seeds", "3", "--json",
             *(["--lr-grid", lr_grid] if lr_grid else [])]
     whole = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one")])
@@ -121,7 +122,7 @@ def _shard(out, grid, index, count, jobs):
 def test_shards_at_once_leave_the_table_of_one_job(tmp_path, monkeypatch, grid, count):
     """However many shards run at the same time, with or without a rate grid: every run trained
     once, and the table the same as one job's."""
-    monkeypatch.setattr(ablate.pool, "train_one", slow_train_one)
+    monkeypatch.setattr(pool, "train_one", slow_train_one)
     one = ablate.ablate(resolve("smoke", val_fraction=0.1), ["all-cnn-c", "model-c"], grid, [0, 1, 2],
                         tmp_path / "one", settings_grid={"batch_size": [16, 32]})
     assert one is not None
@@ -152,7 +153,7 @@ def test_ablate_time_limit_reaches_every_run_and_exits_124(tmp_path, monkeypatch
         limits.append(time_limit)
         raise TrainingStopped(TIME_LIMIT, Path(folder))
 
-    monkeypatch.setattr(ablate.pool, "train_one", stopped_at_the_limit)
+    monkeypatch.setattr(pool, "train_one", stopped_at_the_limit)
     result = CliRunner().invoke(app, ["ablate", "--models", "all-cnn-c", "--preset", "smoke", "--time-limit", "2h",
                                       "--out", str(tmp_path / "t")])
     assert result.exit_code == 124, result.output

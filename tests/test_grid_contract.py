@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from allconv_cli import ablate
-from allconv_cli.ablate import pool
+from allconv_cli.ablate import pool, slots
 from allconv_cli.cli import app
 from allconv_cli.cli.common import parse_duration
 from allconv_cli.train.optimizers import OPTIMIZERS
@@ -120,9 +120,9 @@ def test_jobs_above_the_cores_warn_in_one_line_then_work(monkeypatch, tmp_path):
     assert result.stderr == ("--jobs 3 is more than this machine runs at once (2: a run per CPU core, or 4 per GPU): "
                              "the runs share them, each slower; going on\n")
     assert "1 run, 1 epoch, 256 training images in all" in result.stdout
-    assert pool.check_jobs(2, "cpu") is None and pool.check_jobs(None, "cpu") is None
-    with pytest.raises(ValueError, match=f"--jobs takes 1 to {pool.MAX_JOBS}"):
-        pool.check_jobs(pool.MAX_JOBS + 1, "cpu")
+    assert slots.check_jobs(2, "cpu") is None and slots.check_jobs(None, "cpu") is None
+    with pytest.raises(ValueError, match=f"--jobs takes 1 to {slots.MAX_JOBS}"):
+        slots.check_jobs(slots.MAX_JOBS + 1, "cpu")
 
 
 def test_a_key_named_preset_suggests_no_preset(tmp_path):

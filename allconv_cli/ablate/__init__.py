@@ -12,34 +12,25 @@ trains which run. Running the same command again skips finished runs and resumes
 ones from their checkpoints.
 
 One module per concern: ``grid`` (what is trained, and the check of every combination),
-``estimate`` (its cost, before any run), ``pool`` (training runs, several at once),
-``shards`` (which process trains which run), ``paper`` (the rows beside the paper's figures),
-``tables`` (the files), ``ablation`` (from the plan to the table).
+``estimate`` (its cost, before any run), ``slots`` (how many runs at once, on which device),
+``pool`` (training runs, several at once), ``shards`` (which process trains which run),
+``paper`` (the rows beside the paper's figures), ``tables`` (the files), ``ablation`` (from the
+plan to the table). The names below import their module on first use: a dry run reads no chart
+code.
 """
 
-from allconv_cli.ablate.ablation import PLAN_NAME, ablate, prepare
-from allconv_cli.ablate.estimate import SPLIT_IMAGES, cost, estimate_seconds, split_sizes
-from allconv_cli.ablate.grid import (
-    FAMILIES,
-    MAX_SEEDS,
-    PAPER_GRID,
-    Run,
-    Variant,
-    parse_grid,
-    planned_runs,
-    run_config,
-    seed_list,
-    select_models,
-    variant_name,
-    variants,
-)
-from allconv_cli.ablate.paper import PROTOCOLS, paper_key, table_rows
-from allconv_cli.ablate.pool import RESULT_NAME, RUNS_PER_GPU, default_jobs, device_slots, run_in_slots
-from allconv_cli.ablate.shards import Share, parse_shard
-from allconv_cli.ablate.tables import markdown_table, row_label, write_tables
+from allconv_cli.util import lazy_attributes
 
-__all__ = ["FAMILIES", "MAX_SEEDS", "PAPER_GRID", "PLAN_NAME", "PROTOCOLS", "RESULT_NAME", "RUNS_PER_GPU",
-           "SPLIT_IMAGES", "Run", "Share", "Variant", "ablate", "cost", "default_jobs", "device_slots",
-           "estimate_seconds", "markdown_table", "paper_key", "parse_grid", "parse_shard", "planned_runs",
-           "prepare", "row_label", "run_config", "run_in_slots", "seed_list", "select_models", "split_sizes",
-           "table_rows", "variant_name", "variants", "write_tables"]
+_API = {
+    **dict.fromkeys(["ablate"], "ablation"),
+    **dict.fromkeys(["SPLIT_IMAGES", "cost", "estimate_seconds", "split_sizes"], "estimate"),
+    **dict.fromkeys(["FAMILIES", "MAX_SEEDS", "PAPER_GRID", "PLAN_NAME", "Run", "Variant", "parse_grid",
+                     "planned_runs", "prepare", "run_config", "seed_list", "select_models", "variant_name",
+                     "variants"], "grid"),
+    **dict.fromkeys(["PROTOCOLS", "paper_key", "table_rows"], "paper"),
+    **dict.fromkeys(["RESULT_NAME", "run_in_slots"], "pool"),
+    **dict.fromkeys(["RUNS_PER_GPU", "default_jobs", "device_slots"], "slots"),
+    **dict.fromkeys(["Share", "parse_shard"], "shards"),
+    **dict.fromkeys(["markdown_table", "row_label", "write_tables"], "tables"),
+}
+__getattr__, __dir__ = lazy_attributes(__name__, _API)

@@ -7,34 +7,13 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from allconv_cli.ablate.grid import check_plan, variants
+from allconv_cli.ablate.grid import PLAN_NAME, prepare, variants
 from allconv_cli.ablate.paper import table_rows
-from allconv_cli.ablate.pool import check_jobs, default_jobs, execute
+from allconv_cli.ablate.pool import execute
 from allconv_cli.ablate.shards import Queue, Share
 from allconv_cli.ablate.tables import write_tables
 from allconv_cli.train.config import TrainConfig
 from allconv_cli.util import atomic_write_text
-
-PLAN_NAME = "ablation.json"
-
-
-def prepare(base: TrainConfig, models: list[str], grid: list[float], seeds: list[int], out: str | Path,
-            jobs: int | None = None, settings_grid: dict[str, list] | None = None) -> dict:
-    """Every check of an ablation, before any run starts (the dry run makes the same): each
-    model under each combination as ``grid.check_plan`` checks it, --jobs, and a folder that holds
-    another ablation -> {"plan": what ablation.json holds, "configs": each unit's first run's
-    settings, "jobs": runs at once, "warning": a line to show, or None}."""
-    settings_grid = settings_grid or {}
-    configs = check_plan(base, models, grid, seeds, variants(settings_grid))
-    warning = check_jobs(jobs, base.device)
-    plan = {"config": json.loads(base.to_json()), "models": models, "grid": grid, "seeds": seeds,
-            **({"settings_grid": settings_grid} if settings_grid else {})}
-    previous = Path(out) / PLAN_NAME
-    if previous.is_file() and json.loads(previous.read_text()) != plan:
-        raise ValueError(f"{out} holds an ablation with other settings ({PLAN_NAME}); "
-                         "choose another --out, or repeat that ablation's command to continue it")
-    return {"plan": plan, "configs": configs, "jobs": jobs or default_jobs(base.device), "warning": warning}
-
 
 def ablate(base: TrainConfig, models: list[str], grid: list[float], seeds: list[int], out: str | Path,
            jobs: int | None = None, progress: Callable[..., None] | None = None,

@@ -13,10 +13,12 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import itertools
+import json
 from pathlib import Path
 
 from allconv_cli.device import resolve_device, resolve_precision
 from allconv_cli.files.weights import check_weights_file
+from allconv_cli.ablate.slots import check_jobs, default_jobs
 from allconv_cli.models.registry import NETWORKS, list_models, resolve_name
 from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.run import check_batch
@@ -25,6 +27,7 @@ from allconv_cli.train.settings import check_in_effect, check_values, parse_sett
 PAPER_GRID = (0.25, 0.1, 0.05, 0.01)  # Section 3.2
 MAX_SEEDS = 1_000  # seeds of one ablation: each is a whole training run of every model
 GRID = "--grid"  # where a combination's own values come from, in messages
+PLAN_NAME = "ablation.json"  # an ablation folder's plan
 # Table 3's blocks, as the registry's rows say: family -> its models, as typed (all-cnn-c)
 FAMILIES = {family: [name.replace("_", "-") for name, row in NETWORKS.items() if row.family == family]
             for family in sorted({row.family for row in NETWORKS.values() if row.family})}
@@ -169,3 +172,21 @@ def _check_run(config: TrainConfig, origin: dict[str, str], rates: int):
         where = GRID if "val_fraction" in origin else "the settings"
         raise ValueError(f"{where}: choosing among learning rates needs a validation split, and val_fraction is "
                          f"{config.val_fraction:g}: give --val-fraction, e.g. 0.1 (never pick on the test set)")
+
+
+def prepare(base: TrainConfig, models: list[str], grid: list[float], seeds: list[int], out: str | Path,
+            jobs: int | None = None, settings_grid: dict[str, list] | None = None) -> dict:
+    """Every check of an ablation, before any run starts (the dry run makes the same): each
+    model under each combination as ``grid.check_plan`` checks it, --jobs, and a folder that holds
+    another ablation -> {"plan": what ablation.json holds, "configs": each unit's first run's
+    settings, "jobs": runs at once, "warning": a line to show, or None}."""
+    settings_grid = settings_grid or {}
+    configs = check_plan(base, models, grid, seeds, variants(settings_grid))
+    warning = check_jobs(jobs, base.device)
+    plan = {"config": json.loads(base.to_json()), "models": models, "grid": grid, "seeds": seeds,
+            **({"settings_grid": settings_grid} if settings_grid else {})}
+    previous = Path(out) / PLAN_NAME
+    if previous.is_file() and json.loads(previous.read_text()) != plan:
+        raise ValueError(f"{out} holds an ablation with other settings ({PLAN_NAME}); "
+                         "choose another --out, or repeat that ablation's command to continue it")
+    return {"plan": plan, "configs": configs, "jobs": jobs or default_jobs(base.device), "warning": warning}
