@@ -316,3 +316,19 @@ def test_runs_of_uneven_length_never_share_a_slot():
     for slot in ("s0", "s1", "s2"):
         mine = sorted((start, end) for s, start, end in spans if s == slot)
         assert all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(mine)), (slot, mine)
+
+
+@pytest.mark.slow
+def test_the_dry_runs_estimate_is_near_the_real_runs_time(tmp_path):
+    """The estimate (one timed step, the rest counted) against the training it estimates, on the
+    same machine: within a factor of 3 (the machine may be doing other work at either time)."""
+    args = ["ablate", "--models", "all-cnn-c", "--preset", "smoke", "--train-limit", "160", "--test-limit", "32",
+            "--batch-size", "16", "--epochs", "2", "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path / "a")]
+    dry = CliRunner().invoke(app, [*args, "--dry-run", "--json"])
+    assert dry.exit_code == 0, dry.output
+    estimate = json.loads(dry.stdout)["estimate"]["seconds"]
+    assert not (tmp_path / "a").exists()
+    real = CliRunner().invoke(app, [*args, "--json"])
+    assert real.exit_code == 0, real.output
+    trained = json.loads((tmp_path / "a" / "all-cnn-c" / "lr0.05-seed0" / ablate.RESULT_NAME).read_text())["seconds"]
+    assert estimate / 3 < trained < estimate * 3, (estimate, trained)
