@@ -15,11 +15,12 @@ from allconv_cli.ablate.tables import write_tables
 from allconv_cli.train.config import TrainConfig
 from allconv_cli.util import atomic_write_text
 
+
 def ablate(base: TrainConfig, models: list[str], grid: list[float], seeds: list[int], out: str | Path,
            jobs: int | None = None, progress: Callable[..., None] | None = None,
            settings_grid: dict[str, list] | None = None, share: Share = Share(),
            warn: Callable[[str], None] | None = None) -> list[dict] | None:
-    """Run (or continue) the ablation in ``out``, ``jobs`` runs at once (None: ``pool.default_jobs``),
+    """Run (or continue) the ablation in ``out``, ``jobs`` runs at once (None: ``slots.default_jobs``),
     each model under each combination of ``settings_grid`` -> one row per model and combination
     (see ``paper.table_rows``), or None where runs of other shares are not finished yet. ``warn``
     gets the line of a --jobs above what the machine runs at once."""
@@ -35,8 +36,10 @@ def ablate(base: TrainConfig, models: list[str], grid: list[float], seeds: list[
     units = [(m, v) for m in models for v in variants(settings_grid or {})]
     queue = Queue(out, units, grid, seeds, share)
     _skipped(queue, progress)
+    left = len(units) * (len(grid) + len(seeds) - 1) - len(queue.results)  # a worker for each run at most
     try:
-        execute(base, queue.take, queue.release, out, prepared["jobs"], queue.results, progress, share.time_left)
+        execute(base, queue.take, queue.release, out, max(1, min(prepared["jobs"], left)), queue.results, progress,
+                share.time_left)
     finally:
         queue.close()
     if not queue.complete():
