@@ -169,9 +169,9 @@ def _check_run(config: TrainConfig, origin: dict[str, str], rates: int):
     check_batch(config, 1)
     resolve_precision(config.precision, resolve_device(config.device))
     if rates > 1 and config.val_fraction <= 0:
-        where = GRID if "val_fraction" in origin else "the settings"
-        raise ValueError(f"{where}: choosing among learning rates needs a validation split, and val_fraction is "
-                         f"{config.val_fraction:g}: give --val-fraction, e.g. 0.1 (never pick on the test set)")
+        fix = "drop val_fraction=0 from --grid" if "val_fraction" in origin else "give --val-fraction, e.g. 0.1"
+        raise ValueError(f"choosing among learning rates needs a validation split, and val_fraction is "
+                         f"{config.val_fraction:g}: {fix} (a rate is never picked on the test set)")
 
 
 def prepare(base: TrainConfig, models: list[str], grid: list[float], seeds: list[int], out: str | Path,
