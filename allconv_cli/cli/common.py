@@ -107,7 +107,9 @@ def parse_duration(text: str, option: str = "--time-limit") -> float:
     try:
         if ":" in words:
             parts = [float(p) for p in words.split(":")]
-            if len(parts) > 3:
+            # a batch system's H:MM:SS: whole fields but the last, none negative, minutes and seconds under 60
+            if len(parts) > 3 or not (parts[0] >= 0 and all(0 <= p < 60 for p in parts[1:])
+                                      and all(p % 1 == 0 for p in parts[:-1])):
                 raise ValueError
             seconds = sum(p * 60**i for i, p in enumerate(reversed(parts)))
         else:
@@ -117,7 +119,8 @@ def parse_duration(text: str, option: str = "--time-limit") -> float:
                 raise ValueError
             seconds = sum(float(n) * DURATION_UNITS[unit or "s"] for n, unit in pieces)
     except ValueError:
-        raise ValueError(f"{option} {text!r} is not a duration: write e.g. 3h50m, 90min, 45s or 1:30:00") from None
+        raise ValueError(f"{option} {text!r} is not a duration: write e.g. 3h50m, 90min, 45s or 1:30:00 "
+                         "(H:MM:SS, minutes and seconds 0 to 59)") from None
     if not 0 < seconds < 366 * 86400:
         raise ValueError(f"{option} {text!r}: give a duration above 0 and under a year")
     return seconds
