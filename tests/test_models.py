@@ -424,7 +424,7 @@ def test_a_runs_first_line_and_evals_heading_name_the_network_as_built(tmp_path)
                                  "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     built = "all-cnn-c (BatchNorm, input dropout 0 %, dropout 0 %)"  # the default recipe's, not the paper's net
-    assert result.output.startswith(f"{built} on sample") and f"{built} on sample: 1/1 epochs" in result.output
+    assert result.output.startswith(f"{built} on sample") and f"{built} on sample: 1/1 epoch" in result.output
     result = runner.invoke(app, ["eval", str(tmp_path / "run"), "--limit", "8", "--out", str(tmp_path / "c.png")])
     assert result.exit_code == 0, result.output
     assert f"{built} (epoch 1) on sample test" in result.output

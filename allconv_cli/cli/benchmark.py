@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from allconv_cli.cli.common import make_console, user_errors
+from allconv_cli.cli.common import AsJson, make_console, user_errors
 from allconv_cli.cli.options import given_settings, takes_settings
 
 
@@ -16,7 +16,7 @@ def benchmark(
     mode: Annotated[str, typer.Option(help="train (the trainer's own step with its data path), infer (the network alone), data (batches, augmentation, standardization) or all.")] = "all",
     steps: Annotated[Optional[int], typer.Option(help="Timed steps. Default: 20 on the CPU, 200 on CUDA.", show_default=False)] = None,
     warmup: Annotated[Optional[int], typer.Option(help="Untimed steps before them. Default: 5 on the CPU, 50 on CUDA.", show_default=False)] = None,
-    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the results as JSON.")] = False,
+    as_json: AsJson = False,
     **settings,
 ):
     """Measure speed on synthetic data (random uint8 images of the model's input size, so it runs offline) with any recipe: a preset and any training setting (model, batch size, optimizer, lookahead, EMA, augmentation, precision, compile...). Reports images/s and step time of the trainer's own training step, of inference and of the data path alone, with GFLOP per image (convolutions, counted from the layer shapes), achieved TFLOP/s, its share of a large matmul's rate measured in the same process and precision, the share of the GPU's peak where it is known, and peak memory.
