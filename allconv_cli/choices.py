@@ -2,7 +2,6 @@
 the training settings and the command line list them without importing torch; the modules that
 implement each kind take their names from here."""
 
-DATASETS = ("sample", "cifar10", "cifar100", "imagefolder")
 AUGMENTATIONS = ("none", "paper", "strong")
 PREPROCESSING = ("standardize", "zca")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

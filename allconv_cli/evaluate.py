@@ -18,6 +18,7 @@ from allconv_cli.files.loading import load_checkpoint
 from allconv_cli.models.registry import (
     CIFAR10_CLASSES,
     NETWORKS,
+    network_name,
     resolve_name,
 )
 
@@ -90,11 +91,11 @@ def paper_setting(dataset: str, classes: list[str], augment: str) -> str | None:
     return "imagenet" if len(classes) == 1000 else None
 
 
-def paper_error(model: str, dataset: str, classes: list[str], augment: str) -> float | None:
-    """The paper's test error (%) for this model on this data set, where it reports one (None for
-    a network the paper has no figure for)."""
-    setting = paper_setting(dataset, classes, augment)
-    return None if setting is None else NETWORKS[resolve_name(model)].paper_error.get(setting)
+def paper_error(model: str, options: dict, dataset: str, classes: list[str], augment: str) -> float | None:
+    """The paper's test error (%) for this model, built with ``options`` (its model_kwargs), on this
+    data set, where it reports one: None for a network that is not the paper's (network_name)."""
+    setting, (shown, papers) = paper_setting(dataset, classes, augment), network_name(model, options)
+    return NETWORKS[resolve_name(shown)].paper_error.get(setting) if setting is not None and papers else None
 
 
 def evaluate_checkpoint(path: str | Path, dataset: str | None = None, data_dir: str | None = None,
@@ -130,5 +131,7 @@ def evaluate_checkpoint(path: str | Path, dataset: str | None = None, data_dir: 
     result = evaluate(model, batches, loaded.preprocess, len(classes), tta=tta, precision=arithmetic, progress=progress)
     result.update({"classes": classes, "dataset": dataset, "split": split, "checkpoint": str(path),
                    "model": meta["model"].replace("_", "-"), "epoch": meta.get("epoch"), "tta": tta, "precision": arithmetic,
-                   "paper_error": paper_error(meta["model"], dataset, classes, meta.get("augment", "none"))})
+                   "network": network_name(meta["model"], meta.get("model_kwargs"))[0],
+                   "paper_error": paper_error(meta["model"], meta.get("model_kwargs", {}), dataset, classes,
+                                              meta.get("augment", "none"))})
     return result

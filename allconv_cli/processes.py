@@ -25,6 +25,9 @@ from multiprocessing import get_context
 
 # SIGHUP: the terminal closed, or (sent by a worker's watch thread) its parent died. Windows has none.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
+# A run stopped at its time limit reports this signal's number (no signal is sent): the alarm is
+# what a time limit is, and no other use of it in allconv can be mistaken for one.
+TIME_LIMIT = signal.SIGALRM
 PARENT_POLL_SECONDS = 0.5  # how often a worker checks that its parent lives: a stop within a second of its death
 JOIN_SECONDS = 30  # how long an idle worker may take to exit after its pipe closes before it is killed
 

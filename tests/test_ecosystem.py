@@ -117,7 +117,7 @@ def test_eval_piped_to_a_file_keeps_every_line_whole(tmp_path):
     assert done.stderr == ""  # no progress bar when stderr is not a terminal
     text = (tmp_path / "stdout.txt").read_text()
     assert f"confusion matrix: {out}\n" in text
-    assert "all-cnn-c (epoch 8) on sample test, 64 images, " in text
+    assert "all-cnn-c-bn (epoch 8) on sample test, 64 images, " in text  # the bundled network, named as built
 
 
 @pytest.mark.parametrize("quiet", [False, True])

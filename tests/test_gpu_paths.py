@@ -20,7 +20,7 @@ from allconv_cli.evaluate import evaluate
 from allconv_cli.train import RunFolder, build, make_learner, train
 from allconv_cli.train import run as trainer
 from allconv_cli.train import settings as configuration
-from allconv_cli.train.learner import SyncBatchNorm
+from allconv_cli.train.sync_batch_norm import SyncBatchNorm
 
 REPO = Path(__file__).resolve().parents[1]
 

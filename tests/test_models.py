@@ -17,6 +17,7 @@ import allconv_cli.models.registry as registry
 from allconv_cli.ablate import FAMILIES, select_models
 from allconv_cli.cli import app
 from allconv_cli.evaluate import paper_error
+from allconv_cli.files.loading import load_checkpoint
 from allconv_cli.files.weights import load_weights
 from allconv_cli.models import (
     BUNDLED_MEAN,
@@ -82,8 +83,13 @@ def test_families_are_table_3s_blocks_read_from_the_rows():
 
 
 def test_paper_figures_are_optional():
-    assert paper_error("all-cnn-c", "cifar10", list(CIFAR10_CLASSES), "paper") == 7.25
-    assert paper_error("all-cnn-c-bn", "cifar10", list(CIFAR10_CLASSES), "paper") is None
+    assert paper_error("all-cnn-c", {}, "cifar10", list(CIFAR10_CLASSES), "paper") == 7.25
+    assert paper_error("all-cnn-c-bn", {}, "cifar10", list(CIFAR10_CLASSES), "paper") is None
+    # the paper's network only: its error is not shown beside the same row built otherwise
+    assert paper_error("all-cnn-c", {"batch_norm": True}, "cifar10", list(CIFAR10_CLASSES), "paper") is None
+    paper_options = {"batch_norm": False, "drop_input": 0.2, "drop_rate": 0.5}  # the variant built as the paper's net
+    assert paper_error("all-cnn-c-bn", paper_options, "cifar10", list(CIFAR10_CLASSES), "paper") == 7.25
+    assert registry.network_name("all-cnn-c", model_options("all-cnn-c-bn")) == ("all-cnn-c-bn", False)
     (row,) = describe("all-cnn-c-bn")
     assert (row["paper_params"], row["paper_error"], row["family"]) == (None, {}, None)
 
@@ -362,9 +368,9 @@ def test_default_config_builds_no_model(monkeypatch):
         default_config("all_cnn_c.cifar10")
 
 
-# A network's options as training builds it: AllConvNet's, then the recipe's (BatchNorm, no
-# dropout), then those its row states (a variant's own), then the settings given, as keyword
-# arguments to timm.create_model override a model's defaults.
+# A network's options as training builds it: the recipe's (BatchNorm, no dropout), then those its
+# row states (a variant's own), then the settings given, as keyword arguments to
+# timm.create_model override a model's defaults (every row and preset: test_layout.py).
 
 
 @pytest.mark.parametrize("given, expected", [
@@ -401,3 +407,25 @@ def test_allconv_train_the_variant(tmp_path):
     _, meta, _ = load_weights(tmp_path / "run" / "model.safetensors")
     assert meta["model"] == "all_cnn_c_bn" and meta["paper_error"] is None
     assert meta["model_kwargs"] == {"num_classes": 10, **model_options("all_cnn_c_bn")}
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_a_network_is_named_as_built_and_is_the_papers_only_as_the_paper_has_it(name):
+    row = registry.NETWORKS[resolve_name(name)]
+    assert registry.network_name(name, {}) == registry.network_name(name, model_options(name)) == (name, row.is_papers)
+    other = {"batch_norm": not model_options(name)["batch_norm"], "drop_rate": 0.125, "num_classes": 3}
+    shown, papers = registry.network_name(name, other)
+    assert shown.startswith(f"{name} (") and "BatchNorm" in shown and "dropout 12.5 %" in shown and not papers
+
+
+def test_a_runs_first_line_and_evals_heading_name_the_network_as_built(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--epochs", "1", "--train-limit", "16", "--test-limit", "8",
+                                 "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    built = "all-cnn-c (BatchNorm, input dropout 0 %, dropout 0 %)"  # the default recipe's, not the paper's net
+    assert result.output.startswith(f"{built} on sample") and f"{built} on sample: 1/1 epoch" in result.output
+    result = runner.invoke(app, ["eval", str(tmp_path / "run"), "--limit", "8", "--out", str(tmp_path / "c.png")])
+    assert result.exit_code == 0, result.output
+    assert f"{built} (epoch 1) on sample test" in result.output
+    assert load_checkpoint(tmp_path / "run").name == built  # visualize's, sanity's and faithfulness's headings

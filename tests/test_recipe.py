@@ -16,7 +16,7 @@ from allconv_cli.data.batches import Batches
 from allconv_cli.evaluate import predict
 from allconv_cli.files.weights import load_model
 from allconv_cli.models import create_model
-from allconv_cli.train import learner as train_learner
+from allconv_cli.train import lookahead as train_lookahead
 from allconv_cli.train import optim as train_optim
 from allconv_cli.train import settings as configuration
 from allconv_cli.train import step as train_step
@@ -170,7 +170,7 @@ def test_bn_momentum_sets_how_fast_the_running_statistics_follow():
 
 def test_lookahead_pulls_every_fifth_step_and_at_the_last():
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
-    lookahead = train_learner.Lookahead(model, decay=0.9, steps_per_epoch=4, total_steps=7)
+    lookahead = train_lookahead.Lookahead(model, decay=0.9, steps_per_epoch=4, total_steps=7)
     floats = {k for k, v in model.state_dict().items() if v.is_floating_point()}
     assert set(lookahead.state_dict()) == floats and "1.num_batches_tracked" not in floats
     for done in range(1, 8):  # the run's steps 1-7: epoch 0 holds steps 1-4, epoch 1 steps 5-7
@@ -273,8 +273,8 @@ def test_paper_presets_follow_the_paper_then_the_caffe_reproduction(name):
     paper = (config.lr, config.momentum, config.weight_decay, config.schedule, config.milestones, config.gamma,
              config.warmup_epochs, config.epochs, config.preprocess)
     assert paper == (0.05, 0.9, 0.001, "paper", [200, 250, 300], 0.1, 0, 350, "zca")
-    assert configuration.network_options(config) == {"batch_norm": False, "class_relu": True, "drop_input": 0.2,
-                                                     "drop_rate": 0.5}
+    assert configuration.model_kwargs(config, 10) == {"num_classes": 10, "batch_norm": False, "class_relu": True,
+                                                      "drop_input": 0.2, "drop_rate": 0.5}
     assert (config.batch_size, config.weight_init) == (256, "caffe-xavier")
 
 

@@ -2,6 +2,7 @@
 checks and the names its implementation accepts all come from that declaration."""
 
 import dataclasses
+import json
 
 import pytest
 import typer
@@ -105,8 +106,9 @@ def test_a_variants_own_options_are_deviations_and_a_paper_networks_are_not():
 
     variant = deviations(resolve(None, model="all-cnn-c-bn"))
     assert variant[:3] == ["--batch-norm (paper: off)", "--drop-input 0.0 (paper: 0.2)", "--drop-rate 0.25 (paper: 0.5)"]
-    # a preset that states the paper's network overrides the variant's options
-    assert deviations(resolve("paper-cifar10", model="all-cnn-c-bn")) == []
+    # a variant named after a preset builds its own options; the preset's others stay
+    assert deviations(resolve("paper-cifar10", model="all-cnn-c-bn"))[:3] == variant[:3]
+    assert deviations(resolve("paper-cifar10", model="all-cnn-c")) == []
     assert not any("drop" in d for d in deviations(resolve("paper-imagenet")))  # its one dropout is the paper's
 
 
@@ -116,3 +118,50 @@ def test_every_setting_the_paper_states_declares_the_papers_value():
     stated = {name for name, field in FIELDS.items() if field.metadata["paper"] is not NOT_STATED}
     assert {"preprocess", "optimizer", "momentum", "weight_decay", "schedule", "milestones", "gamma"} <= stated
     assert not stated & {"batch_size", "weight_init", "epochs", "seed"}  # left open by the paper
+
+
+def test_saved_settings_of_a_version_this_allconv_does_not_know_are_refused():
+    from allconv_cli import __version__
+    from allconv_cli.train.config import DEFAULTS_KEY, WRITER_KEY
+    from allconv_cli.train.settings import from_json, resolve
+
+    saved = json.loads(resolve(None).to_json())
+    assert (saved[DEFAULTS_KEY], saved[WRITER_KEY]) == (2, __version__)
+    for version in (99, 3, 0, "two", True, 2.0, None, [2]):
+        with pytest.raises(ValueError) as refused:
+            from_json(json.dumps({**saved, DEFAULTS_KEY: version, WRITER_KEY: "9.9.9"}), "run/config.json")
+        message = str(refused.value)
+        assert message.startswith("run/config.json was written by allconv 9.9.9 under defaults version ")
+        assert f"this allconv ({__version__}) does not know (it reads 1 and 2)" in message and "\n" not in message
+    del saved[WRITER_KEY]
+    with pytest.raises(ValueError, match="written by another allconv under defaults version 99"):
+        from_json(json.dumps({**saved, DEFAULTS_KEY: 99}))
+
+
+def test_saved_settings_of_version_1_read_as_version_1_stated_or_not():
+    """Version 1's defaults are the faithful preset's: a setting added since (whiten) and a null
+    network option (the model's own, else the paper's) read as they ran, with or without the key."""
+    from allconv_cli.train.config import DEFAULTS_KEY, WRITER_KEY
+    from allconv_cli.train.settings import from_json, model_kwargs, resolve
+
+    older = json.loads(resolve(None, model="all-cnn-c-bn").to_json())
+    del older[WRITER_KEY], older["whiten"]
+    older.update(batch_norm=None, drop_input=None, drop_rate=0.1, optimizer="sgd")
+    for stated in ({}, {DEFAULTS_KEY: 1}):
+        config = from_json(json.dumps({**{k: v for k, v in older.items() if k != DEFAULTS_KEY}, **stated}))
+        assert config.whiten == "off"  # version 1's, not today's "frozen"
+        assert model_kwargs(config, 10) == {"num_classes": 10, "batch_norm": True, "class_relu": True,
+                                            "drop_input": 0.0, "drop_rate": 0.1}
+        plain = from_json(json.dumps({**{k: v for k, v in older.items() if k != DEFAULTS_KEY}, **stated,
+                                      "model": "all-cnn-c"}))
+        assert (plain.batch_norm, plain.drop_input) == (False, 0.2)  # the paper's network then
+    assert from_json(json.dumps({**older, DEFAULTS_KEY: 2})).whiten == "frozen"  # version 2: today's
+
+
+def test_a_variant_named_after_a_preset_builds_its_own_network_and_is_validated_as_built():
+    from allconv_cli.train.settings import resolve
+
+    variant = resolve("faithful", model="all-cnn-c-bn", optimizer="muon")  # muon needs BatchNorm: the row has it
+    assert (variant.batch_norm, variant.drop_input, variant.drop_rate) == (True, 0.0, 0.25)
+    with pytest.raises(ValueError, match="optimizer muon needs batch_norm"):
+        resolve("faithful", optimizer="muon")  # faithful's all-cnn-c has none

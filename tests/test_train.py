@@ -23,7 +23,7 @@ from allconv_cli.files import weights as checkpoint
 from allconv_cli import train as trainer
 from allconv_cli.train import TrainingDiverged, build, train
 from allconv_cli.train import settings as configuration
-from allconv_cli.train.config import DEFAULTS_KEY, DEFAULTS_VERSION, VERSION_1_DEFAULTS
+from allconv_cli.train.config import DEFAULTS_KEY, DEFAULTS_VERSION, EARLIER_DEFAULTS, WRITER_KEY
 
 runner = CliRunner()
 ALLCONV = str(Path(sys.executable).parent / "allconv")
@@ -284,12 +284,12 @@ def test_a_setting_added_since_a_run_began_resumes_at_its_value_then(tmp_path, k
     fast recipe's defaults, and without the defaults' version) ran with the value it had then; it
     resumes, and a run asking for another value is refused."""
     run = tmp_path / "run"
-    older_recipe = {**VERSION_1_DEFAULTS, "drop_input": 0.2, "drop_rate": 0.5}  # with the paper's dropout
+    older_recipe = {**configuration.read_preset(EARLIER_DEFAULTS[1]), "batch_size": 32}  # the defaults then
     train(_tiny_config(**{**older_recipe, key: then}), run, stop_after=1)
     state = torch.load(run / "state.pt", weights_only=True)
     older = json.loads(state["config"])
     assert older.pop(DEFAULTS_KEY) == DEFAULTS_VERSION
-    del older[key]
+    del older[key], older[WRITER_KEY]
     torch.save({**state, "config": json.dumps(older)}, run / "state.pt")
     (run / "config.json").write_text(json.dumps(older))
     assert getattr(configuration.from_json(json.dumps(older)), key) == then
@@ -302,7 +302,7 @@ def test_a_config_written_before_the_fast_defaults_reads_as_it_ran():
     """A version-1 config.json: its null model options were the model's own (the paper's), and a
     setting it lacks ran at the value it had then."""
     older = json.loads(configuration.resolve(None).to_json())
-    del older[DEFAULTS_KEY], older["whiten"], older["tta"]
+    del older[DEFAULTS_KEY], older[WRITER_KEY], older["whiten"], older["tta"]
     older.update(batch_norm=None, drop_input=None, drop_rate=None, optimizer="sgd", lr=0.05, weight_decay=0.001,
                  nesterov=False, schedule="cosine", warmup_epochs=1.0, label_smoothing=0.0, decay_all=True,
                  shift=5, flips="random", dirac=False, bias_lr_scale=1.0, lookahead_decay=0.0)

@@ -33,20 +33,21 @@ def drawn(monkeypatch) -> list:
 
 def test_a_model_is_named_as_users_type_it_in_every_line_and_file(tmp_path, drawn):
     """Given as all_cnn_c (the Python name), the run's first line, its summary, config.json, the
-    learning curves' title and eval all say all-cnn-c."""
+    learning curves' title and eval all say all-cnn-c, and name the network as built (smoke's
+    BatchNorm)."""
     run = tmp_path / "first"
     trained = invoke("train", "--model", "all_cnn_c", *QUICK, "--epochs", "2", "--stop-after", "1", "--out", run)
-    assert trained.output.startswith("all-cnn-c on sample: 32 training images"), trained.output
-    assert "all-cnn-c on sample: 1/2 epochs" in trained.output
+    assert trained.output.startswith("all-cnn-c (BatchNorm) on sample: 32 training images"), trained.output
+    assert "all-cnn-c (BatchNorm) on sample: 1/2 epochs" in trained.output
     assert json.loads((run / "config.json").read_text())["model"] == "all-cnn-c"
     summary = json.loads(invoke("train", "--resume", run, "--json").stdout)
     assert summary["model"] == "all-cnn-c"
     evaluated = invoke("eval", run, "--limit", "16", "--device", "cpu")
-    assert "all-cnn-c (epoch 2) on sample test" in evaluated.stdout
+    assert "all-cnn-c (BatchNorm) (epoch 2) on sample test" in evaluated.stdout
     assert json.loads(invoke("eval", run, "--limit", "16", "--device", "cpu", "--json").stdout)["model"] == "all-cnn-c"
     everything = trained.output + evaluated.output + " ".join(fig.get_suptitle() for fig in drawn)
     assert "all_cnn_c" not in everything
-    assert drawn[0].get_suptitle() == "first: all-cnn-c on sample"
+    assert drawn[0].get_suptitle() == "first: all-cnn-c (BatchNorm) on sample"
 
 
 def test_learning_curves_are_titled_and_ticked_at_whole_epochs(drawn, tmp_path):
@@ -121,18 +122,18 @@ def test_stdout_of_json_is_json_alone(command, tiny_run, tmp_path):
     result = invoke(*json_calls(tiny_run, tmp_path)[command], "--json")
     json.loads(result.stdout)  # nothing before or after the JSON
     if command == "train":
-        assert result.stderr.startswith("all-cnn-c on sample: 32 training images") and "epoch 1/1: " in result.stderr
+        assert result.stderr.startswith("all-cnn-c (BatchNorm) on sample: 32 training images") and "epoch 1/1: " in result.stderr
         assert "Deviations from the paper's recipe" in result.stderr
 
 
 def test_train_prints_its_table_on_stdout_and_its_progress_on_stderr(tmp_path):
     result = invoke("train", *QUICK, "--out", tmp_path / "run")
     out, err = result.stdout.splitlines(), result.stderr.splitlines()
-    assert err[0].startswith("all-cnn-c on sample: 32 training images, 2 steps an epoch, cpu")
+    assert err[0].startswith("all-cnn-c (BatchNorm) on sample: 32 training images, 2 steps an epoch, cpu")
     assert err[1].startswith("Deviations from the paper's recipe") and err[2].startswith("epoch 1/1: train loss")
-    assert "all-cnn-c on sample: 1/1 epoch in" in result.stdout  # one epoch, not "1/1 epochs"
+    assert "all-cnn-c (BatchNorm) on sample: 1/1 epoch in" in result.stdout  # one epoch, not "1/1 epochs"
     assert f"run folder: {tmp_path / 'run'} (finished)" in out[-1]
-    assert not any(line.startswith(("epoch ", "Deviations", "all-cnn-c on sample: 32")) for line in out)
+    assert not any(line.startswith(("epoch ", "Deviations", "all-cnn-c (BatchNorm) on sample: 32")) for line in out)
 
 
 def test_a_smoke_run_says_nothing_about_learning(tmp_path):
@@ -210,7 +211,7 @@ def test_one_image_is_one_image(tmp_path):
     """The header, eval's title and faithfulness's count say "1 training image", "1 image"."""
     run = tmp_path / "run"
     trained = invoke("train", *QUICK, "--train-limit", "1", "--test-limit", "1", "--batch-size", "1", "--out", run)
-    assert "all-cnn-c on sample: 1 training image, 1 step an epoch" in trained.stderr
+    assert "all-cnn-c (BatchNorm) on sample: 1 training image, 1 step an epoch" in trained.stderr
     assert "1 image," in invoke("eval", run, "--limit", "1", "--device", "cpu").stdout
     scored = invoke("faithfulness", DOCS / "chelsea.png", "--methods", "sobel", "--steps", "2", "--device", "cpu",
                     "--out", tmp_path / "f.png")

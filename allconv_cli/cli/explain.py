@@ -20,6 +20,7 @@ from allconv_cli.cli.common import (
     user_errors,
 )
 from allconv_cli.cli.method_options import with_method_settings
+from allconv_cli.data.sources import DATA_SOURCES
 from allconv_cli.explain.methods import CLASS_METHODS, METHODS, PAPER_METHODS, fitting
 from allconv_cli.util import plural
 
@@ -35,7 +36,7 @@ def visualize(
     neuron: Annotated[Optional[tuple[int, int, int]], typer.Option("--neuron", show_default=False, help="One exact neuron: CHANNEL Y X.")] = None,
     top_channels: Annotated[Optional[int], typer.Option("--top-channels", show_default=False, help="The K most active channels of --layer per image, one row each.")] = None,
     target_class: Annotated[Optional[str], typer.Option("--class", show_default=False, help=f"Start at a class logit instead: a name, an index, or 'predicted'. Needed by {' and '.join(CLASS_METHODS)}.")] = None,
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", show_default=False, help="Instead of images: scan this data set (sample, cifar10, cifar100, imagefolder) for each filter's top patches, the paper's Fig. 3.")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", show_default=False, help=f"Instead of images: scan this data set ({', '.join(DATA_SOURCES)}) for each filter's top patches, the paper's Fig. 3.")] = None,
     data_dir: Annotated[Optional[str], typer.Option("--data-dir", show_default=False, help="Folder of the --dataset.")] = None,
     split: Annotated[str, typer.Option("--split", help="Split of the --dataset to scan.")] = "test",
     top: Annotated[int, typer.Option("--top", help="Patches per filter with --dataset: 1 to the images of the split.")] = 10,

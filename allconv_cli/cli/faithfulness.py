@@ -22,6 +22,7 @@ from allconv_cli.cli.common import (
     user_errors,
 )
 from allconv_cli.cli.method_options import with_method_settings
+from allconv_cli.data.sources import DATA_SOURCES
 from allconv_cli.explain.methods import METHODS, MODEL_FREE, check_methods
 from allconv_cli.util import plural
 
@@ -42,7 +43,7 @@ def faithfulness(
     images: Annotated[Optional[list[Path]], typer.Argument(show_default=False, help="Image files to score instead of a data split, fitted to the model's input as visualize fits them.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", show_default=False, help="Run folder or .safetensors weights. Default: the bundled All-CNN-C trained on CIFAR-10.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", show_default=False, help="A timm or torchvision net (e.g. resnet18) whose plain safetensors state dict is --checkpoint; preprocessed with its own mean, std, input size and resizing.")] = None,
-    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Data set to score when no IMAGES are given: sample (bundled), cifar10, cifar100 or imagefolder.")] = "sample",
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help=f"Data set to score when no IMAGES are given: {', '.join(DATA_SOURCES)}.")] = "sample",
     data_dir: Annotated[Optional[str], typer.Option("--data-dir", show_default=False, help="Folder of the --dataset.")] = None,
     split: Annotated[str, typer.Option("--split", help="Split of the --dataset.")] = "test",
     limit: Annotated[Optional[str], typer.Option("--limit", "-n", metavar="N|all", show_default=False, help=f"Score N images of the split (a seeded random subset; 1 to the split's size), or all of them. Default: {DEFAULT_LIMIT}, a first look; after its first maps the command says about how long the run takes here.")] = None,

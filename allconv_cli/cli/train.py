@@ -46,7 +46,7 @@ class _TrainProgress:
     def __call__(self, event, **fields):
         if event == "start":
             config = fields["config"]
-            self.console.print(f"[bold]{config.model}[/bold] on {config.dataset}: "
+            self.console.print(f"[bold]{fields['network']}[/bold] on {config.dataset}: "
                                f"{plural(fields['examples'], 'training image')}, {plural(fields['steps'], 'step')} "
                                f"an epoch, {fields['device']}{_processes(fields)}, {config.precision} "
                                f"-> {fields['run_dir']}")
@@ -153,7 +153,7 @@ def _print_summary(summary: dict):
     from rich.table import Table
 
     last = summary["last"]
-    table = Table(title=f"{summary['model']} on {summary['dataset']}: "
+    table = Table(title=f"{summary['network']} on {summary['dataset']}: "
                   f"{summary['epochs_done']}/{plural(summary['epochs'], 'epoch')} in {summary['seconds']:.0f} s",
                   box=box.SIMPLE_HEAD)
     table.add_column("metric")

@@ -44,7 +44,8 @@ def _read_batch(path: Path) -> dict:
 
 
 
-def load_cifar(name: str, split: str, data_dir, input_size) -> ImageData:
+def load_cifar(name: str, split: str, data_dir, input_size, workers: int = 0, fit: tuple | None = None) -> ImageData:
+    """A loader of ``sources.DATA_SOURCES``: arrays in memory, no decoding workers and no file to fit."""
     folder, url, md5, train_files, test_files, (meta_file, meta_key), label_key = CIFAR[name]
     root = Path(data_dir) if data_dir is not None else Path("data")
     base = root / folder

@@ -92,7 +92,9 @@ def check_folder(root: str | Path):
 
 
 
-def load_folder(root: Path, split: str, input_size, workers: int, fit: tuple[str, float]) -> Split:
+def load_folder(dataset: str, split: str, data_dir, input_size, workers: int, fit: tuple[str, float]) -> Split:
+    """A loader of ``sources.DATA_SOURCES``: an ImageFolder's split."""
+    root = Path(data_dir)
     name, other = split_folders(root, split)
     classes, files = scan_folder(root / name)
     _same_classes(root, name, classes, other)

@@ -25,9 +25,10 @@ SAMPLE_FILE = "cifar10-sample.safetensors"
 
 
 @functools.lru_cache(maxsize=4)
-def load_sample(split: str, input_size: tuple[int, int, int], fit: tuple[str, float]) -> ImageData:
+def load_sample(name: str, split: str, data_dir: None, input_size: tuple[int, int, int], workers: int,
+                fit: tuple[str, float]) -> ImageData:
     """The bundled split, decoded once per process (4,000 or 1,000 JPEGs: seconds on a CPU); callers take
-    subsets and never change it in place."""
+    subsets and never change it in place. A loader of ``sources.DATA_SOURCES``: no folder to read."""
 
     path = resources.files("allconv_cli") / "assets" / SAMPLE_FILE
     with resources.as_file(path) as file, safe_open(str(file), framework="pt") as f:

@@ -29,6 +29,7 @@ from allconv_cli.models.registry import (
     BUNDLED_WEIGHTS,
     NETWORKS,
     create_model,
+    network_name,
     resolve_name,
 )
 from allconv_cli.util import did_you_mean
@@ -96,7 +97,7 @@ def load_checkpoint(
         preprocess=preprocessing.from_meta(meta["preprocess"], tensors).to(device),
         input_size=tuple(meta["input_size"]),
         classes=meta.get("classes"),
-        name=meta["model"].replace("_", "-"),
+        name=network_name(meta["model"], meta.get("model_kwargs"))[0],
         source=source,
         interpolation=interpolation,
         crop_pct=crop_pct,

@@ -19,7 +19,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from allconv_cli import __version__
-from allconv_cli.choices import AUGMENTATIONS, DATASETS
+from allconv_cli.choices import AUGMENTATIONS
+from allconv_cli.data.sources import DATA_SOURCES
 from allconv_cli.data.preprocess import KINDS
 from allconv_cli.models.registry import create_model, list_models
 from allconv_cli.util import atomic_write, show_value
@@ -231,7 +232,7 @@ def _meta_schema() -> dict[str, tuple[bool, Callable, str]]:
                        f"[channels, height, width], whole numbers of at least 1, at most {MAX_INPUT_VALUES:,} values"),
         "preprocess": (True, lambda v: isinstance(v, dict) and v.get("kind") in KINDS,
                        f"an object whose kind is one of {', '.join(KINDS)}"),
-        "dataset": (False, lambda v: v is None or v in DATASETS, f"null or one of {', '.join(DATASETS)}"),
+        "dataset": (False, lambda v: v is None or v in DATA_SOURCES, f"null or one of {', '.join(DATA_SOURCES)}"),
         "data_dir": (False, lambda v: v is None or isinstance(v, str), "null or a folder"),
         "augment": (False, lambda v: v in AUGMENTATIONS, f"one of {', '.join(AUGMENTATIONS)}"),
         "epoch": (False, lambda v: v is None or (_whole(v) and v >= 0), "null or a whole number of at least 0"),

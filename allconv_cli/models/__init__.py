@@ -15,10 +15,11 @@ from allconv_cli.models.registry import (
     describe,
     list_models,
     model_options,
+    network_name,
     pretrained_names,
     resolve_name,
 )
 
 __all__ = ["AllConvNet", "BUNDLED_MEAN", "BUNDLED_STD", "BUNDLED_WEIGHTS", "CIFAR10_CLASSES", "ConvBlock", "MODEL_OPTIONS",
            "NETWORKS", "Network", "create_model", "default_config", "describe", "feature_layers", "list_models",
-           "model_options", "pretrained_names", "resolve_name"]
+           "model_options", "network_name", "pretrained_names", "resolve_name"]

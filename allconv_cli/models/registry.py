@@ -6,8 +6,11 @@ A row (``Network``) is a list of layer tokens read left to right, and optional d
 - ``(kernel, width, stride)`` or ``(kernel, width, stride, padding)``: a conv + ReLU. Padding
   defaults to "same" (``kernel // 2``); the head's 3x3 conv is unpadded ("valid", 8x8 -> 6x6).
   ``width=None`` is the class conv (``num_classes`` outputs), always the last token.
-- ``"M"``: 3x3 max-pool, stride 2, padding 1 (32 -> 16 -> 8), followed by 50 % dropout.
-- ``"D"``: 50 % dropout after a conv that replaces a pool (strided and All-CNN models).
+- ``"M"``: 3x3 max-pool, stride 2, padding 1 (32 -> 16 -> 8), followed by dropout.
+- ``"D"``: dropout after a conv that replaces a pool (strided and All-CNN models).
+
+Both dropouts take the rate ``drop_rate``: AllConvNet's default is the paper's 50 %, and a run
+sets its own (``allconv train --drop-rate``; the default recipe's is 0).
 
 Convolutions are named conv1..convN in order, as in the paper, and are addressable by those
 names (``model.get_layer("conv6")``). Where this file and the paper's PDF disagree, the PDF wins.
@@ -75,6 +78,11 @@ class Network:
     cfg: dict = field(default_factory=dict)  # timm configuration beyond the CIFAR-10 one (_cfg)
     tag: str = ""  # the configuration's tag where it has weights: all_cnn_c_bn.cifar10
 
+    @property
+    def is_papers(self) -> bool:
+        """One of the paper's networks: it gives a figure or a parameter count for it."""
+        return bool(self.paper_error or self.paper_params)
+
 
 _HEAD = [(3, 192, 1, 0), (1, 192, 1), (1, None, 1)]  # 8x8 -> 6x6, 1x1, 1x1 to classes
 
@@ -134,29 +142,40 @@ NETWORKS: dict[str, Network] = {
 MODEL_OPTIONS = ("batch_norm", "class_relu", "drop_input", "drop_rate")
 
 
-def model_options(name: str) -> dict:
-    """A network's MODEL_OPTIONS as it is built without keyword arguments: AllConvNet's
-    defaults (the paper's), then its row's (all-cnn-c-bn: BatchNorm, no input dropout, 25 %)."""
-    return _with_defaults(NETWORKS[resolve_name(name)].options)
-
-
-def stated_options(name: str) -> dict:
-    """The MODEL_OPTIONS a network's row states (a variant's own; none for most of the paper's)."""
-    return dict(NETWORKS[resolve_name(name)].options)
-
-
-def paper_model_options(name: str) -> dict:
-    """The paper's MODEL_OPTIONS for a network: its row's where the row is one of the paper's (a
-    figure or a parameter count of its own: all-cnn-imagenet's single dropout), else AllConvNet's
-    defaults, the paper's All-CNN design (a variant's own options are its deviations)."""
+def model_options(name: str, paper: bool = False) -> dict:
+    """A network's MODEL_OPTIONS as timm builds it without keyword arguments: AllConvNet's defaults
+    (the paper's All-CNN design), then its row's own (all-cnn-c-bn: BatchNorm, no input dropout,
+    25 %). ``paper``: as the paper has it, so a variant's own options (its deviations) are left out
+    and only a row of the paper's brings its own (all-cnn-imagenet's single dropout)."""
     row = NETWORKS[resolve_name(name)]
-    return _with_defaults(row.options if row.paper_error or row.paper_params else {})
-
-
-def _with_defaults(options: dict) -> dict:
-    """MODEL_OPTIONS from ``options``, AllConvNet's defaults for those it leaves out."""
     defaults = inspect.signature(AllConvNet).parameters
-    return {key: options.get(key, defaults[key].default) for key in MODEL_OPTIONS}
+    own = row.options if row.is_papers or not paper else {}
+    return {key: own.get(key, defaults[key].default) for key in MODEL_OPTIONS}
+
+
+# How network_name shows an option that differs from its row's: (if on, if off) or a rate's words.
+_SHOWN = {"batch_norm": ("BatchNorm", "no BatchNorm"), "class_relu": ("class ReLU", "no class ReLU"),
+          "drop_input": "input dropout", "drop_rate": "dropout"}
+
+
+def network_name(name: str, options: dict | None = None) -> tuple[str, bool]:
+    """A network as built with keyword arguments ``options`` (a run's model_kwargs) -> its name as
+    shown wherever a run's network is named, and whether it is the paper's. Its row's name where
+    ``options`` build it as the row is (``allconv models NAME``, ``timm.create_model(NAME)``), or
+    the row of the same layers that they build so, else that name and what differs: "all-cnn-c
+    (BatchNorm, input dropout 0 %, dropout 0 %)". The paper's (only then is its error shown
+    beside it): one of its rows, built as the paper has it."""
+    own = model_options(name)
+    built = {key: (options or {}).get(key, own[key]) for key in MODEL_OPTIONS}
+    # the row that builds it as it is, this one or another of the same layers (all-cnn-c with
+    # all-cnn-c-bn's options is all-cnn-c-bn)
+    same = [key for key, row in NETWORKS.items() if row.layers == NETWORKS[resolve_name(name)].layers
+            and model_options(key) == built]
+    key = resolve_name(name) if resolve_name(name) in same or not same else same[0]
+    differs = [shown[not built[option]] if isinstance(shown, tuple) else f"{shown} {100 * built[option]:g} %"
+               for option, shown in _SHOWN.items() if built[option] != model_options(key)[option]]
+    plain = key.replace("_", "-")
+    return (f"{plain} ({', '.join(differs)})" if differs else plain), NETWORKS[key].is_papers and not differs
 
 
 def _cfg(network: Network) -> dict:

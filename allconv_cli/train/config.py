@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from allconv_cli import __version__
 from allconv_cli.choices import (
     AUGMENTATIONS,
-    DATASETS,
     FLIPS,
     PRECISIONS,
     PREPROCESSING,
@@ -29,6 +29,7 @@ from allconv_cli.choices import (
     WEIGHT_INITS,
     WHITEN,
 )
+from allconv_cli.data.sources import DATA_SOURCES
 from allconv_cli.train.fields import (
     ABOVE_0,
     AT_LEAST_1,
@@ -44,20 +45,13 @@ from allconv_cli.train.fields import (
 )
 from allconv_cli.train.optimizers import OPTIMIZERS, optimizer_settings
 
-# The network options of the recipe where neither the settings nor the model's registry row give
-# one: BatchNorm after every conv lets the 9-layer net take a large rate, and without dropout
-# short runs learn faster (the paper's 20 % / 50 % only slowed learning; docs/RESULTS.md).
-RECIPE_NETWORK = {"batch_norm": True, "drop_input": 0.0, "drop_rate": 0.0}
-
-# Saved settings (config.json, a state's) say which defaults they were written under. Those
-# written before the fast recipe became the default (version 1, no key) ran a setting they lack,
-# one added since, at the value it had then, and their null model options meant the model's own
-# (the paper's for its networks); settings.from_json reads them so.
-DEFAULTS_KEY, DEFAULTS_VERSION = "defaults_version", 2
-VERSION_1_DEFAULTS = {"shift": 5, "flips": "random", "lr": 0.05, "nesterov": False, "weight_decay": 0.001,
-                      "schedule": "cosine", "warmup_epochs": 1.0, "label_smoothing": 0.0, "whiten": "off",
-                      "dirac": False, "decay_all": True, "optimizer": "sgd", "bias_lr_scale": 1.0,
-                      "lookahead_decay": 0.0, "tta": "none"}
+# Saved settings (config.json, a state's) say which defaults they were written under, and which
+# allconv wrote them. Those written under earlier defaults (version 1: no key) ran a setting they
+# lack, one added since, at the value it had then, and a null network option as a model's row or
+# else those defaults stated it: the preset named here holds each earlier version's defaults, and
+# settings.from_json reads them from it (so that preset's values must not change).
+DEFAULTS_KEY, DEFAULTS_VERSION, WRITER_KEY = "defaults_version", 2, "allconv"
+EARLIER_DEFAULTS = {1: "faithful"}
 
 MAX_WORKERS = 256  # data-loading processes of one run: above the cores of the largest machines
 
@@ -76,20 +70,18 @@ class TrainConfig:
     # what to train
     model: str = setting("all-cnn-c", "Registry name (see 'allconv models').", panel=NETWORK,
                          flags=("--model", "-m"))
-    # The model's options: None is the one its registry row states (a variant's, such as
-    # all-cnn-c-bn's, or all-cnn-imagenet's single dropout), else the recipe's (RECIPE_NETWORK),
-    # else AllConvNet's; a value given overrides them, as timm.create_model's keywords do.
-    batch_norm: bool | None = setting(None, "BatchNorm after every conv (a deviation).", panel=NETWORK,
-                                      default_text="on (a variant's row may set its own: 'allconv models NAME')")
-    class_relu: bool | None = setting(None, "The paper's ReLU after the class conv.", panel=NETWORK,
-                                      default_text="the model's own, on")
-    drop_input: float | None = setting(None, "Dropout on the input (the paper's 0.2).", panel=NETWORK, check=DROPOUT,
-                                       default_text="0 (a variant's row may set its own)")
-    drop_rate: float | None = setting(None, "Dropout after each pool or its conv (the paper's 0.5).", panel=NETWORK,
-                                      check=DROPOUT, default_text="0 (all-cnn-c-bn: 0.25)")
+    # The network's options: the recipe's (BatchNorm lets the 9-layer net take a large rate, and
+    # without dropout short runs learn faster; the paper's 20 % / 50 % only slowed learning,
+    # docs/RESULTS.md), where neither a preset, the options given nor a variant's row states one
+    # (settings.network_options says in which order).
+    batch_norm: bool = setting(True, "BatchNorm after every conv (a deviation).", panel=NETWORK)
+    class_relu: bool = setting(True, "The paper's ReLU after the class conv.", panel=NETWORK)
+    drop_input: float = setting(0.0, "Dropout on the input (the paper's 0.2).", panel=NETWORK, check=DROPOUT)
+    drop_rate: float = setting(0.0, "Dropout after each pool or its conv (the paper's 0.5).", panel=NETWORK,
+                               check=DROPOUT)
     # data
     dataset: str = setting("sample", "The data set; sample is bundled.", panel=DATA,
-                           choices=DATASETS, flags=("--dataset", "-d"))
+                           choices=DATA_SOURCES, flags=("--dataset", "-d"))
     data_dir: str | None = setting(None, "Folder of the data set.", panel=DATA,
                                    default_text="data for CIFAR")
     preprocess: str = setting("standardize", "Per-channel standardization, or the paper's GCN + ZCA.", panel=DATA,
@@ -198,7 +190,8 @@ class TrainConfig:
                                  flags=("--preset", "-p"), default_text="none")
 
     def to_json(self) -> str:
-        return json.dumps({**dataclasses.asdict(self), DEFAULTS_KEY: DEFAULTS_VERSION}, indent=2)
+        return json.dumps({**dataclasses.asdict(self), DEFAULTS_KEY: DEFAULTS_VERSION, WRITER_KEY: __version__},
+                          indent=2)
 
 
 # Then the settings that an optimizer brings (train/optimizers.py), declared in its entry.

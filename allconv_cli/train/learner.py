@@ -1,5 +1,6 @@
 """What a run trains (``Setup``: model, preprocessing, batches) and what one step touches
-(``Learner``: optimizer, schedule, EMA, lookahead, loss, wrappers)."""
+(``Learner``: optimizer, schedule, EMA, lookahead, loss, wrappers); the lookahead (``lookahead``) and
+DDP's BatchNorm (``sync_batch_norm``) live in their own modules."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from allconv_cli.data.batches import Batches
 from allconv_cli.models.initialization import first_conv
 from allconv_cli.models.registry import create_model, resolve_name
 from allconv_cli.train.config import TrainConfig
+from allconv_cli.train.lookahead import Lookahead
 from allconv_cli.train.optim import make_optimizer, make_scheduler
 from allconv_cli.train.settings import model_kwargs
+from allconv_cli.train.sync_batch_norm import sync_batch_norm
 
 
 def memory_format(config: TrainConfig) -> torch.memory_format:
@@ -111,95 +114,6 @@ def compile_mode(device: torch.device, world: int = 1) -> str | None:
     is launch-bound there); elsewhere the default (CPU kernels gain nothing from graphs, and DDP's
     gradient hooks run between the backward's kernels)."""
     return "reduce-overhead" if device.type == "cuda" and world == 1 else None
-
-
-class SyncBatchNorm(nn.BatchNorm2d):
-    """BatchNorm over the global batch of every DDP process: each process's per-channel count,
-    mean and sum of squared deviations are gathered (differentiably, so gradients flow through
-    the global statistics too) and combined (Chan et al.'s parallel variance). Unlike
-    torch's ``nn.SyncBatchNorm`` (CUDA only), it runs on gloo (CPU) as on NCCL; evaluation and
-    a single process use plain BatchNorm."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-            return super().forward(x)
-        flat = x.float()  # (B, C, H, W); statistics in fp32 under autocast too
-        count = flat.numel() // flat.shape[1]
-        mean = flat.mean((0, 2, 3))
-        squares = (flat - mean[None, :, None, None]).square().sum((0, 2, 3))
-        local = torch.stack([torch.full_like(mean, count), mean, squares])  # (3, C)
-        # every rank's statistics, (world, 3, C): an all-gather as a sum of rows placed by rank
-        # (gloo has no reduce-scatter or all-to-all for an all-gather's backward)
-        rank = torch.distributed.get_rank()
-        parts = _SumOverRanks.apply(torch.stack([local if r == rank else torch.zeros_like(local)
-                                        for r in range(torch.distributed.get_world_size())]))
-        counts, means = parts[:, 0], parts[:, 1]
-        total = counts.sum(0)
-        global_mean = (counts * means).sum(0) / total
-        var = (parts[:, 2].sum(0) + (counts * (means - global_mean).square()).sum(0)) / total  # biased
-        with torch.no_grad():  # running statistics as BatchNorm keeps them: unbiased variance
-            self.num_batches_tracked += 1
-            self.running_mean.lerp_(global_mean, self.momentum)
-            self.running_var.lerp_(var * total / (total - 1), self.momentum)
-        scale = self.weight * (var + self.eps).rsqrt()
-        shift = self.bias - global_mean * scale
-        return (flat * scale[None, :, None, None] + shift[None, :, None, None]).to(x.dtype)
-
-
-class _SumOverRanks(torch.autograd.Function):
-    """The sum of a tensor over every DDP process, differentiable: the gradient of each
-    process's copy is the sum of every process's gradient of the result."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        total = tensor.clone()
-        torch.distributed.all_reduce(total)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        total = grad.clone()
-        torch.distributed.all_reduce(total)
-        return total
-
-
-def sync_batch_norm(model: nn.Module):
-    """Make every ``nn.BatchNorm2d`` of ``model`` a ``SyncBatchNorm`` in place, keeping its
-    parameters and buffers (the same tensors: an optimizer over them still holds them)."""
-    for module in list(model.modules()):
-        if type(module) is nn.BatchNorm2d:  # affine, with running statistics and the run's momentum
-            module.__class__ = SyncBatchNorm  # the same attributes and tensors; only forward changes
-
-
-class Lookahead:
-    """airbench's lookahead (from hlb-cifar10): a slow copy of the model's floating-point state
-    (weights, BatchNorm statistics). Every ``EVERY`` steps, and at the run's last, the copy moves
-    toward the trained state by 1 - rho and training goes on from the copy. rho = decay^EVERY x
-    progress^3 rises from 0: early steps run free, the last ones are averaged."""
-
-    EVERY = 5
-
-    def __init__(self, model: nn.Module, decay: float, steps_per_epoch: int, total_steps: int):
-        self.decay, self.steps_per_epoch, self.total_steps = decay, steps_per_epoch, total_steps
-        self.slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, epoch: int, step: int):
-        done = epoch * self.steps_per_epoch + step + 1  # steps taken in the run
-        if done % self.EVERY and done != self.total_steps:
-            return
-        rho = self.decay ** self.EVERY * (done / self.total_steps) ** 3
-        trained = model.state_dict()  # shares storage with the model: copying into it moves the model
-        slow, fast = list(self.slow.values()), [trained[name] for name in self.slow]
-        torch._foreach_lerp_(slow, fast, 1 - rho)  # two launches (per dtype) for all the tensors
-        torch._foreach_copy_(fast, slow)
-
-    def state_dict(self) -> dict:
-        return self.slow
-
-    def load_state_dict(self, state: dict):
-        for name, slow in self.slow.items():
-            slow.copy_(state[name])
 
 
 def _loss(config: TrainConfig, num_classes: int):

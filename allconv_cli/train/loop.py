@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from allconv_cli.data.batches import Batches
+from allconv_cli.processes import TIME_LIMIT
 from allconv_cli.train.learner import Learner
 from allconv_cli.train.step import epoch_flips, flip_plan, train_step
 
@@ -49,7 +50,7 @@ class TrainingStopped(Exception):
         self.signum, self.run_dir = signum, run_dir
 
     def __str__(self) -> str:
-        cause = "at the time limit" if self.signum == signal.SIGALRM else f"by {signal.Signals(self.signum).name}"
+        cause = "at the time limit" if self.signum == TIME_LIMIT else f"by {signal.Signals(self.signum).name}"
         return f"stopped {cause}; resume with: allconv train --resume {self.run_dir}"
 
 
@@ -112,55 +113,16 @@ def fit(learner: Learner, batches: Batches, position: Position, epochs: int, *,
         run_dir: Path | None = None) -> Position:
     """Train from ``position`` to ``epochs`` on ``batches`` -> the position reached (see above)."""
     progress, save, record = progress or _ignore, save or _ignore, record or _ignore
-    stop = stop if stop is not None else []
-    cadence = Cadence(learner.config.save_every, learner.config.save_minutes, position)
-    device = next(learner.model.parameters()).device
-    generator = torch.Generator(device=device)
-    if position.sums is None:
-        position.sums = torch.zeros(3, dtype=torch.float64, device=device)
-    sums, steps = position.sums, len(batches)
-    plan = flip_plan(len(batches.data), learner.config.seed) if learner.config.flips == "alternate" else None
-    fit_started = time.perf_counter()
-    wall_before = position.history[-1].get("wall_seconds", 0.0) if position.history else 0.0
+    loop = _Loop(learner, batches, position, stop if stop is not None else [], world, run_dir)
     end = min(epochs, position.epoch + (stop_after or epochs))  # epochs done when this call ends
     for epoch in range(position.epoch, end):
-        learner.model.train()
-        started, seen_before = time.perf_counter(), sums[2].item()  # host sync, once an epoch
-        lr = learner.optimizer.param_groups[0]["lr"]
-        losses, checked = [], started  # this window's losses, read at the next check; when the last was
-        flips = epoch_flips(plan, batches, epoch)  # once an epoch: the order is a permutation of the split
-        for step, (images, labels) in enumerate(batches.epoch(epoch, position.step), start=position.step):
-            lr = learner.optimizer.param_groups[0]["lr"]  # the rate this step uses, before the schedule moves on
-            loss, correct = train_step(learner, images, labels, epoch, step, generator, None if flips is None
-                                       else flips[step * batches.batch_size:(step + 1) * batches.batch_size])
-            _accumulate(sums, loss, correct, len(labels))
-            losses.append(loss)
-            last = step + 1 == steps
-            due = (step + 1) % CHECK_EVERY == 0 and (world > 1 or time.perf_counter() - checked >= CHECK_SECONDS)
-            if due or last or (stop and world == 1):
-                # The loop's one host sync: losses finite, progress, stop (ranks check at the same steps).
-                seen = _check(losses, sums, epoch, step + 1, cadence.epoch, run_dir)
-                losses, checked = [], time.perf_counter()
-                progress("step", epoch=epoch, step=step + 1, steps=steps, loss=seen[0] / seen[2],
-                         accuracy=100 * seen[1] / seen[2], lr=lr,
-                         images_per_s=world * (seen[2] - seen_before) / (time.perf_counter() - started))
-                if not last and _agreed(bool(stop), world, device):
-                    position.epoch, position.step = epoch, step + 1
-                    save(position)  # a stop always checkpoints, whatever the cadence
-                    raise TrainingStopped(stop[0] if stop else signal.SIGTERM, run_dir)
-        metrics = _epoch_metrics(epoch, sums, world, time.perf_counter() - started, lr, learner.config.precision)
-        metrics.update(evaluate_epoch(epoch) if evaluate_epoch is not None else {})
-        metrics["wall_seconds"] = wall_before + time.perf_counter() - fit_started
-        reached = target_reached(metrics, learner.config.target)
-        if reached:
-            metrics["target_reached"] = True
-        sums.zero_()
-        position.history.append(metrics)
-        position.epoch, position.step = epoch + 1, 0
-        stopping = not reached and position.epoch < epochs and _agreed(bool(stop), world, device)
-        if reached or stopping or position.epoch == end or _agreed(cadence.due(position.epoch), world, device):
+        lr = loop.train_epoch(epoch, progress, save)  # a stop within the epoch checkpoints and raises
+        metrics = loop.end_epoch(epoch, lr, evaluate_epoch)  # its metrics, evaluation and target
+        reached = metrics.get("target_reached", False)
+        stopping = not reached and position.epoch < epochs and loop.agreed(bool(loop.stop))
+        if reached or stopping or position.epoch == end or loop.agreed(loop.cadence.due(position.epoch)):
             save(position)
-            cadence.saved(position.epoch)
+            loop.cadence.saved(position.epoch)
         else:
             record(position.history)
         progress("epoch", metrics=metrics, epochs=epochs)
@@ -168,8 +130,81 @@ def fit(learner: Learner, batches: Batches, position: Position, epochs: int, *,
         if reached:
             break
         if stopping:
-            raise TrainingStopped(stop[0] if stop else signal.SIGTERM, run_dir)
+            raise loop.stopped()
     return position
+
+
+class _Loop:
+    """What ``fit`` keeps between steps and epochs, and its concerns each in one method: an
+    epoch's steps, the host check among them, a stop all ranks agree on, an epoch's metrics."""
+
+    def __init__(self, learner: Learner, batches: Batches, position: Position, stop: list[int], world: int,
+                 run_dir: Path | None):
+        self.learner, self.batches, self.position, self.stop = learner, batches, position, stop
+        self.world, self.run_dir = world, run_dir
+        self.cadence = Cadence(learner.config.save_every, learner.config.save_minutes, position)
+        self.device = next(learner.model.parameters()).device
+        self.generator = torch.Generator(device=self.device)
+        if position.sums is None:
+            position.sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        config = learner.config
+        self.plan = flip_plan(len(batches.data), config.seed) if config.flips == "alternate" else None
+        self.started = time.perf_counter()
+        self.wall_before = position.history[-1].get("wall_seconds", 0.0) if position.history else 0.0
+
+    def train_epoch(self, epoch: int, progress: Progress, save: Callable[[Position], None]) -> float:
+        """The steps of ``epoch`` from the position's step -> the learning rate of its last step."""
+        learner, batches, sums = self.learner, self.batches, self.position.sums
+        learner.model.train()
+        self.epoch_started, self.seen_before = time.perf_counter(), sums[2].item()  # host sync, once an epoch
+        lr = learner.optimizer.param_groups[0]["lr"]
+        losses, checked = [], self.epoch_started  # this window's losses, read at the next check; when the last was
+        flips = epoch_flips(self.plan, batches, epoch)  # once an epoch: the order is a permutation of the split
+        for step, (images, labels) in enumerate(batches.epoch(epoch, self.position.step), start=self.position.step):
+            lr = learner.optimizer.param_groups[0]["lr"]  # the rate this step uses, before the schedule moves on
+            loss, correct = train_step(learner, images, labels, epoch, step, self.generator, None if flips is None
+                                       else flips[step * batches.batch_size:(step + 1) * batches.batch_size])
+            _accumulate(sums, loss, correct, len(labels))
+            losses.append(loss)
+            last = step + 1 == len(batches)
+            due = (step + 1) % CHECK_EVERY == 0 and (self.world > 1 or time.perf_counter() - checked >= CHECK_SECONDS)
+            if due or last or (self.stop and self.world == 1):
+                self.check(losses, epoch, step + 1, lr, progress)
+                losses, checked = [], time.perf_counter()
+                if not last and self.agreed(bool(self.stop)):
+                    self.position.epoch, self.position.step = epoch, step + 1
+                    save(self.position)  # a stop always checkpoints, whatever the cadence
+                    raise self.stopped()
+        return lr
+
+    def check(self, losses: list[torch.Tensor], epoch: int, step: int, lr: float, progress: Progress):
+        """The loop's one host sync: the window's losses finite, then progress (ranks check at the same steps)."""
+        seen = _check(losses, self.position.sums, epoch, step, self.cadence.epoch, self.run_dir)
+        progress("step", epoch=epoch, step=step, steps=len(self.batches), loss=seen[0] / seen[2],
+                 accuracy=100 * seen[1] / seen[2], lr=lr,
+                 images_per_s=self.world * (seen[2] - self.seen_before) / (time.perf_counter() - self.epoch_started))
+
+    def end_epoch(self, epoch: int, lr: float, evaluate_epoch: Callable[[int], dict] | None) -> dict:
+        """The epoch's metrics (training, evaluation, wall time, the target), added to the history;
+        the position moves to the next epoch."""
+        config, position = self.learner.config, self.position
+        metrics = _epoch_metrics(epoch, position.sums, self.world, time.perf_counter() - self.epoch_started, lr,
+                                 config.precision)
+        metrics.update(evaluate_epoch(epoch) if evaluate_epoch is not None else {})
+        metrics["wall_seconds"] = self.wall_before + time.perf_counter() - self.started
+        if target_reached(metrics, config.target):
+            metrics["target_reached"] = True
+        position.sums.zero_()
+        position.history.append(metrics)
+        position.epoch, position.step = epoch + 1, 0
+        return metrics
+
+    def agreed(self, flag: bool) -> bool:
+        return _agreed(flag, self.world, self.device)
+
+    def stopped(self) -> TrainingStopped:
+        """The stop to raise: the first signal caught (a rank that caught none stops by agreement)."""
+        return TrainingStopped(self.stop[0] if self.stop else signal.SIGTERM, self.run_dir)
 
 
 def _ignore(*args, **fields):

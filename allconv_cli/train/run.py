@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -15,9 +14,8 @@ from pathlib import Path
 
 import torch
 
-from allconv_cli.data import datasets, splits
+from allconv_cli.data import datasets
 from allconv_cli.data.batches import Batches
-from allconv_cli.data import preprocess as preprocessing
 from allconv_cli.data.images import fit_options
 from allconv_cli.device import resolve_device, resolve_precision, tune_cpu_allocator
 from allconv_cli.evaluate import evaluate, paper_error
@@ -28,17 +26,13 @@ from allconv_cli.models.initialization import (
     initialize,
     whiten_first_conv,
 )
-from allconv_cli.models.registry import default_config, resolve_name
-from allconv_cli.processes import catch_signals
+from allconv_cli.models.registry import default_config, network_name, resolve_name
+from allconv_cli.processes import TIME_LIMIT, catch_signals
 from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.learner import Learner, Setup, make_learner, make_model, memory_format, place_model
 from allconv_cli.train.loop import Position, Progress, finished, fit, not_learning
 from allconv_cli.train.run_folder import RESUME_MAY_CHANGE, RunFolder
-from allconv_cli.train.settings import (
-    OPTIONS,
-    check_values,
-    network_options,
-)
+from allconv_cli.train.settings import OPTIONS, check_values, model_kwargs
 
 LSUV_IMAGES = 64  # training images the lsuv initialization measures variances on
 
@@ -52,40 +46,24 @@ def _distributed() -> tuple[int, int, int]:
 def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int = 1,
           preprocess_state: tuple[dict, dict] | None = None) -> Setup:
     """Load the data, fit (or restore) the preprocessing, and build the model on ``device``."""
-    name = resolve_name(config.model)
-    registered = default_config(name)
-    input_size, fitting = tuple(registered["input_size"]), fit_options(registered)
-    train_split = datasets.load_split(config.dataset, "train", config.data_dir, input_size, config.workers, fitting)
-    train_split = splits.limit(train_split, config.train_limit, config.seed)
-    test = splits.limit(datasets.load_split(config.dataset, "test", config.data_dir, input_size, config.workers,
-                                              fitting), config.test_limit, config.seed)
-    if len(test.classes) != len(train_split.classes):
-        raise ValueError(f"the train split has {len(train_split.classes)} classes and the test split "
-                         f"{len(test.classes)}: give both the same class folders")
-    validation = None
-    if config.val_fraction > 0:
-        train_split, validation = splits.held_out(train_split, config.val_fraction, config.seed)
-    if config.shuffle_labels:  # once, fixed by the seed: the labels no longer say what the image shows
-        order = torch.randperm(len(train_split), generator=torch.Generator().manual_seed(config.seed))
-        train_split = dataclasses.replace(train_split, labels=train_split.labels[order])
-    model = make_model(config, len(train_split.classes))
+    registered = default_config(resolve_name(config.model))
+    input_size = tuple(registered["input_size"])
+    init = None
     if config.init is not None and preprocess_state is None:  # a resumed run restores its own state
-        state, meta, tensors = load_weights(config.init)
-        load_state(model, state, f"--init {config.init} holds {meta['model'].replace('_', '-')} with "
-                                            f"{meta.get('model_kwargs')}, which does not fit {config.model} with these settings")
-        if meta["preprocess"]["kind"] != config.preprocess:
-            raise ValueError(f"--init {config.init} was trained on {meta['preprocess']['kind']} inputs: "
-                             f"give --preprocess {meta['preprocess']['kind']}")
-        preprocess_state = (meta["preprocess"], tensors)  # the inputs its weights were learned for
-    if preprocess_state is not None:  # resumed (ZCA fitted again, checked), or --init weights: no fresh init
-        prep = preprocessing.restore(*preprocess_state, lambda: _fit_images(train_split, config.seed))
-    else:
-        images = _fit_images(train_split, config.seed)
-        prep = preprocessing.fit(config.preprocess, images)
-        shuffled = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))]
-        initialize(model, config.weight_init, prep(shuffled[:LSUV_IMAGES].float() / 255))
+        init = load_weights(config.init)
+        if init[1]["preprocess"]["kind"] != config.preprocess:
+            raise ValueError(f"--init {config.init} was trained on {init[1]['preprocess']['kind']} inputs: "
+                             f"give --preprocess {init[1]['preprocess']['kind']}")
+        preprocess_state = (init[1]["preprocess"], init[2])  # the inputs its weights were learned for
+    data = datasets.run_data(config, input_size, fit_options(registered), preprocess_state)
+    model = make_model(config, len(data.classes))
+    if init is not None:
+        load_state(model, init[0], f"--init {config.init} holds {init[1]['model'].replace('_', '-')} with "
+                                   f"{init[1].get('model_kwargs')}, which does not fit {config.model} with these settings")
+    if data.fit_images is not None:  # a fresh start: neither resumed nor from --init weights
+        initialize(model, config.weight_init, data.preprocess(data.fit_images[:LSUV_IMAGES].float() / 255))
         if config.whiten != "off":
-            whiten_first_conv(model, prep(shuffled[:WHITEN_IMAGES].float() / 255))
+            whiten_first_conv(model, data.preprocess(data.fit_images[:WHITEN_IMAGES].float() / 255))
         if config.dirac:
             dirac(model)
     model = place_model(model, config, device)
@@ -95,18 +73,9 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
         return Batches(split, per_rank, shuffle=shuffle, drop_last=shuffle, seed=config.seed,
                                 rank=rank, world=world, device=device, workers=config.workers)
 
-    evaluate_on = validation if validation is not None else test
-    return Setup(model, prep.to(device), train_split.classes, input_size, batches(train_split, True),
-                 batches(evaluate_on, False), batches(test, False) if validation is not None else None)
-
-
-def _fit_images(split: splits.Split, seed: int, most: int = 10_000) -> torch.Tensor:
-    """All training images in memory; a fixed random 10,000 of a streamed folder."""
-    if isinstance(split, splits.ImageData):
-        return split.images
-    sample = splits.limit(split, most, seed)
-    return torch.cat([x for x, _ in Batches(sample, 256, shuffle=False).epoch(0)])
-
+    evaluate_on = data.validation if data.validation is not None else data.test
+    return Setup(model, data.preprocess.to(device), data.classes, input_size, batches(data.train, True),
+                 batches(evaluate_on, False), batches(data.test, False) if data.validation is not None else None)
 
 
 def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = None, from_checkpoint: bool = False,
@@ -148,8 +117,9 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
             position = run.restore(learner, state, rank, world) if state else Position()
             if progress is not None:
                 progress("start", config=config, run_dir=run.path, classes=setup.classes, steps=len(setup.train),
+                         network=network_name(config.model, model_kwargs(config, len(setup.classes)))[0],
                          start_epoch=position.epoch, examples=len(setup.train.data), device=str(device), world=world,
-                         batch_per_process=setup.train.batch_size, sync_batch_norm=world > 1 and network_options(config)["batch_norm"])
+                         batch_per_process=setup.train.batch_size, sync_batch_norm=world > 1 and config.batch_norm)
             started = time.perf_counter()
             with _catch_signals(stop_at) as caught:
                 position = fit(learner, setup.train, position, config.epochs,
@@ -214,15 +184,22 @@ def _evaluator(learner: Learner, setup: Setup, config: TrainConfig) -> Callable[
         last = epoch + 1 == config.epochs
         if (epoch + 1) % config.eval_every and not last and config.target is None:
             return {}
-        metrics = {}
-        for tta in ("none", config.tta) if last and config.tta != "none" else ("none",):
-            result = evaluate(learner.eval_model, setup.evaluate, setup.preprocess, len(setup.classes), tta=tta,
-                              precision=config.precision, memory_format=memory_format(config))
-            name = split if tta == "none" else f"{split}_tta"
-            metrics.update({f"{name}_{key}": result[key] for key in ("loss", "top1_error", "top5_error")})
-        return metrics
+        return {f"{split}{suffix}_{key}": value for suffix, scores in _scores(learner, setup, config, setup.evaluate,
+                                                                              with_tta=last).items()
+                for key, value in scores.items()}
 
     return after
+
+
+def _scores(learner: Learner, setup: Setup, config: TrainConfig, batches: Batches, with_tta: bool) -> dict:
+    """Loss and errors on ``batches``: plain under "", and (``with_tta``) with the run's test-time
+    augmentation under "_tta"."""
+    scores = {}
+    for tta in ("none", config.tta) if with_tta and config.tta != "none" else ("none",):
+        result = evaluate(learner.eval_model, batches, setup.preprocess, len(setup.classes), tta=tta,
+                          precision=config.precision, memory_format=memory_format(config))
+        scores["" if tta == "none" else "_tta"] = {key: result[key] for key in ("loss", "top1_error", "top5_error")}
+    return scores
 
 
 def _summary(learner: Learner, setup: Setup, config: TrainConfig, run: RunFolder, position: Position,
@@ -234,17 +211,17 @@ def _summary(learner: Learner, setup: Setup, config: TrainConfig, run: RunFolder
                "epochs_done": position.epoch, "epochs": config.epochs, "finished": done, "seconds": seconds,
                "processes": setup.train.world, "batch_per_process": setup.train.batch_size,
                "precision": config.precision, "last": position.history[-1] if position.history else {},
-               "paper_error": paper_error(config.model, config.dataset, setup.classes, config.augment)}
+               "network": network_name(config.model, model_kwargs(config, len(setup.classes)))[0],
+               "paper_error": paper_error(config.model, model_kwargs(config, len(setup.classes)), config.dataset,
+                                          setup.classes, config.augment)}
     if position.history and (warning := not_learning(position.history[-1], len(setup.classes), learner.model.batch_norm)):
         summary["not_learning"] = warning
     if config.target is not None and done and position.history[-1].get("target_reached"):
         summary["target"] = {"accuracy": config.target, "epoch": position.epoch,
                              "wall_seconds": position.history[-1]["wall_seconds"]}
     if setup.test is not None and done:
-        for tta in ("none", config.tta) if config.tta != "none" else ("none",):
-            result = evaluate(learner.eval_model, setup.test, setup.preprocess, len(setup.classes), tta=tta,
-                              precision=config.precision, memory_format=memory_format(config))
-            summary["test" if tta == "none" else "test_tta"] = {k: result[k] for k in ("loss", "top1_error", "top5_error")}
+        summary.update({f"test{suffix}": scores for suffix, scores in _scores(learner, setup, config, setup.test,
+                                                                               with_tta=True).items()})
     return summary
 
 
@@ -256,11 +233,6 @@ def _seed(config: TrainConfig):
         torch.backends.cudnn.benchmark = False
     elif torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
-
-
-# The stop at a time limit, reported as this signal's number (no signal is sent): the alarm is
-# what a time limit is, and no other use of it in allconv can be mistaken for one.
-TIME_LIMIT = signal.SIGALRM
 
 
 def time_reserve(time_limit: float) -> float:

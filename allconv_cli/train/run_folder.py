@@ -18,6 +18,7 @@ artifact (its ZCA matrix included) that eval, visualize and export read."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -33,11 +34,11 @@ from allconv_cli.charts import learning_curves
 from allconv_cli.data import preprocess as preprocessing
 from allconv_cli.evaluate import paper_error
 from allconv_cli.files.weights import WEIGHTS_NAME, save_weights
-from allconv_cli.models.registry import resolve_name
+from allconv_cli.models.registry import network_name, resolve_name
 from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.learner import Learner, Setup
 from allconv_cli.train.loop import Position
-from allconv_cli.train.settings import from_json, model_kwargs, network_options
+from allconv_cli.train.settings import from_json, model_kwargs
 from allconv_cli.util import atomic_write, atomic_write_text, read_text
 
 CONFIG_NAME, STATE_NAME, PREPROCESS_NAME, METRICS_NAME, CURVES_NAME, LOCK_NAME = (
@@ -251,7 +252,8 @@ class RunFolder:
                 "dataset": config.dataset, "data_dir": config.data_dir, "augment": config.augment,
                 "precision": config.precision, "epoch": position.epoch,
                 "metrics": position.history[-1] if position.history else {},
-                "paper_error": paper_error(config.model, config.dataset, setup.classes, config.augment)}
+                "paper_error": paper_error(config.model, model_kwargs(config, len(setup.classes)), config.dataset,
+                                           setup.classes, config.augment)}
         save_weights(self.path / WEIGHTS_NAME, learner.eval_model, meta, preprocess=prep_tensors)
         if position.history:
             self.write_metrics(position.history)
@@ -272,7 +274,8 @@ class RunFolder:
         atomic_write_text(self.path / METRICS_NAME, "".join(json.dumps(m) + "\n" for m in history))
         config = self.read_config()
         learning_curves(history, self.path / CURVES_NAME,
-                        title=f"{self.path.name}: {config.model} on {config.dataset}")
+                        title=f"{self.path.name}: {network_name(config.model, dataclasses.asdict(config))[0]} on "
+                              f"{config.dataset}")
 
 
 def _load_state(path: Path) -> dict:
@@ -293,8 +296,7 @@ def _load_state(path: Path) -> dict:
 
 
 def _check_same(saved: TrainConfig, config: TrainConfig, run_dir: Path):
-    # the network as built: an older run's null options were the model's own, a newer's the recipe's
-    given, saved = ({**json.loads(c.to_json()), **network_options(c)} for c in (config, saved))
+    given, saved = (json.loads(c.to_json()) for c in (config, saved))
     changed = sorted(k for k in given if k not in RESUME_MAY_CHANGE and saved.get(k) != given[k])
     if changed:
         raise ValueError(f"{run_dir} was started with other settings ({', '.join(changed)}); resume it "

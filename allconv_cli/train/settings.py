@@ -9,33 +9,27 @@ import dataclasses
 import json
 import math
 import tomllib
-import types
 import typing
 from pathlib import Path
 
 from timm.models import get_pretrained_cfg_value
 
+from allconv_cli import __version__
 from allconv_cli.data.datasets import check_source
-from allconv_cli.data.folders import check_folder
 from allconv_cli.files.weights import check_weights_file
-from allconv_cli.models.registry import (
-    MODEL_OPTIONS,
-    list_models,
-    model_options,
-    paper_model_options,
-    resolve_name,
-    stated_options,
-)
+from allconv_cli.models.registry import MODEL_OPTIONS, NETWORKS, list_models, model_options, resolve_name
 from allconv_cli.train.config import (
     DEFAULTS_KEY,
+    DEFAULTS_VERSION,
+    EARLIER_DEFAULTS,
     FIELDS,
     NUMBER,
-    RECIPE_NETWORK,
     TYPES,
     WHOLE,
-    VERSION_1_DEFAULTS,
+    WRITER_KEY,
     TrainConfig,
     allowed,
+    kind,
     list_presets,
     preset_dir,
 )
@@ -97,11 +91,12 @@ def resolve(preset: str | None = None, **overrides) -> TrainConfig:
     given = {k: v for k, v in overrides.items() if v is not None}
     check_keys(given, OPTIONS)
     layers.append((OPTIONS, given))
-    settings, origin = {}, {}
+    settings, origin, stated = {}, {}, []
     for where, layer in layers:  # each layer whole: a bad preset value is an error even where an option replaces it
-        settings.update(check_values(layer, dict.fromkeys(layer, where)))
+        stated.append(check_values(layer, dict.fromkeys(layer, where)))
+        settings.update(stated[-1])
         origin.update(dict.fromkeys(layer, where))
-    config = TrainConfig(**settings, preset=preset)
+    config = TrainConfig(**{**settings, **network_options(stated)}, preset=preset)
     validate(config, origin)
     if config.init is not None:  # a new run only: a resumed one restores its own weights, not these
 
@@ -142,15 +137,28 @@ def from_json(text: str, where: str = "config.json") -> TrainConfig:
                          "object of settings that allconv train writes")
     # Keys this version does not know come from another version's run (e.g. the former "amp"):
     # they are dropped, and the missing ones keep the defaults the file was written under.
-    version_1 = settings.get(DEFAULTS_KEY) is None
-    settings = {k: v for k, v in settings.items() if k in FIELDS}
-    config = TrainConfig(**{**VERSION_1_DEFAULTS, **settings} if version_1 else settings)
-    validate(config, dict.fromkeys(settings, where))
-    if version_1:  # a null model option meant the model's own then, not the recipe's
-        for key, value in model_options(config.model).items():
-            if getattr(config, key) is None:
-                setattr(config, key, value)
+    version = _defaults_version(settings, where)
+    earlier = read_preset(EARLIER_DEFAULTS[version]) if version in EARLIER_DEFAULTS else {}
+    # a null network option was not stated: the model's row or the defaults' gives it
+    saved = {k: v for k, v in settings.items() if k in FIELDS and not (k in MODEL_OPTIONS and v is None)}
+    layers = [earlier, check_values(saved, dict.fromkeys(saved, where))]
+    config = TrainConfig(**{**earlier, **layers[1], **network_options(layers)})
+    validate(config, dict.fromkeys(saved, where))
     return config
+
+
+def _defaults_version(settings: dict, where: str) -> int:
+    """The version of the defaults saved settings were written under: 1 where they do not say
+    (written before versions were recorded); one this allconv does not know is refused."""
+    version = settings.get(DEFAULTS_KEY, 1)
+    known = sorted([*EARLIER_DEFAULTS, DEFAULTS_VERSION])
+    if type(version) is not int or version not in known:  # not bool (true == 1), nor 1.0
+        writer = settings.get(WRITER_KEY)
+        wrote = f"allconv {show_value(writer, quote=False)}" if writer is not None else "another allconv"
+        raise ValueError(f"{where} was written by {wrote} under defaults version {show_value(version)}, which this "
+                         f"allconv ({__version__}) does not know (it reads {' and '.join(map(str, known))}): resume "
+                         "it with the allconv that wrote it, or start a new run")
+    return version
 
 
 OPTIONS = "the options"
@@ -166,13 +174,13 @@ RANGES = {name: f.metadata["check"] for name, f in FIELDS.items() if f.metadata[
 CHOICES = {name: f.metadata["choices"] for name, f in FIELDS.items() if f.metadata["choices"] is not None}
 
 
-def _convert(hint, value):
-    """``value`` as a value of the annotation ``hint`` -> (value, None), or (None, what is allowed).
+def _convert(key: str, value):
+    """``value`` as a value of setting ``key`` -> (value, None), or (None, what is allowed).
 
     bool is not taken for a number (TOML's ``epochs = true``); an int is taken for a float."""
-    if isinstance(hint, types.UnionType):  # X | None: null in JSON; a preset leaves the key out
-        inner = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-        return (None, None) if value is None else _convert(inner, value)
+    hint = kind(key)
+    if value is None and hint is not TYPES[key]:  # X | None: null in JSON; a preset leaves the key out
+        return None, None
     if typing.get_origin(hint) is list:
         if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return list(value), None
@@ -197,8 +205,7 @@ def parse_setting(key: str, text: str, where: str):
     a bool as true/false (on/off), a list of whole numbers as 200:250:300."""
     if key not in FIELDS or key == "preset":
         raise ValueError(f"unknown setting {show_value(key)} in {where}{did_you_mean(key, SETTINGS)}")
-    hint = TYPES[key]
-    inner = next(a for a in typing.get_args(hint) if a is not type(None)) if isinstance(hint, types.UnionType) else hint
+    inner = kind(key)
     value: object = text
     try:
         if typing.get_origin(inner) is list:
@@ -222,7 +229,7 @@ def check_values(settings: dict, origin: dict[str, str]) -> dict:
 
     values, problems = {}, []
     for key, value in settings.items():
-        converted, wrong = _convert(TYPES[key], value)
+        converted, wrong = _convert(key, value)
         hint = ""
         if wrong is None and converted is not None:
             if key in RANGES and not RANGES[key][0](converted):
@@ -272,14 +279,14 @@ def validate(config: TrainConfig, origin: dict[str, str] | None = None):
         raise ValueError(f"{where('nesterov', 'momentum')}: nesterov needs a momentum above 0: "
                          "give a momentum or turn nesterov off")
     needs = OPTIMIZERS[config.optimizer].needs_batch_norm
-    if needs and not network_options(config)["batch_norm"]:
+    if needs and not config.batch_norm:
         raise ValueError(f"{where('optimizer', 'batch_norm')}: optimizer {config.optimizer} needs batch_norm: {needs}; "
                          "turn batch_norm on or use optimizer sgd")
 
     try:
-        check_source(config.dataset, config.data_dir)
-        if config.dataset == "imagefolder" and config.data_dir is not None:
-            check_folder(config.data_dir)  # the folder's layout, before a run folder is made for it
+        checker = check_source(config.dataset, config.data_dir).checker()
+        if checker is not None and config.data_dir is not None:
+            checker(config.data_dir)  # the folder's layout, before a run folder is made for it
     except (ValueError, FileNotFoundError) as err:
         raise type(err)(f"{where('dataset', 'data_dir')}: {err}") from None
 
@@ -298,12 +305,17 @@ def _flag(key: str, where: str) -> str:
     return f"--{key.replace('_', '-')}" if where == OPTIONS else key
 
 
-def network_options(config: TrainConfig) -> dict:
-    """batch_norm, class_relu, drop_input, drop_rate as the model is built: AllConvNet's defaults,
-    then the recipe's (RECIPE_NETWORK), then those the model's registry row states (a variant's
-    own), then those the settings give."""
-    given = {key: getattr(config, key) for key in MODEL_OPTIONS if getattr(config, key) is not None}
-    return {**model_options(config.model), **RECIPE_NETWORK, **stated_options(config.model), **given}
+def network_options(layers: list[dict]) -> dict:
+    """batch_norm, class_relu, drop_input and drop_rate as the run builds its network, from its
+    layers of settings, lowest first (a preset, then the options given): each option is the last
+    layer's that states it, where a layer that names a model states that row's own options below
+    its own keys, and the recipe's (TrainConfig's defaults) where no layer states one."""
+    options = {key: FIELDS[key].default for key in MODEL_OPTIONS}
+    for layer in [{"model": FIELDS["model"].default}, *layers]:
+        if "model" in layer:
+            options.update(NETWORKS[resolve_name(layer["model"])].options)
+        options.update({key: layer[key] for key in MODEL_OPTIONS if layer.get(key) is not None})
+    return options
 
 
 def deviations(config: TrainConfig) -> list[str]:
@@ -311,9 +323,9 @@ def deviations(config: TrainConfig) -> list[str]:
     options), each as the option that sets it and the paper's value: ["--preprocess standardize
     (paper: zca)", ...]. Settings the paper leaves open (batch size, initialization, epochs) are
     not deviations."""
-    paper = {**paper_model_options(config.model), **{name: field.metadata["paper"] for name, field in FIELDS.items()
+    paper = {**model_options(config.model, paper=True), **{name: field.metadata["paper"] for name, field in FIELDS.items()
                                                       if field.metadata["paper"] is not NOT_STATED}}
-    current = {**dataclasses.asdict(config), **network_options(config)}
+    current = dataclasses.asdict(config)
     found = []
     for name, papers in paper.items():  # a tuple: any of the values the paper allows
         value = current[name]
@@ -337,4 +349,4 @@ def _paper_value(value) -> str:
 
 def model_kwargs(config: TrainConfig, num_classes: int) -> dict:
     """The keyword arguments that build the run's model."""
-    return {"num_classes": num_classes, **network_options(config)}
+    return {"num_classes": num_classes, **{key: getattr(config, key) for key in MODEL_OPTIONS}}
