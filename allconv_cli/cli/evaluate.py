@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from allconv_cli.cli.common import make_console, progress_bar, user_errors
+from allconv_cli.cli.common import Threads, make_console, progress_bar, user_errors
 
 
 def evaluate(
@@ -24,6 +24,7 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The confusion-matrix PNG. Default: confusion-DATASET-SPLIT.png in the run folder, or in the current directory for a checkpoint outside one (the bundled weights, a loose .safetensors file).", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress bar on stderr (there is none either when stderr is not a terminal).")] = False,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the results as JSON.")] = False,
+    threads: Threads = None,
 ):
     """Evaluate a trained model: top-1 and top-5 error, loss, per-class accuracy, a confusion-matrix PNG, and the paper's error for that model and data set where it has one. Writes only the PNG (see --out).
 
@@ -31,9 +32,11 @@ def evaluate(
     """
     with user_errors():
         from allconv_cli.charts import confusion_matrix
+        from allconv_cli.cpu_threads import use_threads
         from allconv_cli.evaluate import evaluate_checkpoint
         from allconv_cli.export import output_folder
 
+        choice = use_threads(threads)
         progress, stop = progress_bar("evaluating", quiet)
         try:
             result = evaluate_checkpoint(checkpoint, dataset, data_dir, split, tta, batch_size, device, limit,
@@ -45,6 +48,7 @@ def evaluate(
                          title=f"{result['model']} on {result['dataset']} {split}: "
                                f"{result['top1_error']:.2f} % top-1 error")
         result["confusion_png"] = str(png)
+        result["cpu_threads"] = choice.record()
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return

@@ -10,6 +10,7 @@ import typer
 
 from allconv_cli.cli.common import (
     PRECISION_HELP,
+    Threads,
     make_console,
     progress_bar,
     refuse_existing,
@@ -126,6 +127,7 @@ def sanity(
     precision: Annotated[str, typer.Option("--precision", help=PRECISION_HELP)] = "fp32",
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the similarity table, per-image scores, targets and written paths as JSON.")] = False,
+    threads: Threads = None,
 ):
     """Sanity checks for saliency maps (Adebayo et al., 2018): re-initialize the model's weights layer by layer with its own initializer and see how much each method's map changes. Similarity to the trained model's map, per stage: Spearman rank correlation of |map| and of the signed map, and SSIM. A map that barely changes when the weights are random does not explain the model. Writes a grid per method (rows: images; columns: trained, then each stage) and a chart.
 
@@ -134,6 +136,7 @@ def sanity(
     [bold]allconv sanity cat.png --against runs/shuffled-labels[/bold]
     """
     with user_errors():
+        from allconv_cli.cpu_threads import use_threads
         from allconv_cli.device import resolve_device
         from allconv_cli.explain import figures
         from allconv_cli.explain.saliency import check_methods
@@ -147,6 +150,7 @@ def sanity(
         method_list = check_methods(methods.split(",") if methods else fitting(by_class))
         figures.check_display(norm, 99.5, "nearest")
         dev = resolve_device(device)
+        use_threads(threads)
         loaded = load_checkpoint(checkpoint, None, dev)
         other = load_checkpoint(against, None, dev) if against is not None else None
         result = sanity_check(loaded, images, layer, method_list, mode=mode, target_class=target_class,

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from allconv_cli.cli.common import (
+    Threads,
     duration,
     make_console,
     progress_bar,
@@ -51,6 +52,7 @@ def faithfulness(
     force: Annotated[bool, typer.Option("--force", metavar="", help="Overwrite an existing --out (otherwise refused).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No count, time estimate or progress bar on stderr (there is no bar either when stderr is not a terminal).")] = False,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the table, the mean curves and every image's scores as JSON.")] = False,
+    threads: Threads = None,
 ):
     """Which saliency map points at what the model uses? Scores each map by deletion and insertion AUC and by ROAD, and writes a chart of the mean curves.
 
@@ -67,6 +69,7 @@ def faithfulness(
         if images and (limit is not None or data_dir is not None):
             raise ValueError("--limit and --data-dir choose images of a data split: drop them, or drop the IMAGES")
         count = _count(limit)
+        from allconv_cli.cpu_threads import use_threads
         from allconv_cli.device import resolve_device
         from allconv_cli.explain import faithfulness as faith
         from allconv_cli.explain import figures, perturbation
@@ -76,6 +79,7 @@ def faithfulness(
         method_list = faith.check_methods(methods.split(",") if methods else None)
         perturbation.check_baseline(baseline)
         dev = resolve_device(device)
+        use_threads(threads)
         loaded = load_checkpoint(checkpoint, model, dev)
         what = "image files" if images else f"images of {dataset} {split}"
         ready, progress, stop = _reporting(out, force, quiet, what, len(method_list))

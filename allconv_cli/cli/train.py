@@ -12,6 +12,7 @@ import typer
 from allconv_cli.cli.common import (
     EXIT_FAILED,
     EXIT_SIGNAL,
+    Threads,
     duration,
     make_console,
     parse_duration,
@@ -44,7 +45,7 @@ class _TrainProgress:
             config = fields["config"]
             self.console.print(f"[bold]{config.model}[/bold] on {config.dataset}: {fields['examples']:,} "
                                f"training images, {fields['steps']} steps an epoch, {fields['device']}"
-                               f"{_processes(fields)}, {config.precision} "
+                               f"{_processes(fields)}, {fields['threads']}, {config.precision} "
                                f"-> {fields['run_dir']}")
             self.console.print(_deviations_line(config), markup=False)
             self.bars.start()
@@ -86,6 +87,7 @@ def train(
     stop_after: Annotated[Optional[int], typer.Option("--stop-after", help="Stop, resumably, after this many epochs of this call.", show_default=False)] = None,
     time_limit: Annotated[Optional[str], typer.Option("--time-limit", metavar="DURATION", help="Stop, resumably, before this much wall-clock time has passed (e.g. 3h50m, 90min, 1:30:00): a batch job's or a notebook's limit. The run checkpoints, says how to continue and exits with 124.", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the summary as JSON on stdout; progress goes to stderr.")] = False,
+    threads: Threads = None,
     **settings,
 ):
     """Train a model of the paper. The defaults are the fast recipe (BatchNorm, Muon, one-cycle, airbench's whitened first conv: deviations from the paper, each named in the run's second line), which learns on data the paper's recipe leaves at chance in short runs; the presets paper-* follow the paper's protocol, faithful trains its network and optimizer on any data, fast-cifar10 is the default recipe on CIFAR-10 for ten epochs. Writes a run folder with safetensors weights, the resolved settings, per-epoch metrics, learning curves and a resumable state, and holds a lock on it while it runs. Ctrl-C stops with a resumable checkpoint (exit 130; SIGTERM 143, SIGHUP 129).
@@ -106,11 +108,11 @@ def train(
         try:
             if resume is not None:  # the run's own settings; the trainer refuses any other change
                 unused = {k: True for k, v in (("out", out), ("force", force)) if v}
-                summary = trainer.resume(resume, progress, stop_after, seconds, **given, **unused)
+                summary = trainer.resume(resume, progress, stop_after, seconds, threads, **given, **unused)
             else:
                 config = resolve(given.pop("preset", None), **given)
                 summary = trainer.train(config, out or trainer.default_run_dir(config), progress=progress,
-                                        stop_after=stop_after, replace=force, time_limit=seconds)
+                                        stop_after=stop_after, replace=force, time_limit=seconds, threads=threads)
         except trainer.TrainingStopped as stop:
             progress.stop()
             typer.echo(str(stop), err=True)

@@ -208,8 +208,10 @@ class TrainConfig:
                                   check=(lambda v: v >= 0, "of at least 0 (minutes; 0 checkpoints every epoch)"))
     preset: str | None = setting(None, "A bundled preset or a .toml path; the options override its keys.", flags=("--preset", "-p"), default_text="none")
 
-    def to_json(self) -> str:
-        return json.dumps({**dataclasses.asdict(self), DEFAULTS_KEY: DEFAULTS_VERSION}, indent=2)
+    def to_json(self, **records) -> str:
+        """The settings as JSON, with ``records`` (e.g. ``environment``) beside them: keys that are
+        no setting, which reading them back drops."""
+        return json.dumps({**dataclasses.asdict(self), DEFAULTS_KEY: DEFAULTS_VERSION, **records}, indent=2)
 
 
 # Then the settings that an optimizer brings (train/optimizers.py), declared in its entry.

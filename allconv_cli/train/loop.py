@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from allconv_cli.cpu_threads import ThreadWatch
 from allconv_cli.data.batches import Batches
 from allconv_cli.train.learner import Learner
 from allconv_cli.train.step import epoch_flips, flip_plan, train_step
@@ -106,7 +107,7 @@ def fit(learner: Learner, batches: Batches, position: Position, epochs: int, *,
         evaluate_epoch: Callable[[int], dict] | None = None, save: Callable[[Position], None] | None = None,
         record: Callable[[list[dict]], None] | None = None, progress: Progress | None = None,
         stop: list[int] | None = None, stop_after: int | None = None, world: int = 1,
-        run_dir: Path | None = None) -> Position:
+        run_dir: Path | None = None, threads: ThreadWatch | None = None) -> Position:
     """Train from ``position`` to ``epochs`` on ``batches`` -> the position reached (see above)."""
     progress, save, record = progress or _ignore, save or _ignore, record or _ignore
     stop = stop if stop is not None else []
@@ -138,6 +139,8 @@ def fit(learner: Learner, batches: Batches, position: Position, epochs: int, *,
                 # The loop's one host sync: losses finite, progress, stop (ranks check at the same steps).
                 seen = _check(losses, sums, epoch, step + 1, cadence.epoch, run_dir)
                 losses, checked = [], time.perf_counter()
+                if threads is not None:  # the free cores, looked at again every so often
+                    threads.check()
                 progress("step", epoch=epoch, step=step + 1, steps=steps, loss=seen[0] / seen[2],
                          accuracy=100 * seen[1] / seen[2], lr=lr,
                          images_per_s=world * (seen[2] - seen_before) / (time.perf_counter() - started))

@@ -1,0 +1,161 @@
+"""How many threads the CPU path runs: one per core that is free when the work starts, or what
+``--threads`` says.
+
+torch starts one OpenMP thread per core it may run on, whatever else runs there. Every
+convolution ends at a barrier where all its threads meet, so when another process holds a core,
+the step waits on the thread that shares it: beside one busy single-threaded process on two
+cores, the default recipe's step ran at 43 % of its idle speed with two threads and 79 % with
+one. Counting the cores that others leave idle, and starting that many threads, keeps what the
+other process takes from costing more than its share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+RECHECK_SECONDS = 10.0  # between a run's re-checks of the free cores: a load that comes or goes costs at most this
+SAMPLE_SECONDS = 0.25  # how long the idle time of the cores is watched before the choice: 25 jiffies at 100 Hz
+BUSY_MARGIN = 0.25  # of a core: what others may use of a core that still counts as free (a shell, a monitor)
+
+
+@dataclasses.dataclass(frozen=True)
+class ThreadChoice:
+    """The threads the CPU path runs, and what they were chosen from."""
+
+    threads: int
+    cores: int  # the cores this process may run on
+    free: float | None  # of them, the cores that others left idle while sampled; None: not measured
+    given: bool  # --threads named the count
+
+    def describe(self) -> str:
+        """'1 CPU thread (1.0 of 2 cores free)'; '4 CPU threads (--threads)'."""
+        count = f"{self.threads} CPU thread{'s' if self.threads != 1 else ''}"
+        if self.given:
+            return f"{count} (--threads)"
+        if self.free is None:
+            return f"{count} ({self.cores} cores; their load is unknown here)"
+        return f"{count} ({self.free:.1f} of {self.cores} cores free)"
+
+    def record(self) -> dict:
+        """For a run's environment record (config.json) and a benchmark's result."""
+        return dataclasses.asdict(self)
+
+
+def usable_cores() -> list[int]:
+    """The cores this process may run on (its affinity, where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def _cpu_times(cores: list[int]) -> tuple[float, float] | None:
+    """(busy, idle) seconds of ``cores`` since boot, from Linux's /proc/stat; None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            lines = [line.split() for line in f if line.startswith("cpu") and line[3] != " "]
+    except OSError:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = idle = 0
+    wanted = {f"cpu{core}" for core in cores}
+    for fields in lines:
+        if fields[0] in wanted:
+            ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+            idle += ticks[3] + ticks[4]
+            busy += sum(ticks) - ticks[3] - ticks[4]
+    return busy / tick, idle / tick
+
+
+class OthersUse:
+    """The cores that other processes keep busy among ``cores``, on average since this was made:
+    their busy time in /proc/stat (Linux) less this process's own CPU time."""
+
+    def __init__(self, cores: list[int]):
+        self.cores = cores
+        self.start = self._read()
+
+    def _read(self) -> tuple[tuple[float, float] | None, float, float]:
+        return _cpu_times(self.cores), time.process_time(), time.monotonic()
+
+    def cores_used(self) -> float | None:
+        """Cores of ``cores`` others used since this was made; None where /proc/stat is missing."""
+        (before, own_before, start), (after, own_after, end) = self.start, self._read()
+        if before is None or after is None or end <= start:
+            return None
+        others = after[0] - before[0] - (own_after - own_before)
+        return min(float(len(self.cores)), max(0.0, others / (end - start)))
+
+
+def free_cores(cores: list[int], seconds: float = SAMPLE_SECONDS) -> float | None:
+    """Cores of ``cores`` that other processes leave idle over ``seconds`` of watching them (this
+    process's own CPU time not counted as theirs); from the load average where /proc/stat is
+    missing (other Unixes); None where neither is known (Windows)."""
+    watch = OthersUse(cores)
+    if watch.start[0] is None:
+        if not hasattr(os, "getloadavg"):
+            return None
+        return max(0.0, len(cores) - os.getloadavg()[0])
+    time.sleep(seconds)
+    return len(cores) - watch.cores_used()
+
+
+def pick_threads(free: float | None, cores: int) -> int:
+    """The thread count for ``free`` idle cores of ``cores``: one per free core, a core others
+    use less than ``BUSY_MARGIN`` of counting as free; at least one; all ``cores`` where the
+    load is unknown (torch's own choice)."""
+    if free is None:
+        return cores
+    return max(1, min(cores, int(free + BUSY_MARGIN)))
+
+
+def choose_threads(threads: int | None = None, processes: int = 1) -> ThreadChoice:
+    """``threads`` where given (``--threads``), else one per free core, shared among
+    ``processes`` of this run on the machine (torchrun's processes on the CPU)."""
+    cores = usable_cores()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be 1 or more, got {threads}")
+        return ThreadChoice(threads, len(cores), None, True)
+    free = free_cores(cores)
+    return ThreadChoice(max(1, pick_threads(free, len(cores)) // processes), len(cores), free, False)
+
+
+def use_threads(threads: int | None = None, processes: int = 1) -> ThreadChoice:
+    """Choose the thread count (``choose_threads``) and set torch's intra-op threads to it. The
+    inter-op pool is left as it is: an eager step never hands work to it."""
+    import torch
+
+    choice = choose_threads(threads, processes)
+    torch.set_num_threads(choice.threads)
+    return choice
+
+
+class ThreadWatch:
+    """Re-checks the free cores as a run goes, from what others used since the last check (no
+    pause), and sets torch's threads to match, so that a load that starts or ends mid-run is
+    followed within ``RECHECK_SECONDS``. Does nothing after ``--threads`` or where the load is
+    unknown."""
+
+    def __init__(self, choice: ThreadChoice, processes: int = 1):
+        self.choice, self.processes = choice, processes
+        self.following = not choice.given and choice.free is not None
+        self.watch = OthersUse(usable_cores())
+
+    def check(self) -> ThreadChoice:
+        """Called often (the loop's host syncs); looks again once ``RECHECK_SECONDS`` have passed."""
+        if not self.following or time.monotonic() - self.watch.start[2] < RECHECK_SECONDS:
+            return self.choice
+        others = self.watch.cores_used()
+        self.watch = OthersUse(self.watch.cores)
+        if others is None:
+            return self.choice
+        free = self.choice.cores - others
+        threads = max(1, pick_threads(free, self.choice.cores) // self.processes)
+        if threads != self.choice.threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.choice = dataclasses.replace(self.choice, threads=threads, free=free)
+        return self.choice
