@@ -290,18 +290,8 @@ def run(config: TrainConfig, mode: str = "all", steps: int | None = None, warmup
     matmul = matmul_tflops(dev, arithmetic(dev, config.precision))
     step_model = torch.compile(net) if config.compile else net
     bench = _Bench(dev, config.batch_size, steps, warmup, peak, matmul)
-    data = None
-    results = {}
-    for each in ("data", "infer", "train") if mode == "all" else (mode,):
-        if each != "infer" and data is None:
-            data = synthetic_data(input_size, net.num_classes, config.batch_size, dev)
-        if each == "data":
-            results[each] = bench.data(config, data, prep)
-        elif each == "infer":
-            results[each] = bench.infer(step_model, net, input_size, prep, memory_format(config), config.precision,
-                                        flops["forward"])
-        else:
-            results[each] = bench.train(config, net, data, prep, flops["train"])
+    results = bench.modes(("data", "infer", "train") if mode == "all" else (mode,), config, net, step_model, prep,
+                          flops)
     busy = busy_cores(choice.free, choice.cores, results)
     return {
         "model": name.replace("_", "-"),
@@ -355,6 +345,24 @@ class _Bench:
                  matmul: float):
         self.device, self.batch_size, self.steps, self.warmup = device, batch_size, steps, warmup
         self.peak, self.matmul = peak, matmul
+
+    def modes(self, modes: tuple[str, ...], config: TrainConfig, net: nn.Module, step_model: nn.Module,
+              prep: nn.Module, flops: dict[str, int]) -> dict:
+        """Each of ``modes`` measured in turn -> {mode: result}; the synthetic data made once."""
+        input_size = tuple(net.pretrained_cfg["input_size"])
+        data = None
+        results = {}
+        for each in modes:
+            if each != "infer" and data is None:
+                data = synthetic_data(input_size, net.num_classes, config.batch_size, self.device)
+            if each == "data":
+                results[each] = self.data(config, data, prep)
+            elif each == "infer":
+                results[each] = self.infer(step_model, net, input_size, prep, memory_format(config),
+                                           config.precision, flops["forward"])
+            else:
+                results[each] = self.train(config, net, data, prep, flops["train"])
+        return results
 
     def data(self, config: TrainConfig, data: splits.ImageData, prep: nn.Module) -> dict:
 

@@ -1,12 +1,15 @@
-"""How many threads the CPU path runs: one per core that is free when the work starts, or what
-``--threads`` says.
+"""How many threads the CPU path runs: one per core that is free when the work starts (and, in
+training, as it goes on), or what ``--threads`` says.
 
 torch starts one OpenMP thread per core it may run on, whatever else runs there. Every
 convolution ends at a barrier where all its threads meet, so when another process holds a core,
-the step waits on the thread that shares it: beside one busy single-threaded process on two
-cores, the default recipe's step ran at 43 % of its idle speed with two threads and 79 % with
-one. Counting the cores that others leave idle, and starting that many threads, keeps what the
-other process takes from costing more than its share.
+each step waits on the thread that shares that core with it, and the whole step runs at the
+busy core's pace (docs/speed.md has the measurements). Starting as many threads as there are
+cores that others leave idle keeps another process from costing more than its share.
+
+The thread count changes the rounding of a convolution's sums (1 and 2 threads give weights that
+differ in the last bits after one step), so a run that must repeat bit for bit gives the count:
+``--threads``, OMP_NUM_THREADS, or ``--deterministic`` (one per core, torch's own count).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+
+import torch
 
 RECHECK_SECONDS = 10.0  # between a run's re-checks of the free cores: a load that comes or goes costs at most this
 SAMPLE_SECONDS = 0.25  # how long the idle time of the cores is watched before the choice: 25 jiffies at 100 Hz
@@ -27,13 +32,13 @@ class ThreadChoice:
     threads: int
     cores: int  # the cores this process may run on
     free: float | None  # of them, the cores that others left idle while sampled; None: not measured
-    given: bool  # --threads named the count
+    given_by: str | None  # what fixed the count: --threads, OMP_NUM_THREADS, --deterministic; None: the load
 
     def describe(self) -> str:
         """'1 CPU thread (1.0 of 2 cores free)'; '4 CPU threads (--threads)'."""
         count = f"{self.threads} CPU thread{'s' if self.threads != 1 else ''}"
-        if self.given:
-            return f"{count} (--threads)"
+        if self.given_by is not None:
+            return f"{count} ({self.given_by})"
         if self.free is None:
             return f"{count} ({self.cores} cores; their load is unknown here)"
         return f"{count} ({self.free:.1f} of {self.cores} cores free)"
@@ -110,24 +115,29 @@ def pick_threads(free: float | None, cores: int) -> int:
     return max(1, min(cores, int(free + BUSY_MARGIN)))
 
 
-def choose_threads(threads: int | None = None, processes: int = 1) -> ThreadChoice:
-    """``threads`` where given (``--threads``), else one per free core, shared among
-    ``processes`` of this run on the machine (torchrun's processes on the CPU)."""
+def choose_threads(threads: int | None = None, processes: int = 1, fixed: bool = False) -> ThreadChoice:
+    """``threads`` where given (``--threads``), else OMP_NUM_THREADS where the environment sets
+    it, else one per free core; ``fixed`` (a run that must compute bit for bit alike whatever the
+    load: ``--deterministic``) takes one per core instead, torch's own count. Free cores and
+    cores are shared among ``processes`` of this run on the machine (torchrun's, on the CPU)."""
     cores = usable_cores()
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--threads must be 1 or more, got {threads}")
-        return ThreadChoice(threads, len(cores), None, True)
+        return ThreadChoice(threads, len(cores), None, "--threads")
+    from_environment = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if from_environment.isdigit() and int(from_environment) > 0:
+        return ThreadChoice(int(from_environment), len(cores), None, "OMP_NUM_THREADS")
+    if fixed:
+        return ThreadChoice(max(1, len(cores) // processes), len(cores), None, "--deterministic")
     free = free_cores(cores)
-    return ThreadChoice(max(1, pick_threads(free, len(cores)) // processes), len(cores), free, False)
+    return ThreadChoice(max(1, pick_threads(free, len(cores)) // processes), len(cores), free, None)
 
 
-def use_threads(threads: int | None = None, processes: int = 1) -> ThreadChoice:
+def use_threads(threads: int | None = None, processes: int = 1, fixed: bool = False) -> ThreadChoice:
     """Choose the thread count (``choose_threads``) and set torch's intra-op threads to it. The
     inter-op pool is left as it is: an eager step never hands work to it."""
-    import torch
-
-    choice = choose_threads(threads, processes)
+    choice = choose_threads(threads, processes, fixed)
     torch.set_num_threads(choice.threads)
     return choice
 
@@ -135,12 +145,12 @@ def use_threads(threads: int | None = None, processes: int = 1) -> ThreadChoice:
 class ThreadWatch:
     """Re-checks the free cores as a run goes, from what others used since the last check (no
     pause), and sets torch's threads to match, so that a load that starts or ends mid-run is
-    followed within ``RECHECK_SECONDS``. Does nothing after ``--threads`` or where the load is
-    unknown."""
+    followed within ``RECHECK_SECONDS``. Does nothing to a count that was given (``--threads``,
+    OMP_NUM_THREADS, ``--deterministic``) or where the load is unknown."""
 
     def __init__(self, choice: ThreadChoice, processes: int = 1):
         self.choice, self.processes = choice, processes
-        self.following = not choice.given and choice.free is not None
+        self.following = choice.given_by is None and choice.free is not None
         self.watch = OthersUse(usable_cores())
 
     def check(self) -> ThreadChoice:
@@ -154,8 +164,6 @@ class ThreadWatch:
         free = self.choice.cores - others
         threads = max(1, pick_threads(free, self.choice.cores) // self.processes)
         if threads != self.choice.threads:
-            import torch
-
             torch.set_num_threads(threads)
         self.choice = dataclasses.replace(self.choice, threads=threads, free=free)
         return self.choice

@@ -181,7 +181,8 @@ class TrainConfig:
     seed: int = setting(0, "Seed of initialization, order, augmentation and dropout.",
                         # torch's generators take 64 bits; the per-epoch and per-step seeds made from it stay below 2^63
                         check=(lambda v: 0 <= v < 2**63, "in [0, 2^63)"))
-    deterministic: bool = setting(False, "Deterministic kernels (slower on CUDA).")
+    deterministic: bool = setting(False, "Deterministic kernels (slower on CUDA) and, without --threads, one CPU "
+                                         "thread per core whatever the load: the thread count changes the rounding.")
     device: str = setting("auto", "auto (the first GPU, else the CPU), cpu, cuda or cuda:N.")
     precision: str = setting("auto", "auto (bf16 autocast where the CPU or GPU computes bf16 natively, else fp32), "
                                      "fp32, bf16 or fp16 (CUDA only, with a gradient scaler). Weights, optimizer "

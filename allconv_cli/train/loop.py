@@ -137,10 +137,8 @@ def fit(learner: Learner, batches: Batches, position: Position, epochs: int, *,
             due = (step + 1) % CHECK_EVERY == 0 and (world > 1 or time.perf_counter() - checked >= CHECK_SECONDS)
             if due or last or (stop and world == 1):
                 # The loop's one host sync: losses finite, progress, stop (ranks check at the same steps).
-                seen = _check(losses, sums, epoch, step + 1, cadence.epoch, run_dir)
+                seen = _check(losses, sums, epoch, step + 1, cadence.epoch, run_dir, threads)
                 losses, checked = [], time.perf_counter()
-                if threads is not None:  # the free cores, looked at again every so often
-                    threads.check()
                 progress("step", epoch=epoch, step=step + 1, steps=steps, loss=seen[0] / seen[2],
                          accuracy=100 * seen[1] / seen[2], lr=lr,
                          images_per_s=world * (seen[2] - seen_before) / (time.perf_counter() - started))
@@ -223,9 +221,12 @@ def _accumulate(sums: torch.Tensor, loss: torch.Tensor, correct: torch.Tensor, i
 
 
 def _check(losses: list[torch.Tensor], sums: torch.Tensor, epoch: int, step: int, saved: int | None,
-           run_dir: Path | None) -> list[float]:
+           run_dir: Path | None, threads: ThreadWatch | None = None) -> list[float]:
     """Read the window's losses and the running sums in one transfer; raise on a bad loss, naming
-    the epochs the last checkpoint holds (``saved``; None: no checkpoint yet)."""
+    the epochs the last checkpoint holds (``saved``; None: no checkpoint yet). The CPU threads
+    follow the free cores from here (``threads``: it looks again every few seconds)."""
+    if threads is not None:
+        threads.check()
     values = torch.cat([sums, torch.stack(losses).double()]).tolist()
     window = values[3:]
     bad = next((i for i, v in enumerate(window) if not np.isfinite(v)), None)

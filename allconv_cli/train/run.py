@@ -131,7 +131,7 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
     progress = progress if progress is not None and rank == 0 else None
     device = _start(config, world, local_rank)
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # of this run on this machine
-    choice = use_threads(threads, processes)
+    choice = use_threads(threads, processes, fixed=config.deterministic)
     config = dataclasses.replace(config, precision=resolve_precision(config.precision, device))
     try:
         with run.lock() if rank == 0 else contextlib.nullcontext():
