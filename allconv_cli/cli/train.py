@@ -83,7 +83,7 @@ def _processes(fields: dict) -> str:
 def train(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder. Default: runs/MODEL-DATASET-TIME.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", metavar="", help="Replace the run that --out already holds (otherwise refused).")] = False,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder exactly where it stopped; only --device, --workers, --save-every and --save-minutes may change.", show_default=False)] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder exactly where it stopped; only --device, --workers, --save-every, --save-minutes and --threads may change.", show_default=False)] = None,
     stop_after: Annotated[Optional[int], typer.Option("--stop-after", help="Stop, resumably, after this many epochs of this call.", show_default=False)] = None,
     time_limit: Annotated[Optional[str], typer.Option("--time-limit", metavar="DURATION", help="Stop, resumably, before this much wall-clock time has passed (e.g. 3h50m, 90min, 1:30:00): a batch job's or a notebook's limit. The run checkpoints, says how to continue and exits with 124.", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the summary as JSON on stdout; progress goes to stderr.")] = False,
