@@ -17,17 +17,16 @@ steps, then timed steps). Each side's speed under load is given as a share of it
 from __future__ import annotations
 
 import argparse
-import datetime
+import functools
 import itertools
-import multiprocessing
 import os
-import shlex
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
+
+from bench_train import in_fresh_process, publish
 
 from allconv_cli import __version__
 
@@ -107,18 +106,12 @@ def measure(side: str, options: argparse.Namespace) -> dict:
     return allconv_step(None if side == "default" else side, options)
 
 
-def in_fresh_process(side: str, options: argparse.Namespace) -> dict:
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as pool:
-        return pool.submit(measure, side, options).result()
-
-
 def beside_busy(count: int, side: str, options: argparse.Namespace) -> dict:
     """``side``'s measurement with ``count`` busy single-threaded processes running."""
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
     try:
         time.sleep(SETTLE_SECONDS if busy else 0)
-        return in_fresh_process(side, options)
+        return in_fresh_process(functools.partial(measure, side), options)
     finally:
         for process in busy:
             process.kill()
@@ -186,14 +179,7 @@ def main(argv=None) -> int:
             results[side, count] = beside_busy(count, side, options)
             print(f"{side}, beside {count} busy: {results[side, count]['images_per_s']:,.1f} img/s, "
                   f"{results[side, count]['threads']} threads", file=sys.stderr, flush=True)
-    command = shlex.join(["python", "benchmarks/bench_contention.py", *(sys.argv[1:] if argv is None else argv)])
-    section = report(results, options, command, datetime.date.today().isoformat())
-    print(section)
-    if options.out is not None:
-        from bench_train import write_section
-
-        write_section(options.out, section)
-        print(f"wrote {options.out}")
+    publish(lambda command, date: report(results, options, command, date), "bench_contention.py", argv, options.out)
     return 0
 
 

@@ -120,3 +120,22 @@ def test_a_run_shows_and_records_its_threads(tmp_path):
     assert "1 CPU thread (--threads)" in result.output.splitlines()[0]
     saved = json.loads((run / "config.json").read_text())
     assert saved["environment"]["cpu_threads"] == {"threads": 1, "cores": 4, "free": None, "given_by": "--threads"}
+
+
+def test_contention_report_judges_each_share_against_its_target(monkeypatch):
+    """benchmarks/bench_contention.py on made-up speeds: its table and its verdicts, no timing."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_contention as script
+
+    speeds = {"default": (200, 150, 90), "faithful": (200, 130, 90), "paper-cifar10": (200, 190, 50),
+              script.BASELINE: (100, 60, 40)}  # shares beside 1 and 2: 75/45, 65/45, 95/25 against 60/40
+    results = {(side, load): {"images_per_s": speed, "threads": 2 - bool(load), "busy_cores": float(load),
+                              "precision": "bf16"}
+               for side, row in speeds.items() for load, speed in enumerate(row)}
+    assert [script.met(results, side, [0, 1, 2]) for side in speeds if side != script.BASELINE] == [
+        "yes", "no: beside 1", "no: beside 2"]
+    table = script.report(results, script.parse_args([]), "python benchmarks/bench_contention.py", "2026-01-01")
+    assert "| allconv default (bf16) | 2/1/1 | 200 | 150 (75 %) | 90 (45 %) | yes |" in table
+    assert "| plain PyTorch | 2/1/1 | 100 | 60 (60 %) | 40 (40 %) |  |" in table
