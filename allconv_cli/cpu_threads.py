@@ -55,22 +55,21 @@ def usable_cores() -> list[int]:
     return list(range(os.cpu_count() or 1))
 
 
-def _cpu_times(cores: list[int]) -> tuple[float, float] | None:
-    """(busy, idle) seconds of ``cores`` since boot, from Linux's /proc/stat; None elsewhere."""
+def _busy_seconds(cores: list[int]) -> float | None:
+    """Seconds ``cores`` have been busy since boot (all but idle and I/O wait; time the hypervisor
+    gave to other machines counts as busy), from Linux's /proc/stat; None elsewhere."""
     try:
         with open("/proc/stat") as f:
             lines = [line.split() for line in f if line.startswith("cpu") and line[3] != " "]
     except OSError:
         return None
-    tick = os.sysconf("SC_CLK_TCK")
-    busy = idle = 0
     wanted = {f"cpu{core}" for core in cores}
+    busy = 0
     for fields in lines:
         if fields[0] in wanted:
             ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
-            idle += ticks[3] + ticks[4]
             busy += sum(ticks) - ticks[3] - ticks[4]
-    return busy / tick, idle / tick
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 class OthersUse:
@@ -79,18 +78,15 @@ class OthersUse:
 
     def __init__(self, cores: list[int]):
         self.cores = cores
-        self.start = self._read()
-
-    def _read(self) -> tuple[tuple[float, float] | None, float, float]:
-        return _cpu_times(self.cores), time.process_time(), time.monotonic()
+        self.busy, self.own, self.since = _busy_seconds(cores), time.process_time(), time.monotonic()
 
     def cores_used(self) -> float | None:
         """Cores of ``cores`` others used since this was made; None where /proc/stat is missing."""
-        (before, own_before, start), (after, own_after, end) = self.start, self._read()
-        if before is None or after is None or end <= start:
+        busy, elapsed = _busy_seconds(self.cores), time.monotonic() - self.since
+        if busy is None or self.busy is None or elapsed <= 0:
             return None
-        others = after[0] - before[0] - (own_after - own_before)
-        return min(float(len(self.cores)), max(0.0, others / (end - start)))
+        others = busy - self.busy - (time.process_time() - self.own)
+        return min(float(len(self.cores)), max(0.0, others / elapsed))
 
 
 def free_cores(cores: list[int], seconds: float = SAMPLE_SECONDS) -> float | None:
@@ -98,7 +94,7 @@ def free_cores(cores: list[int], seconds: float = SAMPLE_SECONDS) -> float | Non
     process's own CPU time not counted as theirs); from the load average where /proc/stat is
     missing (other Unixes); None where neither is known (Windows)."""
     watch = OthersUse(cores)
-    if watch.start[0] is None:
+    if watch.busy is None:
         if not hasattr(os, "getloadavg"):
             return None
         return max(0.0, len(cores) - os.getloadavg()[0])
@@ -155,7 +151,7 @@ class ThreadWatch:
 
     def check(self) -> ThreadChoice:
         """Called often (the loop's host syncs); looks again once ``RECHECK_SECONDS`` have passed."""
-        if not self.following or time.monotonic() - self.watch.start[2] < RECHECK_SECONDS:
+        if not self.following or time.monotonic() - self.watch.since < RECHECK_SECONDS:
             return self.choice
         others = self.watch.cores_used()
         self.watch = OthersUse(self.watch.cores)

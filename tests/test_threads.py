@@ -76,7 +76,7 @@ class FakeUse:
     USED = 0.0
 
     def __init__(self, cores):
-        self.cores, self.start = cores, (None, 0.0, -1e9)  # made long ago: a re-check is due
+        self.cores, self.since = cores, -1e9  # made long ago: a re-check is due
 
     def cores_used(self):
         return FakeUse.USED
