@@ -29,6 +29,7 @@ from pathlib import Path
 from bench_train import in_fresh_process, publish
 
 from allconv_cli import __version__
+from allconv_cli.cpu_threads import BUSY_MARGIN
 
 SIDES = ("default", "faithful", "paper-cifar10", "plain PyTorch")
 BASELINE = "plain PyTorch"
@@ -168,6 +169,10 @@ def report(results: dict, options: argparse.Namespace, command: str, date: str) 
                   f"kept busy, measured during the timed steps: {busy}. Target: beside one busy process, a share "
                   f"of at least {LEAST_SHARE_BESIDE_ONE:.0%} and at least plain PyTorch's; beside more, at least "
                   "plain PyTorch's."]
+    idle_load = max((results[s, 0]["busy_cores"] or 0) for s in SIDES)
+    if idle_load >= BUSY_MARGIN:
+        lines += ["", f"Warning: other processes kept {idle_load:.1f} cores busy during the idle measurements, so the "
+                      "shares are not of idle speeds: run this on a machine with nothing else running."]
     return "\n".join(lines) + "\n"
 
 

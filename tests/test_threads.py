@@ -139,3 +139,7 @@ def test_contention_report_judges_each_share_against_its_target(monkeypatch):
     table = script.report(results, script.parse_args([]), "python benchmarks/bench_contention.py", "2026-01-01")
     assert "| allconv default (bf16) | 2/1/1 | 200 | 150 (75 %) | 90 (45 %) | yes |" in table
     assert "| plain PyTorch | 2/1/1 | 100 | 60 (60 %) | 40 (40 %) |  |" in table
+    assert "Warning" not in table  # others kept no core busy while the idle speeds were measured
+    results["faithful", 0]["busy_cores"] = 1.0
+    assert "Warning: other processes kept 1.0 cores busy during the idle measurements" in script.report(
+        results, script.parse_args([]), "python benchmarks/bench_contention.py", "2026-01-01")
