@@ -260,14 +260,14 @@ def is_idle(busy: float | None) -> bool | None:
 
 
 def run(config: TrainConfig, mode: str = "all", steps: int | None = None, warmup: int | None = None,
-        threads: int | None = None) -> dict:
+        threads: int | None = None, speed_only: bool = False) -> dict:
     """Benchmark ``mode`` (train | infer | data | all) of the recipe ``config`` (its model, batch
     size, device, precision, memory format, compile and, in train mode, its whole step: optimizer,
     lookahead, EMA, augmentation) with ``threads`` CPU threads (None: one per free core, as the
     trainer picks them) -> settings and one result per mode: images/s, step time (ms), GFLOP per
     image, achieved TFLOP/s, share of the device's peak (None where unknown), peak memory, the
     cores other processes kept busy while it was timed and, in train mode, the aten ops one step
-    dispatches."""
+    dispatches (``speed_only``: the timed steps alone)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
     for name, value, least in (("--steps", steps, 1), ("--warmup", warmup, 0)):
@@ -287,11 +287,11 @@ def run(config: TrainConfig, mode: str = "all", steps: int | None = None, warmup
         tune_cpu_allocator()  # as the trainer does
     config = dataclasses.replace(config, precision=resolve_precision(config.precision, dev))
     peak = peak_tflops(dev, arithmetic(dev, config.precision))
-    matmul = matmul_tflops(dev, arithmetic(dev, config.precision))
+    matmul = None if speed_only else matmul_tflops(dev, arithmetic(dev, config.precision))
     step_model = torch.compile(net) if config.compile else net
     bench = _Bench(dev, config.batch_size, steps, warmup, peak, matmul)
     results = bench.modes(("data", "infer", "train") if mode == "all" else (mode,), config, net, step_model, prep,
-                          flops)
+                          flops, count_ops=not speed_only)
     busy = busy_cores(choice.free, choice.cores, results)
     return {
         "model": name.replace("_", "-"),
@@ -342,12 +342,12 @@ class _Bench:
     """The three timed loops, sharing the device, batch size, step counts and peak."""
 
     def __init__(self, device: torch.device, batch_size: int, steps: int, warmup: int, peak: float | None,
-                 matmul: float):
+                 matmul: float | None):
         self.device, self.batch_size, self.steps, self.warmup = device, batch_size, steps, warmup
         self.peak, self.matmul = peak, matmul
 
     def modes(self, modes: tuple[str, ...], config: TrainConfig, net: nn.Module, step_model: nn.Module,
-              prep: nn.Module, flops: dict[str, int]) -> dict:
+              prep: nn.Module, flops: dict[str, int], count_ops: bool = True) -> dict:
         """Each of ``modes`` measured in turn -> {mode: result}; the synthetic data made once."""
         input_size = tuple(net.pretrained_cfg["input_size"])
         data = None
@@ -361,7 +361,7 @@ class _Bench:
                 results[each] = self.infer(step_model, net, input_size, prep, memory_format(config),
                                            config.precision, flops["forward"])
             else:
-                results[each] = self.train(config, net, data, prep, flops["train"])
+                results[each] = self.train(config, net, data, prep, flops["train"], count_ops)
         return results
 
     def data(self, config: TrainConfig, data: splits.ImageData, prep: nn.Module) -> dict:
@@ -391,7 +391,7 @@ class _Bench:
         return self._measure(step, flops)
 
     def train(self, config: TrainConfig, net: nn.Module, data: splits.ImageData, prep: nn.Module,
-              flops: int) -> dict:
+              flops: int, count_ops: bool = True) -> dict:
         net.train()
         steps_per_epoch = self.warmup + self.steps + Lookahead.EVERY + 1
         learner = make_learner(config, net, prep, net.num_classes, steps_per_epoch=steps_per_epoch)
@@ -404,6 +404,8 @@ class _Bench:
             train_step(learner, images, labels, 0, next(counter), generator)
 
         result = self._measure(step, flops)
+        if not count_ops:
+            return result
         ops, views = [], []  # over Lookahead.EVERY steps in a row, so that a lookahead step is among them
         for _ in range(Lookahead.EVERY):
             images, labels = next(batches)
@@ -433,7 +435,7 @@ class _Bench:
             "gflop_per_image": None if flops is None else flops / 1e9,
             "tflop_per_s": tflop_per_s,
             "peak_share": None if tflop_per_s is None or self.peak is None else tflop_per_s / self.peak,
-            "matmul_share": None if tflop_per_s is None else tflop_per_s / self.matmul,
+            "matmul_share": None if tflop_per_s is None or self.matmul is None else tflop_per_s / self.matmul,
             "peak_rss_mb": peak_rss_mb(),
             "peak_rss_since": "mode start" if rss_reset else "process start",
             "peak_cuda_mb": (torch.cuda.max_memory_allocated(self.device) / 2**20

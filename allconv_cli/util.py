@@ -1,12 +1,15 @@
-"""Leaf helpers shared by every layer: text files read as editors save them, atomic file writes,
-did-you-mean hints, values shown as TOML / JSON write them. Imports nothing of allconv's."""
+"""Leaf helpers shared by every layer: text files read as editors save them, atomic file and
+folder writes, did-you-mean hints, values shown as TOML / JSON write them, the arguments of the
+scripts in scripts/. Imports nothing of allconv's."""
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -97,3 +100,59 @@ def lazy_attributes(package: str, api: dict[str, str]):
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     return getattr_, lambda: sorted(api)
+
+
+def plural(count: int, noun: str) -> str:
+    """(1, 'epoch') -> '1 epoch'; (3, 'epoch') -> '3 epochs'; thousands grouped: '1,000 images'."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+def write_folder(out: str | Path, write: Callable[[Path], None], replace: bool = False) -> Path:
+    """Write a folder whole: ``write(folder)`` fills a new folder beside ``out``, which then takes
+    ``out``'s place, so that nothing of an earlier folder stays (a class the new set lacks) and a
+    write that fails or is stopped leaves ``out`` as it was. An ``out`` that holds anything is
+    replaced only if ``replace``; a file is never."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file: give a folder")
+    if out.exists() and any(out.iterdir()) and not replace:
+        raise FileExistsError(f"{out} is not empty: give a new folder, or --force to replace it whole")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        write(staging)
+        old = staging.with_name(staging.name + ".old")
+        if out.exists():
+            out.rename(old)
+        try:
+            staging.rename(out)
+        except OSError:
+            if old.exists():  # the earlier folder back in its place
+                old.rename(out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already where the write succeeded
+    return out
+
+
+class ScriptArguments(argparse.ArgumentParser):
+    """argparse as allconv's commands answer a bad argument: one line, ``Error: ...``, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"Error: {message}\n")
+
+
+def count_argument(least: int, most: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``least`` to ``most``."""
+
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not least <= value <= most:
+            raise argparse.ArgumentTypeError(f"{value} is not allowed: give {least:,} to {most:,}")
+        return value
+
+    return count

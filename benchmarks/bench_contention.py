@@ -64,7 +64,8 @@ def allconv_step(preset: str | None, options: argparse.Namespace) -> dict:
     from allconv_cli import benchmark
     from allconv_cli.train.settings import resolve
 
-    result = benchmark.run(resolve(preset, device="cpu"), "train", options.steps, options.warmup, options.threads)
+    result = benchmark.run(resolve(preset, device="cpu"), "train", options.steps, options.warmup, options.threads,
+                           speed_only=True)
     return {"images_per_s": result["results"]["train"]["images_per_s"], "threads": result["threads"],
             "busy_cores": result["busy_cores"], "precision": result["precision"]}
 

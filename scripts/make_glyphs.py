@@ -1,6 +1,6 @@
 """Render glyphs-100: a 100-class set of 32x32 colour images, written as an ImageFolder.
 
-    python scripts/make_glyphs.py OUT [--train 60] [--test 20] [--classes 100] [--seed 0]
+    python scripts/make_glyphs.py OUT [--train 60] [--test 20] [--classes 100] [--seed 0] [--force]
 
 Each class is a glyph of three strokes (quadratic curves through points drawn once per class
 from the seed); each image draws its class's glyph turned (up to 20 degrees), scaled (0.75 to
@@ -8,16 +8,18 @@ from the seed); each image draws its class's glyph turned (up to 20 degrees), sc
 gradient, with pixel noise. Shape tells the classes apart; colour, place and size do not. It
 needs only numpy and Pillow (no fonts, nothing downloaded), so a test can build it anywhere, and
 unlike CIFAR it has 100 classes: the case of a user's ``--dataset cifar100`` that allconv must
-learn. Writes train/<class>/NNNN.png and test/<class>/NNNN.png.
+learn. Writes train/<class>/NNNN.png and test/<class>/NNNN.png; OUT is written whole: a folder
+that holds anything is replaced only with --force, and nothing of it stays.
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from allconv_cli.util import ScriptArguments, count_argument, write_folder
 
 SIZE = 32
 SUPERSAMPLE = 4  # drawn at 128 px, then reduced: smooth strokes
@@ -59,25 +61,31 @@ def render(glyph: np.ndarray, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(small.clip(0, 255).astype(np.uint8))
 
 
-def write(out: Path, train: int, test: int, classes: int = 100, seed: int = 0) -> Path:
-    """Write ``train`` and ``test`` images of each class under ``out`` -> ``out``."""
+def write(out: Path, train: int, test: int, classes: int = 100, seed: int = 0, replace: bool = False) -> Path:
+    """Write ``train`` and ``test`` images of each class as the image folder ``out`` -> ``out``."""
     shapes = glyphs(classes, seed)
     rng = np.random.default_rng(seed + 1)
-    for split, count in (("train", train), ("test", test)):
-        for label, glyph in enumerate(shapes):
-            folder = out / split / f"glyph{label:03d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for index in range(count):
-                render(glyph, rng).save(folder / f"{index:04d}.png")
-    return out
+
+    def fill(folder: Path):
+        for split, count in (("train", train), ("test", test)):
+            for label, glyph in enumerate(shapes):
+                (folder / split / f"glyph{label:03d}").mkdir(parents=True)
+                for index in range(count):
+                    render(glyph, rng).save(folder / split / f"glyph{label:03d}" / f"{index:04d}.png")
+
+    return write_folder(out, fill, replace)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ScriptArguments(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--train", type=int, default=60, help="training images per class")
-    parser.add_argument("--test", type=int, default=20, help="test images per class")
-    parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train", type=count_argument(1, 100_000), default=60, help="training images per class")
+    parser.add_argument("--test", type=count_argument(1, 100_000), default=20, help="test images per class")
+    parser.add_argument("--classes", type=count_argument(2, 1_000), default=100)
+    parser.add_argument("--seed", type=count_argument(0, 2**63 - 2), default=0)
+    parser.add_argument("--force", action="store_true", help="replace OUT whole where it holds anything")
     arguments = parser.parse_args()
-    print(write(arguments.out, arguments.train, arguments.test, arguments.classes, arguments.seed))
+    try:
+        print(write(arguments.out, arguments.train, arguments.test, arguments.classes, arguments.seed, arguments.force))
+    except OSError as err:
+        parser.exit(2, f"Error: {err}\n")

@@ -16,6 +16,7 @@ import typer
 from typer.testing import CliRunner
 
 from allconv_cli import ablate
+from allconv_cli.ablate import pool
 from allconv_cli.cli import app
 from allconv_cli.models.registry import CIFAR10_CLASSES
 
@@ -62,7 +63,7 @@ def test_rate_is_picked_on_validation_not_test(tmp_path, monkeypatch):
         (Path(folder) / ablate.RESULT_NAME).write_text(json.dumps(result))
         return result
 
-    monkeypatch.setattr(ablate, "_train_one", fake_train_one)
+    monkeypatch.setattr(pool, "train_one", fake_train_one)
     from allconv_cli.train.settings import resolve
 
     base = resolve("smoke", val_fraction=0.1)
@@ -97,8 +98,17 @@ def test_selection_and_dry_run(monkeypatch):
     plan = json.loads(result.output)
     # smoke: 256 training images less the 10 % validation split, 1 epoch, 128 test images
     assert plan["images"] == {"train": 230, "evaluated": 154, "test": 128}
-    # per run: 230 images at 100 img/s, 154 evaluated at 300 img/s; 6 runs of each of 4 models
-    assert plan["estimate"]["seconds"] == pytest.approx(24 * (230 / 100 + 154 / 300))
+    # one step timed (model-c's, at 100 img/s); the other networks' speeds scaled by their FLOPs; per run
+    # 230 images trained and 154 evaluated (a forward pass's share of a step's FLOPs); 6 runs of each model
+    from allconv_cli.ablate.estimate import conv_flops
+    from allconv_cli.train.settings import resolve
+
+    flops = {m: conv_flops(resolve("smoke", model=m)) for m in ablate.select_models("c")}
+    speeds = {m: 100 * flops["model-c"]["train"] / f["train"] for m, f in flops.items()}
+    expected = sum(6 * (230 / speeds[m] + 154 * f["forward"] / f["train"] / speeds[m]) for m, f in flops.items())
+    assert plan["estimate"]["seconds"] == pytest.approx(expected)
+    assert plan["estimate"]["per_model"]["model-c"]["images_per_s"] == 100
+    assert speeds["all-cnn-c"] != 100 and plan["estimate"]["measured"].startswith("1 training step after")
     # 4 models x 4 rates with seed 0, then 2 more seeds each at the chosen rate
     assert plan["runs"] == len(plan["plan"]) == 24
     assert plan["plan"][15] == {"model": "all-cnn-c", "lr": 0.01, "seed": 0}
@@ -159,7 +169,7 @@ def fake_train_one(config_json, folder, device, time_limit=None):
 
 
 def test_table_piped_reads_as_markdown(tmp_path, monkeypatch):
-    monkeypatch.setattr(ablate, "_train_one", fake_train_one)
+    monkeypatch.setattr(pool, "train_one", fake_train_one)
     out = tmp_path / ("a-folder-name-long-enough-to-pass-eighty-columns-" * 2)
     result = CliRunner().invoke(app, ["ablate", "--models", "all-cnn-c", "--preset", "smoke", "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -188,7 +198,7 @@ def test_sigterm_stops_an_ablation_with_one_line(tmp_path):
 
 def test_table_3_column_beside_the_protocols_own(tmp_path, monkeypatch):
     """fast-cifar10 augments: Table 3's figure for every network, and Table 4's where it has one."""
-    monkeypatch.setattr(ablate, "_train_one", fake_train_one)
+    monkeypatch.setattr(pool, "train_one", fake_train_one)
     out = tmp_path / "fast"
     result = CliRunner().invoke(app, ["ablate", "--models", "model-a,all-cnn-c", "--preset", "fast-cifar10",
                                       "--out", str(out)])
@@ -205,7 +215,7 @@ def test_table_3_column_beside_the_protocols_own(tmp_path, monkeypatch):
 
 
 def test_seeds_give_a_spread_and_other_data_no_paper_figure(tmp_path, monkeypatch):
-    monkeypatch.setattr(ablate, "_train_one", fake_train_one)
+    monkeypatch.setattr(pool, "train_one", fake_train_one)
     from allconv_cli.train.settings import resolve
 
     rows = ablate.ablate(resolve("paper-cifar10"), ["all-cnn-c"], [0.05], [0, 1], tmp_path / "two")
@@ -306,3 +316,19 @@ def test_runs_of_uneven_length_never_share_a_slot():
     for slot in ("s0", "s1", "s2"):
         mine = sorted((start, end) for s, start, end in spans if s == slot)
         assert all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(mine)), (slot, mine)
+
+
+@pytest.mark.slow
+def test_the_dry_runs_estimate_is_near_the_real_runs_time(tmp_path):
+    """The estimate (one timed step, the rest counted) against the training it estimates, on the
+    same machine: within a factor of 3 (the machine may be doing other work at either time)."""
+    args = ["ablate", "--models", "all-cnn-c", "--preset", "smoke", "--train-limit", "160", "--test-limit", "32",
+            "--batch-size", "16", "--epochs", "2", "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path / "a")]
+    dry = CliRunner().invoke(app, [*args, "--dry-run", "--json"])
+    assert dry.exit_code == 0, dry.output
+    estimate = json.loads(dry.stdout)["estimate"]["seconds"]
+    assert not (tmp_path / "a").exists()
+    real = CliRunner().invoke(app, [*args, "--json"])
+    assert real.exit_code == 0, real.output
+    trained = json.loads((tmp_path / "a" / "all-cnn-c" / "lr0.05-seed0" / ablate.RESULT_NAME).read_text())["seconds"]
+    assert estimate / 3 < trained < estimate * 3, (estimate, trained)

@@ -2,12 +2,16 @@
 limit (--time-limit); allconv train --time-limit."""
 
 import json
+import multiprocessing
+import os
+import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from allconv_cli import ablate
+from allconv_cli.ablate import pool
 from allconv_cli.cli import app
 from allconv_cli.train import TIME_LIMIT, TrainingStopped, resume, train
 from allconv_cli.train.run_folder import RunFolder
@@ -27,7 +31,7 @@ def recording_train_one(config_json, folder, device, time_limit=None):
 
 
 def test_grid_trains_every_combination_as_its_own_rows(tmp_path, monkeypatch):
-    monkeypatch.setattr(ablate, "_train_one", recording_train_one)
+    monkeypatch.setattr(pool, "train_one", recording_train_one)
     out = tmp_path / "grid"
     result = CliRunner().invoke(app, ["ablate", "--models", "all-cnn-c", "--preset", "smoke", "--seeds", "2",
                                       "--grid", "batch_size=16,32", "--grid", "weight-init=xavier,caffe-xavier",
@@ -61,7 +65,7 @@ def test_grid_trains_every_combination_as_its_own_rows(tmp_path, monkeypatch):
     ("optimizer=sgd,muon", "optimizer muon needs batch_norm"),
 ])
 def test_a_bad_grid_is_one_line_before_any_run(tmp_path, monkeypatch, grid, message):
-    monkeypatch.setattr(ablate, "_train_one", recording_train_one)
+    monkeypatch.setattr(pool, "train_one", recording_train_one)
     args = ["ablate", "--models", "all-cnn-c", "--preset", "smoke", "--batch-norm" if "muon" not in grid else
             "--no-batch-norm", "--grid", grid, "--out", str(tmp_path / "bad")]
     result = CliRunner().invoke(app, args)
@@ -79,22 +83,60 @@ def test_grid_values_take_each_settings_type():
 
 @pytest.mark.parametrize("lr_grid", [None, "0.1,0.05"])
 def test_two_shards_give_the_table_of_one_job(tmp_path, monkeypatch, lr_grid):
-    monkeypatch.setattr(ablate, "_train_one", recording_train_one)
+    monkeypatch.setattr(pool, "train_one", recording_train_one)
     args = ["ablate", "--models", "all-cnn-c,model-c", "--preset", "smoke", "--seeds", "3", "--json",
             *(["--lr-grid", lr_grid] if lr_grid else [])]
     whole = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one")])
     assert whole.exit_code == 0, whole.output
     shared = str(tmp_path / "shared")
     first = CliRunner().invoke(app, [*args, "--out", shared, "--shard", "1/2"])
-    assert first.exit_code == 0 and "shard 1/2 is done" in first.stdout  # shard 2's runs are not there yet
+    assert first.exit_code == 0 and "shard 1/2 is done" in first.stderr  # shard 2's runs are not there yet
+    # the last to finish trains what shard 1 left (its later seeds, waiting on shard 2's rates) and writes the table
     second = CliRunner().invoke(app, [*args, "--out", shared, "--shard", "2/2"])
-    if lr_grid:  # the rates are chosen only now: shard 1's later seeds are still to train
-        assert "shard 2/2 is done" in second.stdout
-        second = CliRunner().invoke(app, [*args, "--out", shared, "--shard", "1/2"])
     assert second.exit_code == 0, second.output
     assert (tmp_path / "shared" / "table.json").read_text() == (tmp_path / "one" / "table.json").read_text()
     trained = sorted(p.parent.relative_to(shared) for p in Path(shared).rglob(ablate.RESULT_NAME))
     assert len(trained) == len(set(trained)) == 2 * ((2 if lr_grid else 1) + 2)
+
+
+def slow_train_one(config_json, folder, device, time_limit=None):
+    """recording_train_one after a pause that differs by run, so that shards running at once
+    overlap in every order: one finishes its grid runs while another still trains its own."""
+    config = json.loads(config_json)
+    time.sleep(0.03 * ((config["seed"] * 7 + int(config["lr"] * 100) + len(config["model"])) % 5))
+    return recording_train_one(config_json, folder, device, time_limit)
+
+
+def _shard(out, grid, index, count, jobs):
+    """One shard's process: exit 0 once its work is done (with the table or not), 1 on any error."""
+    try:
+        ablate.ablate(resolve("smoke", val_fraction=0.1), ["all-cnn-c", "model-c"], grid, [0, 1, 2], out,
+                      jobs=jobs, settings_grid={"batch_size": [16, 32]}, share=ablate.Share(index, count))
+    except BaseException:
+        os._exit(1)
+    os._exit(0)
+
+
+@pytest.mark.parametrize(("grid", "count"), [([0.05], 2), ([0.1, 0.05], 2), ([0.1, 0.05, 0.01], 3),
+                                             ([0.1, 0.05], 5)])
+def test_shards_at_once_leave_the_table_of_one_job(tmp_path, monkeypatch, grid, count):
+    """However many shards run at the same time, with or without a rate grid: every run trained
+    once, and the table the same as one job's."""
+    monkeypatch.setattr(pool, "train_one", slow_train_one)
+    one = ablate.ablate(resolve("smoke", val_fraction=0.1), ["all-cnn-c", "model-c"], grid, [0, 1, 2],
+                        tmp_path / "one", settings_grid={"batch_size": [16, 32]})
+    assert one is not None
+    context = multiprocessing.get_context("fork")  # the fake trainer travels with the process
+    shards = [context.Process(target=_shard, args=(tmp_path / "shared", grid, k, count, 1))
+              for k in range(1, count + 1)]
+    for shard in shards:
+        shard.start()
+    for shard in shards:
+        shard.join(60)
+        assert shard.exitcode == 0
+    assert (tmp_path / "shared" / "table.json").read_text() == (tmp_path / "one" / "table.json").read_text()
+    trained = [p.parent for p in (tmp_path / "shared").rglob(ablate.RESULT_NAME)]
+    assert len(trained) == 2 * 2 * (len(grid) + 2)
 
 
 @pytest.mark.parametrize(("shard", "message"), [("3/2", "1 <= K <= N"), ("1", "write K/N"), ("a/b", "write K/N")])
@@ -111,7 +153,7 @@ def test_ablate_time_limit_reaches_every_run_and_exits_124(tmp_path, monkeypatch
         limits.append(time_limit)
         raise TrainingStopped(TIME_LIMIT, Path(folder))
 
-    monkeypatch.setattr(ablate, "_train_one", stopped_at_the_limit)
+    monkeypatch.setattr(pool, "train_one", stopped_at_the_limit)
     result = CliRunner().invoke(app, ["ablate", "--models", "all-cnn-c", "--preset", "smoke", "--time-limit", "2h",
                                       "--out", str(tmp_path / "t")])
     assert result.exit_code == 124, result.output

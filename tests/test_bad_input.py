@@ -134,7 +134,7 @@ PRESET_FILES = [
     ("nesterov = true\nmomentum = 0.0", "nesterov"),
     ('data_dir = "somewhere"', "--data-dir somewhere"),
     ("learning_rate = 0.1", "learning_rate"),
-    ('preset = "smoke"', 'unknown key "preset"'),
+    ('preset = "smoke"', "a preset cannot name another"),
     ("[optim]\nlr = 0.1", 'unknown key "optim"'),
     ("epochs = ", "not valid TOML"),
     ("epochs = 1\nepochs = 2", "not valid TOML"),

@@ -72,5 +72,88 @@ def test_an_idx_set_becomes_an_image_folder_of_the_first_images_of_each_class(tm
 
 def test_a_file_that_is_not_idx_is_refused_by_name(tmp_path):
     _idx_file(tmp_path / "labels.gz", np.zeros(3), 1234)
-    with pytest.raises(SystemExit, match="labels.gz: an IDX file starts with 2049, this one with 1234"):
+    with pytest.raises(ValueError, match="labels.gz: an IDX file starts with 2049, this one with 1234"):
         idx["read_idx"](tmp_path / "labels.gz", idx["IDX_LABELS"])
+
+
+def _script(name: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPTS / name), *map(str, args)], capture_output=True, text=True)
+
+
+def _idx_set(root: Path, train: int = 6, test: int = 3, classes: int = 3) -> Path:
+    root.mkdir()
+    for prefix, count in (("train", train), ("t10k", test)):
+        _idx_file(root / f"{prefix}-images-idx3-ubyte.gz", np.zeros((count, 28, 28)), idx["IDX_IMAGES"])
+        _idx_file(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(count) % classes, idx["IDX_LABELS"])
+    return root
+
+
+def _cut_short(path: Path):
+    path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-10]))
+
+
+def _one_line_error(result: subprocess.CompletedProcess, words: str):
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1 and words in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--train", "-1"], "argument --train: -1 is not allowed: give 1 to 100,000"),
+    (["--test", "0"], "argument --test: 0 is not allowed"),
+    (["--classes", "1"], "argument --classes: 1 is not allowed: give 2 to 1,000"),
+    (["--classes", "ten"], "'ten' is not a whole number"),
+    (["--seed", "-3"], "argument --seed: -3 is not allowed"),
+    (["--colour", "red"], "unrecognized arguments: --colour red"),
+])
+def test_glyphs_arguments_are_checked_in_one_line(tmp_path, args, words):
+    _one_line_error(_script("make_glyphs.py", tmp_path / "out", *args), words)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--train", "-5"], "argument --train: -5 is not allowed: give 1 to 1,000,000"),
+    (["--test", "0"], "argument --test: 0 is not allowed"),
+    (["--train", "1.5"], "'1.5' is not a whole number"),
+    ([], "the following arguments are required: out"),
+])
+def test_idx_arguments_are_checked_in_one_line(tmp_path, args, words):
+    source = _idx_set(tmp_path / "idx")
+    _one_line_error(_script("idx_to_folder.py", source, *([] if not args else [tmp_path / "out"]), *args), words)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("damage", "words"), [
+    (lambda root: root.rename(root.with_name("elsewhere")), "is not a folder"),
+    (lambda root: (root / "t10k-labels-idx1-ubyte.gz").unlink(), "t10k-labels-idx1-ubyte.gz is missing"),
+    (lambda root: (root / "train-images-idx3-ubyte.gz").write_bytes(b"plain"), "is not a gzip file"),
+    (lambda root: _cut_short(root / "train-images-idx3-ubyte.gz"), "cut short or damaged"),
+    (lambda root: _idx_file(root / "t10k-labels-idx1-ubyte.gz", np.zeros(2), idx["IDX_LABELS"]),
+     "3 test images but 2 labels"),
+])
+def test_a_bad_idx_folder_is_one_line(tmp_path, damage, words):
+    source = _idx_set(tmp_path / "idx")
+    damage(source)
+    _one_line_error(_script("idx_to_folder.py", source, tmp_path / "out"), words)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script", ["make_glyphs.py", "idx_to_folder.py"])
+def test_an_output_folder_is_written_whole(tmp_path, script):
+    """A smaller set written where a larger one was: refused, or with --force the folder replaced
+    whole, no class of the larger set left behind."""
+    out = tmp_path / "out"
+    larger, smaller = (["--classes", "4"], ["--classes", "2"]) if script == "make_glyphs.py" else ([], [])
+    sources = [] if script == "make_glyphs.py" else [_idx_set(tmp_path / "three", classes=3),
+                                                      _idx_set(tmp_path / "two", classes=2)]
+    common = ["--train", "1", "--test", "1"]
+    first = _script(script, *sources[:1], out, *larger, *common)
+    assert first.returncode == 0, first.stderr
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    again = _script(script, *sources[1:], out, *smaller, *common)
+    _one_line_error(again, "is not empty: give a new folder, or --force to replace it whole")
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # untouched
+    forced = _script(script, *sources[1:], out, *smaller, *common, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert len(list((out / "train").iterdir())) == len(list((out / "test").iterdir())) == 2
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left

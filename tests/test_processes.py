@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 import allconv_cli
 from allconv_cli import ablate
+from allconv_cli.ablate import pool
 from allconv_cli.cli import app
 from allconv_cli.device import available_devices
 from allconv_cli.processes import WorkerPool, catch_signals
@@ -251,7 +252,7 @@ def test_every_command_checks_its_device_first(tmp_path, command):
 
 
 def test_the_ablation_checks_the_device_before_it_writes(tmp_path, monkeypatch):
-    monkeypatch.setattr(ablate, "_train_one", lambda *args: pytest.fail("a run started"))
+    monkeypatch.setattr(pool, "train_one", lambda *args: pytest.fail("a run started"))
     from allconv_cli.train.settings import resolve
 
     with pytest.raises(ValueError, match="device 'meta' holds no data"):

@@ -86,7 +86,7 @@ def test_the_readme_examples_run_in_a_fresh_copy_and_leave_it_clean(tmp_path, mo
         result = runner.invoke(app, [*words, *BUDGETS[words[0]]])
         assert result.exit_code == 0, (words, result.output, result.exception)
     for written in ("runs/first/model.safetensors", "runs/first/confusion-sample-test.png", "runs/first/model.onnx",
-                    "runs/smoke/curves.png", "grid.png", "sanity/similarity.png", "faithfulness.png"):
+                    "runs/smoke/curves.png", "chelsea-conv6.png", "sanity/similarity.png", "faithfulness.png"):
         assert (copy / written).is_file(), f"the README says an example writes {written}"
     if git:
         status = subprocess.run([git, "status", "--porcelain", "--untracked-files=all"], cwd=copy,

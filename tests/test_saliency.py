@@ -207,7 +207,8 @@ def test_the_model_is_left_exactly_as_it_was():
     neurons = select_targets(model, x, "conv4", top_channels=2)
     classes = select_targets(model, x, target_class="predicted")
     for method, entry in SALIENCY_METHODS.items():
-        saliency_maps(model, x, classes if entry.needs_class else neurons, method, cam_layer="conv6")
+        saliency_maps(model, x, classes if entry.needs_class else neurons, method, cam_layer="conv6",
+                      black=torch.zeros(1, 3, 16, 16))
     with pytest.raises(ValueError, match="not a \\(B, C, H, W\\) feature map"):
         select_targets(nn.Sequential(model, nn.Flatten()), x, "1")  # fails inside the forward
     assert [m.training for m in model.modules()] == modes
@@ -582,4 +583,6 @@ def test_every_entry_names_a_function_that_exists():
     for name, entry in SALIENCY_METHODS.items():
         assert callable(entry.function()), name
         assert entry.function().__module__ == "allconv_cli.explain.maps" or callable(entry.compute), name
-    assert set(fitting(by_class=False)) == {"backprop", "deconvnet", "guided"} == set(PAPER_METHODS)
+    assert set(PAPER_METHODS) == {"backprop", "deconvnet", "guided"}
+    assert set(fitting(by_class=False)) == set(PAPER_METHODS) | {"input-x-gradient", "integrated-gradients",
+                                                                 "smoothgrad", "occlusion"}

@@ -12,6 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from allconv_cli.cli import app
+from allconv_cli.explain.methods import fitting
 from allconv_cli.explain.sanity import (
     randomized,
     sanity_check,
@@ -148,7 +149,8 @@ def test_sanity_check_stages_scores_and_an_untouched_model(workdir):
         assert row["spearman_abs"] == pytest.approx(1) and row["ssim"] == pytest.approx(1)
     # a neuron of conv3: only conv3 and the layers below can change its map
     neuron = sanity_check(loaded, images[:1], "conv3", seed=3)
-    assert list(neuron.maps) == ["backprop", "deconvnet", "guided"]
+    assert list(neuron.maps) == list(fitting(by_class=False))  # every method that explains a neuron
+    assert {"backprop", "deconvnet", "guided", "integrated-gradients", "occlusion"} <= set(neuron.maps)
     assert neuron.stage_names == ["conv3", "conv3..conv2", "conv3..conv1"]
     assert {t.layer for t in neuron.targets} == {"conv3"}
 

@@ -8,7 +8,8 @@ import typer
 
 from allconv_cli.cli import app
 from allconv_cli.train.optimizers import OPTIMIZERS
-from allconv_cli.train.config import FIELDS, TrainConfig, allowed, kind, shown_default
+from allconv_cli.train.config import FIELDS, TrainConfig, kind, shown_default
+from allconv_cli.train.fields import PANELS
 from allconv_cli.train.settings import CHOICES, RANGES
 
 # Each command that takes the training settings: its own options, and the settings it varies itself
@@ -33,7 +34,7 @@ def test_the_options_are_the_settings_and_the_commands_own(command):
 
 @pytest.mark.parametrize(("command", "name"), [(command, name) for command, (_, varied) in COMMAND_OPTIONS.items()
                                                for name in FIELDS if name not in varied])
-def test_each_setting_has_one_option_whose_default_choices_and_range_come_from_it(command, name):
+def test_each_setting_has_one_option_whose_default_choices_and_panel_come_from_it(command, name):
     [option] = [o for o in train_options(command) if o.name == name]
     meta = FIELDS[name].metadata
     assert option.default is None  # "not given": the preset or the default applies
@@ -41,8 +42,7 @@ def test_each_setting_has_one_option_whose_default_choices_and_range_come_from_i
     assert option.help.endswith(f"Default: {shown_default(name)}.")
     for choice in meta["choices"] or ():
         assert choice in option.help
-    if meta["check"] is not None:
-        assert f"Takes {allowed(name)}." in option.help
+    assert option.rich_help_panel == meta["panel"] and meta["panel"] in PANELS
     if kind(name) is bool:
         assert option.is_flag and option.secondary_opts  # --x/--no-x: either way can be given
 

@@ -2,6 +2,7 @@
 
 import inspect
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from typer.testing import CliRunner
 
 from allconv_cli.cli import app
 from allconv_cli.explain import figures, maps
-from allconv_cli.explain.methods import METHODS, SALIENCY_METHODS, Method
+from allconv_cli.explain.methods import METHODS, SALIENCY_METHODS, Method, Setting
 from allconv_cli.files import loading
 from allconv_cli.files.raw_maps import read_raw_maps
 from allconv_cli.files.weights import save_weights
@@ -139,7 +140,7 @@ def test_inputs_are_checked_before_the_output(workdir, tmp_path, monkeypatch):
     as an image is reported first; the existing output is refused once the inputs are good."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "photos").mkdir()
-    (tmp_path / "grid.png").write_bytes(b"a former grid")
+    (tmp_path / "a-conv9.png").write_bytes(b"a former grid")  # visualize's default name: image and layer
     (tmp_path / "sanity").mkdir()
     (tmp_path / "sanity" / "guided.png").write_bytes(b"a former grid")
     for command in ("visualize", "sanity"):
@@ -149,8 +150,8 @@ def test_inputs_are_checked_before_the_output(workdir, tmp_path, monkeypatch):
         image = [str(workdir / "a.png"), "--checkpoint", str(workdir / "run"), "--device", "cpu"]
         existing = runner.invoke(app, [command, *image] + (["--methods", "guided"] if command == "sanity" else []))
         assert existing.exit_code == 2 and "already exists: pass --force" in existing.output, existing.output
-    assert (tmp_path / "grid.png").read_bytes() == b"a former grid"
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["grid.png", "guided.png", "photos", "sanity"]
+    assert (tmp_path / "a-conv9.png").read_bytes() == b"a former grid"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a-conv9.png", "guided.png", "photos", "sanity"]
 
 
 def test_the_scan_progress_bar_on_a_terminal(workdir, tmp_path, monkeypatch):
@@ -168,8 +169,8 @@ def test_the_scan_progress_bar_on_a_terminal(workdir, tmp_path, monkeypatch):
     seen = []
     real = scan.top_patches
 
-    def top_patches(*args):
-        return real(*args[:-1], lambda count: (seen.append(count), args[-1](count)))
+    def top_patches(*args, **kwargs):
+        return real(*args[:-1], lambda count: (seen.append(count), args[-1](count)), **kwargs)
 
     monkeypatch.setattr(scan, "top_patches", top_patches)
     result = visualize(workdir, "--dataset", "cifar10", "--layer", "conv6", "--top", "2",
@@ -355,9 +356,11 @@ def test_the_raw_maps_reader_refuses_other_files(tmp_path):
         write_raw_maps(tmp_path / "bad.safetensors", "saliency", {}, {"image": torch.zeros(1)}, {})
 
 
-def input_x_gradient(model, x, rows, layer):
-    """Gradient times input (Shrikumar et al., 2016): signed, for a neuron or a class."""
-    return maps.backprop(model, x, rows) * x
+def scaled_gradient(model, x, rows, layer, *, gain, jitter, generator):
+    """The gradient times ``gain``, plus ``jitter`` times noise from ``generator``: a method with
+    settings of its own, one of them a seed."""
+    noise = torch.randn(x.shape, generator=generator, device=x.device)
+    return gain * maps.backprop(model, x, rows) + jitter * noise
 
 
 def gradient_magnitude(model, x, rows, layer):
@@ -365,9 +368,13 @@ def gradient_magnitude(model, x, rows, layer):
     return maps.backprop(model, x, rows).abs().amax(1, keepdim=True)
 
 
-NEW_METHODS = {"input-x-gradient": Method("input × gradient", input_x_gradient),
-               "gradient-magnitude": Method("gradient magnitude", gradient_magnitude, needs_class=True,
-                                            colormap="viridis")}
+NEW_METHODS = {
+    "scaled-gradient": Method("scaled gradient", scaled_gradient, prefix="scaled", settings=(
+        Setting("gain", 1.0, "Factor of the gradient.", 0.0, 100.0),
+        Setting("jitter", 0.0, "Noise added, in input units.", 0.0),
+        Setting("seed", 0, "Seed of the noise.", 0))),
+    "gradient-magnitude": Method("gradient magnitude", gradient_magnitude, needs_class=True, colormap="viridis")}
+SETTINGS_OPTIONS = ("--scaled-gain", "--scaled-jitter", "--scaled-seed")
 
 
 @pytest.fixture
@@ -379,8 +386,8 @@ def new_methods(monkeypatch):
 
 
 def test_a_new_method_is_one_entry(workdir, tmp_path, new_methods, monkeypatch):
-    """Added as entries, two methods are computed, validated, drawn and scored by visualize and
-    faithfulness with no other change."""
+    """Added as entries, two methods (one with settings) are computed, validated, drawn and scored
+    by visualize and faithfulness with no other change."""
     out, raw = tmp_path / "grid.png", tmp_path / "maps.safetensors"
     image = str(workdir / "a.png")
     refused = visualize(workdir, image, "--methods", "gradient-magnitude", "--out", str(out))
@@ -393,24 +400,92 @@ def test_a_new_method_is_one_entry(workdir, tmp_path, new_methods, monkeypatch):
 
     monkeypatch.setattr(figures, "render", render)
     result = visualize(workdir, image, "--class", "dog", "--methods", ",".join(["guided", *new_methods]),
-                       "--out", str(out), "--raw", str(raw))
+                       "--scaled-gain", "2", "--out", str(out), "--raw", str(raw), "--json")
     assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["settings"]["scaled-gradient"] == {"gain": 2.0, "jitter": 0.0, "seed": 0}
     written = read_raw_maps(raw)
-    assert written.maps["input-x-gradient"].shape == (1, 3, 16, 16)
+    assert written.maps["scaled-gradient"].shape == (1, 3, 16, 16)
     assert written.maps["gradient-magnitude"].shape == (1, 1, 16, 16)
-    torch.testing.assert_close(written.maps["gradient-magnitude"], written.maps["input-x-gradient"].div(
-        written.tensors["input"]).abs().amax(1, keepdim=True), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(written.maps["gradient-magnitude"],
+                               written.maps["scaled-gradient"].div(2).abs().amax(1, keepdim=True))
     (cells, *_), groups, caption = drawn[0]
-    assert [title for title, _ in groups] == ["input", "guided backprop", "input × gradient", "gradient magnitude"]
+    assert [title for title, _ in groups] == ["input", "guided backprop", "scaled gradient", "gradient magnitude"]
     colours = colormaps["viridis"](np.linspace(0, 1, 256))[:, :3]
     assert np.abs(cells[3].reshape(-1, 1, 3) - colours[None]).sum(-1).min(1).max() < 0.01  # viridis
     assert "gradient magnitude 0 to max (viridis)" in caption
     scored = runner.invoke(app, ["faithfulness", image, "--checkpoint", str(workdir / "run"), "--device", "cpu",
-                                 "--steps", "2", "--json", "--out", str(tmp_path / "chart.png")])
+                                 "--steps", "2", "--json", "--out", str(tmp_path / "chart.png"),
+                                 "--scaled-jitter", "0.5", "--scaled-seed", "3"])
     assert scored.exit_code == 0, scored.output
     report = json.loads(scored.stdout)
     assert [row["method"] for row in report["table"]] == [*METHODS, *new_methods, "random", "sobel"]
     assert len(report["mean_curves"]["gradient-magnitude"]["insertion"]) == 3
+    assert report["settings"]["scaled-gradient"] == {"gain": 1.0, "jitter": 0.5, "seed": 3}
+
+
+def test_a_method_with_settings_in_all_three_commands(workdir, tmp_path, new_methods):
+    """The entry's settings are options of visualize, sanity and faithfulness, in their help with
+    the entry's text, default and range; checked; refused for a method not chosen; and a seeded
+    method's noise is the same at every stage of the sanity check."""
+    for command in ("visualize", "sanity", "faithfulness"):
+        shown = runner.invoke(app, [command, "--help"], env={"COLUMNS": "300"})
+        assert shown.exit_code == 0
+        for option in SETTINGS_OPTIONS:
+            assert option in shown.output, (command, option)
+        assert "scaled-gradient: Factor of the gradient. Default: 1.0; 0.0 to 100.0." in shown.output
+    image = str(workdir / "a.png")
+    common = ["--checkpoint", str(workdir / "run"), "--device", "cpu"]
+    checked = runner.invoke(app, ["sanity", image, *common, "--methods", "scaled-gradient,guided",
+                                  "--scaled-gain", "3", "--scaled-jitter", "0.1", "--out", str(tmp_path / "s"),
+                                  "--json"])
+    assert checked.exit_code == 0, checked.output
+    report = json.loads(checked.stdout)
+    assert report["settings"]["scaled-gradient"] == {"gain": 3.0, "jitter": 0.1, "seed": 0}
+    assert (tmp_path / "s" / "scaled-gradient.png").exists()
+    shown = visualize(workdir, image, "--class", "dog", "--methods", "integrated-gradients", "--ig-steps", "4",
+                      "--ig-baseline", "mean", "--out", str(tmp_path / "ig.png"))
+    assert shown.exit_code == 0, shown.output
+    assert "; integrated-gradients: baseline to image " in shown.output and ", completeness error " in shown.output
+    for args, message in ((["--methods", "scaled-gradient", "--scaled-gain", "-1"], "--scaled-gain -1.0: give 0.0 "
+                                                                                    "to 100.0"),
+                          (["--methods", "guided", "--scaled-seed", "2"], "--scaled-seed sets scaled-gradient, "
+                                                                          "which is not among the methods")):
+        for command in ("visualize", "sanity", "faithfulness"):
+            refused = runner.invoke(app, [command, image, *common, *args, "--class", "dog",
+                                          "--out", str(tmp_path / ("x.png" if command != "sanity" else "x"))])
+            assert refused.exit_code == 2, (command, refused.output)
+            assert message in refused.output and "Traceback" not in refused.output
+
+
+def test_method_options_never_clash(new_methods):
+    """Over every entry (the fixture's too) and every command that computes maps: each setting is
+    an option of each command, and no option name is declared twice."""
+    import typer
+
+    from allconv_cli.explain.methods import setting_options
+
+    options = setting_options()
+    assert len(options) == sum(len(entry.settings) for entry in SALIENCY_METHODS.values())
+    group = typer.main.get_command(app)
+    for name in ("visualize", "sanity", "faithfulness"):
+        declared = [flag for param in group.commands[name].params for flag in param.opts + param.secondary_opts]
+        assert len(declared) == len(set(declared)), name
+        assert set(options) <= set(declared), name
+
+
+def test_a_clashing_setting_is_refused(monkeypatch):
+    """A setting whose option a command already has (--seed of faithfulness) or another entry's."""
+    from allconv_cli.explain.methods import setting_options
+
+    monkeypatch.setitem(SALIENCY_METHODS, "clash", Method("clash", gradient_magnitude, prefix="smoothgrad",
+                                                          settings=(Setting("seed", 0, "Seed.", 0),)))
+    with pytest.raises(ValueError, match="clash and smoothgrad both declare --smoothgrad-seed"):
+        setting_options()
+    monkeypatch.delitem(SALIENCY_METHODS, "clash")
+    monkeypatch.setitem(SALIENCY_METHODS, "batch", Method("batch", gradient_magnitude, settings=(
+        Setting("size", 1, "Rows.", 1),)))
+    with pytest.raises(ValueError, match="batch's setting size would be --batch-size, which faithfulness already has"):
+        runner.invoke(app, ["faithfulness", "--help"])
 
 
 def test_help_summaries_are_whole_sentences():
@@ -424,3 +499,26 @@ def test_help_summaries_are_whole_sentences():
         assert summary.endswith(".") and summary in shown.output, (command.callback.__name__, summary)
         for paragraph in [summary, *rest]:
             assert "\n" not in paragraph or paragraph.startswith("Example"), (command.callback.__name__, paragraph)
+
+
+def test_a_second_image_or_layer_never_meets_the_first_ones_grid(workdir, tmp_path, monkeypatch):
+    """Issue #58: the default grid is named after its image and layer, so no --force is needed."""
+    monkeypatch.chdir(tmp_path)
+    for args in (["a.png"], ["b.jpg"], ["a.png", "--layer", "conv6"], ["a.png", "b.jpg"],
+                 ["a.png", "--class", "predicted", "--methods", "gradcam"]):
+        result = visualize(workdir, *(str(workdir / a) if a.endswith((".png", ".jpg")) else a for a in args))
+        assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a-and-1-more-conv9.png", "a-conv6.png", "a-conv9-class.png", "a-conv9.png", "b-conv9.png"]
+    again = visualize(workdir, str(workdir / "a.png"))
+    assert again.exit_code == 2 and "a-conv9.png already exists: pass --force" in again.output
+
+
+def test_the_readmes_grad_cam_line_works(workdir, tmp_path, monkeypatch):
+    """The README's saliency paragraph says how to get Grad-CAM: those options make its map."""
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    options = re.search(r"Grad-CAM explains a class: `([^`]+)`", readme).group(1).split()
+    monkeypatch.chdir(tmp_path)
+    result = visualize(workdir, str(workdir / "a.png"), *options, "--json")
+    assert result.exit_code == 0, result.output
+    assert "gradcam" in options and json.loads(result.stdout)["targets"][0]["class"].split()[0] in CLASSES

@@ -10,10 +10,13 @@ from typing import Annotated, Optional
 import typer
 
 from allconv_cli.cli.common import (
+    AsJson,
     EXIT_FAILED,
     EXIT_SIGNAL,
+    Quiet,
     duration,
     make_console,
+    out_option,
     parse_duration,
     parse_numbers,
     user_errors,
@@ -28,13 +31,13 @@ def ablate(
     lr_grid: Annotated[Optional[str], typer.Option("--lr-grid", help="'paper' for {0.25, 0.1, 0.05, 0.01}, or comma-separated rates; picked on --val-fraction (0.1 unless given). Default: the one rate of --lr or the preset.", show_default=False)] = None,
     grid: Annotated[Optional[list[str]], typer.Option("--grid", metavar="KEY=V1,V2", help="Vary any training setting: KEY=V1,V2 (repeatable; every combination is trained, a list as 200:250:300), e.g. --grid batch_size=128,256 --grid weight_init=xavier,caffe-xavier. Each combination gets its run folders and its rows in the table and chart.", show_default=False)] = None,
     seeds: Annotated[str, typer.Option(help="How many seeds, e.g. 3 (seeds 0, 1 and 2), or which, e.g. 0,4,7.")] = "1",
-    jobs: Annotated[Optional[int], typer.Option(help="Runs at once. Default: 4 per GPU on CUDA (4 runs at once each trained at one run's speed on an H200), else 1. A run starts on the GPU where one has just ended.", show_default=False)] = None,
-    shard: Annotated[Optional[str], typer.Option("--shard", metavar="K/N", help="K/N: train only the K-th of N shares of the runs (dealt round-robin), so that N jobs (a job array, N machines) with the same --out split the ablation; the share that finishes last writes the table.", show_default=False)] = None,
+    jobs: Annotated[Optional[int], typer.Option(help="Runs at once. Default: 4 per GPU on CUDA (4 runs at once each trained at one run's speed on an H200), else 1. A run starts on the GPU where one has just ended. More than the machine runs at once: a warning, then the work.", show_default=False)] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", metavar="K/N", help="K/N: train the K-th of N shares of the runs (dealt round-robin), then what shares that finished left waiting on a rate grid, so that N jobs (a job array, N machines) with the same --out split the ablation; the last to finish writes the table.", show_default=False)] = None,
     time_limit: Annotated[Optional[str], typer.Option("--time-limit", metavar="DURATION", help="Stop every run, resumably, before this much wall-clock time has passed (e.g. 3h50m, 90min, 1:30:00), exit 124; the same command continues.", show_default=False)] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="The ablation folder; the same command continues it.")] = Path("runs/ablation"),
-    dry_run: Annotated[bool, typer.Option("--dry-run", metavar="", help="List the runs, the images they train on and an estimate of the time (from one measured training step of each model), then stop; reads no data and writes nothing.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress on stderr (there is none either when stderr is not a terminal).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the table (with --dry-run: the plan) as JSON.")] = False,
+    out: Annotated[Path, out_option("The ablation folder; the same command continues it.", default_shown=True)] = Path("runs/ablation"),
+    dry_run: Annotated[bool, typer.Option("--dry-run", metavar="", help="Check everything a run checks, list the runs, the images they train on and an estimate of the time (from one measured training step), then stop; reads no data and writes nothing.")] = False,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
     **settings,
 ):
     """Reproduce the paper's ablation (Table 3), or compare recipes: train each model under one protocol (a preset and any training setting), optionally over the paper's learning-rate grid (picked on a validation split, never the test set), over a --grid of other settings and over several seeds, and write the table (Markdown, CSV, JSON) and a bar chart beside the paper's. Writes everything in --out: ablation.json (the plan), one run folder per model, combination, rate and seed, table.md, table.csv, table.json and chart.png. Interrupted? Run the same command again: finished runs are kept, others resume.
@@ -63,12 +66,12 @@ def ablate(
         errors = make_console(True)
         show = not quiet and errors.is_terminal
         if dry_run:
-            _print_plan(base, names, rates, seed_list, settings_grid, out, as_json, errors if show else None)
+            _print_plan(base, names, rates, seed_list, settings_grid, out, jobs, as_json, errors, show)
             return
         progress = _printed_progress(errors) if show else None
         try:
             rows = ablation.ablate(base, names, rates, seed_list, out, jobs, progress, settings_grid,
-                                   ablation.Share(index, count, deadline))
+                                   ablation.Share(index, count, deadline), warn=errors.print)
         except (KeyboardInterrupt, TrainingStopped) as stop:  # a stopped run keeps its checkpoint
             signum = getattr(stop, "signum", 2)
             cause = "time limit reached" if signum == TIME_LIMIT else "interrupted"
@@ -80,7 +83,7 @@ def ablate(
             raise typer.Exit(EXIT_FAILED) from None
     if rows is None:
         typer.echo(f"shard {index}/{count} is done; other shards' runs are not finished yet: the last shard to "
-                   f"finish (or the same command run again once they are) writes the table in {out}")
+                   f"finish (or the same command run again once they are) writes the table in {out}", err=True)
         return
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
@@ -97,30 +100,41 @@ def ablate(
 
 
 def _print_plan(base, names: list[str], grid: list[float], seeds: list[int], settings_grid: dict, out: Path,
-                as_json: bool, status):
-    """--dry-run: the runs, the images they train on and the time one measured step per model gives;
-    ``status`` (a console, or None) shows that the step is being timed."""
+                jobs: int | None, as_json: bool, errors, show: bool):
+    """--dry-run: the checks of a real run, then the runs, the images they train on and the time
+    one measured step per combination gives; ``errors`` (shown if ``show``) says a step is timed."""
     from allconv_cli import ablate as ablation
 
-    sizes = ablation.split_sizes(base)
+    prepared = ablation.prepare(base, names, grid, seeds, out, jobs, settings_grid)
+    if prepared["warning"]:
+        errors.print(prepared["warning"])
+    configs = prepared["configs"]
+    sizes = [ablation.split_sizes(config) for config in configs]
     combos = ablation.variants(settings_grid)
     runs = ablation.planned_runs(names, grid, seeds, combos)
-    total = ablation.cost(base, names, grid, seeds, sizes["train"], len(combos))
-    with status.status("timing one training step of each model", transient=True) if status \
-            else contextlib.nullcontext():
-        estimate = ablation.estimate_seconds(base, names, grid, seeds, sizes, len(combos))
+    total = ablation.cost(configs, grid, seeds, sizes)
+    with errors.status("timing a training step", transient=True) if show else contextlib.nullcontext():
+        estimate = ablation.estimate_seconds(configs, grid, seeds, sizes)
     if as_json:
-        typer.echo(json.dumps({**total, "images": sizes, "estimate": estimate, "plan": runs}, indent=2))
+        typer.echo(json.dumps({**total, "images": sizes[0], "estimate": estimate, "plan": runs}, indent=2))
         return
+    # configs and sizes are in the order of the units: each model under each combination
+    units = {(m, ablation.variant_name(v)): i for i, (m, v) in enumerate((m, v) for m in names for v in combos)}
     for i, run in enumerate(runs, 1):
+        unit = units[(run["model"], run.get("settings", ""))]
         typer.echo(f"{i:3d}. {run['model']}  {run.get('settings', '')}{'  ' if 'settings' in run else ''}"
                    f"lr {run['lr']}  seed {run['seed']}  "
-                   f"{base.epochs} epochs x {sizes['train']:,} images")
-    typer.echo(f"{total['runs']} runs, {total['epochs']:,} epochs, "
-               f"{total['training_images']:,} training images in all -> {out}")
+                   f"{counted(configs[unit].epochs, 'epoch')} x {counted(sizes[unit]['train'], 'image')}")
+    typer.echo(f"{counted(total['runs'], 'run')}, {counted(total['epochs'], 'epoch')}, "
+               f"{counted(total['training_images'], 'training image')} in all -> {out}")
     speeds = ", ".join(f"{m} {e['images_per_s']:,.0f} img/s" for m, e in estimate["per_model"].items())
     typer.echo(f"estimated time: {duration(estimate['seconds'])} on {estimate['device_name']} "
-               f"({estimate['device']}, {estimate['precision']}; measured {speeds}: {estimate['measured']})")
+               f"({estimate['device']}, {estimate['precision']}; {speeds}: {estimate['measured']})")
+
+
+def counted(number: int, thing: str) -> str:
+    """(1, 'epoch') -> '1 epoch'; (1024, 'image') -> '1,024 images'."""
+    return f"{number:,} {thing}{'' if number == 1 else 's'}"
 
 
 def _printed_progress(errors):

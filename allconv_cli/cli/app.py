@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from allconv_cli import __version__
 from allconv_cli.cli import (
@@ -23,8 +24,31 @@ from allconv_cli.cli import (
     train,
 )
 
+
+
+class _FlagsShowNoValue:
+    """Typer shows a type, ``<bool>``, after flags that take no value, its own --help and
+    --install-completion among them; ours set ``metavar=""``, and this does the same for Typer's."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class _Group(_FlagsShowNoValue, TyperGroup):
+    pass
+
+
+class _Command(_FlagsShowNoValue, TyperCommand):
+    pass
+
+
 app = typer.Typer(
     name="allconv",
+    cls=_Group,
     no_args_is_help=True,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -48,12 +72,12 @@ def main(
     """
 
 
-for command in (models.models, train.train):
-    app.command()(command)
-app.command("eval")(evaluate.evaluate)
-for command in (ablate.ablate, explain.visualize, explain.sanity, faithfulness.faithfulness, export.export,
-                benchmark.benchmark):
-    app.command()(command)
+# in the README's order: what there is, train, evaluate, export, then ablate and explain
+for name, command in (("models", models.models), ("train", train.train), ("eval", evaluate.evaluate),
+                      ("export", export.export), ("ablate", ablate.ablate), ("visualize", explain.visualize),
+                      ("sanity", explain.sanity), ("faithfulness", faithfulness.faithfulness),
+                      ("benchmark", benchmark.benchmark)):
+    app.command(name, cls=_Command)(command)
 
 
 def run():

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from allconv_cli.cli.common import Threads, make_console, user_errors
+from allconv_cli.cli.common import AsJson, Threads, make_console, user_errors
 from allconv_cli.cli.options import given_settings, takes_settings
 
 
@@ -16,7 +16,7 @@ def benchmark(
     mode: Annotated[str, typer.Option(help="train (the trainer's own step with its data path), infer (the network alone), data (batches, augmentation, standardization) or all.")] = "all",
     steps: Annotated[Optional[int], typer.Option(help="Timed steps. Default: 20 on the CPU, 200 on CUDA.", show_default=False)] = None,
     warmup: Annotated[Optional[int], typer.Option(help="Untimed steps before them. Default: 5 on the CPU, 50 on CUDA.", show_default=False)] = None,
-    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the results as JSON.")] = False,
+    as_json: AsJson = False,
     threads: Threads = None,
     **settings,
 ):

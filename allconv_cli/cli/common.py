@@ -1,5 +1,6 @@
-"""What every command shares: one-line errors with exit codes, rich consoles that never wrap a
-value in a file or pipe, progress bars on stderr, and small parsers of option values."""
+"""What every command shares: the options that are not training settings (one declaration and
+help text each), one-line errors with exit codes, rich consoles that never wrap a value in a file
+or pipe, progress bars on stderr, and small parsers of option values."""
 
 from __future__ import annotations
 
@@ -10,6 +11,22 @@ from typing import Annotated, Optional
 import typer
 
 EXIT_USAGE = 2  # bad names, options or input files
+
+# The options every command shares; stdout carries results alone, so --json can be piped
+AsJson = Annotated[bool, typer.Option("--json", metavar="", show_default=False,
+                                      help="Print the results as JSON on stdout (progress stays on stderr).")]
+Force = Annotated[bool, typer.Option("--force", metavar="", show_default=False,
+                                     help="Replace outputs that exist (otherwise refused).")]
+Device = Annotated[str, typer.Option("--device", help="auto (the first GPU, else the CPU), cpu, cuda or cuda:N.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", metavar="", show_default=False,
+                                     help="No progress or time estimate on stderr (none either when it is not a "
+                                          "terminal).")]
+
+
+def out_option(help: str, default_shown: bool = False):
+    """--out / -o: what a command writes, and where by default (its help, the command's own)."""
+    return typer.Option("--out", "-o", help=help, show_default=default_shown)
+
 
 
 @contextlib.contextmanager
@@ -90,7 +107,9 @@ def parse_duration(text: str, option: str = "--time-limit") -> float:
     try:
         if ":" in words:
             parts = [float(p) for p in words.split(":")]
-            if len(parts) > 3:
+            # a batch system's H:MM:SS: whole fields but the last, none negative, minutes and seconds under 60
+            if len(parts) > 3 or not (parts[0] >= 0 and all(0 <= p < 60 for p in parts[1:])
+                                      and all(p % 1 == 0 for p in parts[:-1])):
                 raise ValueError
             seconds = sum(p * 60**i for i, p in enumerate(reversed(parts)))
         else:
@@ -100,7 +119,8 @@ def parse_duration(text: str, option: str = "--time-limit") -> float:
                 raise ValueError
             seconds = sum(float(n) * DURATION_UNITS[unit or "s"] for n, unit in pieces)
     except ValueError:
-        raise ValueError(f"{option} {text!r} is not a duration: write e.g. 3h50m, 90min, 45s or 1:30:00") from None
+        raise ValueError(f"{option} {text!r} is not a duration: write e.g. 3h50m, 90min, 45s or 1:30:00 "
+                         "(H:MM:SS, minutes and seconds 0 to 59)") from None
     if not 0 < seconds < 366 * 86400:
         raise ValueError(f"{option} {text!r}: give a duration above 0 and under a year")
     return seconds

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from allconv_cli.cli.common import Threads, make_console, progress_bar, user_errors
+from allconv_cli.cli.common import AsJson, Device, Quiet, Threads, make_console, out_option, progress_bar, user_errors
+from allconv_cli.util import plural
 
 
 def evaluate(
@@ -19,11 +20,11 @@ def evaluate(
     tta: Annotated[str, typer.Option("--tta", help="Test-time augmentation: none, flip (average the predictions of each image and its mirror) or flip-shift (also both moved by one pixel down-right and up-left, weighted half).")] = "none",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch.")] = 256,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate at most this many images (a fixed subset).", show_default=False)] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Device = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast where the CPU or GPU computes bf16 natively, else fp32), fp32, bf16 or fp16 (CUDA only).")] = "auto",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The confusion-matrix PNG. Default: confusion-DATASET-SPLIT.png in the run folder, or in the current directory for a checkpoint outside one (the bundled weights, a loose .safetensors file).", show_default=False)] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress bar on stderr (there is none either when stderr is not a terminal).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the results as JSON.")] = False,
+    out: Annotated[Optional[Path], out_option("The confusion-matrix PNG. Default: confusion-DATASET-SPLIT.png in the run folder, or in the current directory for a checkpoint outside one (the bundled weights, a loose .safetensors file).")] = None,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
     threads: Threads = None,
 ):
     """Evaluate a trained model: top-1 and top-5 error, loss, per-class accuracy, a confusion-matrix PNG, and the paper's error for that model and data set where it has one. Writes only the PNG (see --out).
@@ -62,7 +63,8 @@ def _print_evaluation(result: dict, split: str, tta: str, png: Path):
 
     console = make_console(False)
     table = Table(title=f"{result['model']} (epoch {result['epoch']}) on {result['dataset']} {split}, "
-                  f"{result['count']:,} images{f' with {tta} TTA' if tta != 'none' else ''}, {result['precision']}",
+                  f"{plural(result['count'], 'image')}{f' with {tta} TTA' if tta != 'none' else ''}, "
+                  f"{result['precision']}",
                   box=box.SIMPLE_HEAD)
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -8,16 +8,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from allconv_cli.cli.common import make_console, user_errors
+from allconv_cli.cli.common import AsJson, Force, make_console, out_option, user_errors
 
 
 def export(
     run: Annotated[Path, typer.Argument(help="A run folder or an allconv .safetensors checkpoint.", show_default=False)],
     fmt: Annotated[str, typer.Option("--format", "-f", help="onnx (one file), pt2 (torch.export) or safetensors (a timm folder).", show_default=False)],
     dtype: Annotated[str, typer.Option("--dtype", help="fp32, fp16 or bf16: the weights' type, and the input's for onnx and pt2.")] = "fp32",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output. Default: model.onnx, model.pt2 or export-safetensors/ in the run folder, or in the current directory for a checkpoint outside one (the bundled weights, a loose .safetensors file, whose name the file takes).", show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", metavar="", help="Overwrite an existing export at --out.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the result as JSON.")] = False,
+    out: Annotated[Optional[Path], out_option("Output. Default: model.onnx, model.pt2 or export-safetensors/ in the run folder, or in the current directory for a checkpoint outside one (the bundled weights, a loose .safetensors file, whose name the file takes).")] = None,
+    force: Force = False,
+    as_json: AsJson = False,
 ):
     """Export a trained model to ONNX, torch.export's .pt2 or a timm safetensors folder, then run the export on random inputs at batch sizes 1 and 3 against the PyTorch model; a file that differs by more than the tolerance is not kept. Writes only the export (see --out), after checking that the disk has room for it.
 

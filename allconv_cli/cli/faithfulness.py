@@ -10,14 +10,21 @@ from typing import Annotated, Optional
 import typer
 
 from allconv_cli.cli.common import (
+    AsJson,
+    Device,
+    Force,
+    Quiet,
     Threads,
     duration,
     make_console,
+    out_option,
     progress_bar,
     refuse_existing,
     user_errors,
 )
-from allconv_cli.explain.methods import METHODS, MODEL_FREE
+from allconv_cli.cli.method_options import with_method_settings
+from allconv_cli.explain.methods import METHODS, MODEL_FREE, check_methods
+from allconv_cli.util import plural
 
 _COLUMNS = {"deletion": "deletion AUC ↓", "insertion": "insertion AUC ↑", "road_morf": "ROAD MoRF ↓",
             "road_lerf": "ROAD LeRF ↑"}
@@ -31,6 +38,7 @@ _MAPS_HELP = (f"Comma-separated: {', '.join(METHODS)}, and the model-free maps "
               f"{' and '.join(f'{name} ({about})' for name, about in MODEL_FREE.items())}. Default: all of them.")
 
 
+@with_method_settings
 def faithfulness(
     images: Annotated[Optional[list[Path]], typer.Argument(show_default=False, help="Image files to score instead of a data split, fitted to the model's input as visualize fits them.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", show_default=False, help="Run folder or .safetensors weights. Default: the bundled All-CNN-C trained on CIFAR-10.")] = None,
@@ -38,7 +46,7 @@ def faithfulness(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Data set to score when no IMAGES are given: sample (bundled), cifar10, cifar100 or imagefolder.")] = "sample",
     data_dir: Annotated[Optional[str], typer.Option("--data-dir", show_default=False, help="Folder of the --dataset.")] = None,
     split: Annotated[str, typer.Option("--split", help="Split of the --dataset.")] = "test",
-    limit: Annotated[Optional[str], typer.Option("--limit", "-n", metavar="N|all", show_default=False, help=f"Score N images of the split (a seeded random subset; 1 to the split's size), or all of them. Default: {DEFAULT_LIMIT}, a first look; after the first map the command says about how long the run takes here.")] = None,
+    limit: Annotated[Optional[str], typer.Option("--limit", "-n", metavar="N|all", show_default=False, help=f"Score N images of the split (a seeded random subset; 1 to the split's size), or all of them. Default: {DEFAULT_LIMIT}, a first look; after its first maps the command says about how long the run takes here.")] = None,
     methods: Annotated[Optional[str], typer.Option("--methods", show_default=False, help=_MAPS_HELP)] = None,
     target_class: Annotated[str, typer.Option("--class", help="The class whose probability is measured and whose logit the maps explain: a name, an index, or 'predicted' (each image's own).")] = "predicted",
     layer: Annotated[Optional[str], typer.Option("--layer", "-l", show_default=False, help="The layer Grad-CAM weighs. Default: the last conv layer.")] = None,
@@ -47,16 +55,17 @@ def faithfulness(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random map, the order of tied pixels, ROAD's imputation noise, the --limit subset and the bootstrap intervals.")] = 0,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", show_default=False, help="Images per batch, 1 to the images scored (each is perturbed and scored 2 + 36 times per map). Default: 250, or all the images when fewer.")] = None,
     precision: Annotated[str, typer.Option("--precision", help="Autocast of the forward passes that score perturbed images: auto (bf16 where the CPU or GPU computes it natively), fp32, bf16 or fp16 (CUDA only). Maps are always computed in fp32.")] = "auto",
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    out: Annotated[Path, typer.Option("--out", "-o", help="The chart of the mean curves (PNG).")] = Path("faithfulness.png"),
-    force: Annotated[bool, typer.Option("--force", metavar="", help="Overwrite an existing --out (otherwise refused).")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No count, time estimate or progress bar on stderr (there is no bar either when stderr is not a terminal).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the table, the mean curves and every image's scores as JSON.")] = False,
+    device: Device = "auto",
+    out: Annotated[Path, out_option("The chart of the mean curves (PNG).", default_shown=True)] = Path("faithfulness.png"),
+    force: Force = False,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
     threads: Threads = None,
+    method_settings: dict | None = None,
 ):
     """Which saliency map points at what the model uses? Scores each map by deletion and insertion AUC and by ROAD, and writes a chart of the mean curves.
 
-    Each image's pixels are removed, or put back, in the order of a map, most relevant first, and the probability of the explained class is measured: deletion and insertion AUC (Petsiuk et al., 2018) and ROAD, most and least relevant first, with noisy linear imputation (Rong et al., 2022), for every saliency method and two maps that know nothing of the model (random, Sobel edges). Prints each metric's mean and 95 % bootstrap interval over images. Before scoring, it says how many images it scores and, from the first map, about how long that takes.
+    Each image's pixels are removed, or put back, in the order of a map, most relevant first, and the probability of the explained class is measured: deletion and insertion AUC (Petsiuk et al., 2018) and ROAD, most and least relevant first, with noisy linear imputation (Rong et al., 2022), for every saliency method and two maps that know nothing of the model (random, Sobel edges). Prints each metric's mean and 95 % bootstrap interval over images. Before scoring, it says how many images it scores and, timing the maps after the first (which pays the warm-up), about how long that takes.
 
     Examples: [bold]allconv faithfulness[/bold] (the bundled model on a few of the sample's test images) ·
     [bold]allconv faithfulness --limit all[/bold] (all 1,000) ·
@@ -76,16 +85,17 @@ def faithfulness(
         from allconv_cli.files.loading import load_checkpoint
         from allconv_cli.util import atomic_write
 
-        method_list = faith.check_methods(methods.split(",") if methods else None)
+        method_list = check_methods(methods.split(",") if methods else None, model_free=True)
         perturbation.check_baseline(baseline)
         dev = resolve_device(device)
         use_threads(threads)
         loaded = load_checkpoint(checkpoint, model, dev)
-        what = "image files" if images else f"images of {dataset} {split}"
+        what = ("image file", "") if images else ("image", f" of {dataset} {split}")  # (noun, where from)
         ready, progress, stop = _reporting(out, force, quiet, what, len(method_list))
         try:
             result = faith.faithfulness(loaded, images, dataset=dataset, split=split, data_dir=data_dir, count=count,
-                                        methods=method_list, target_class=target_class, cam_layer=layer,
+                                        methods=method_list, settings=method_settings,
+                                        target_class=target_class, cam_layer=layer,
                                         baseline=baseline, steps=steps, seed=seed, precision=precision,
                                         batch_size=batch_size, ready=ready, progress=progress)
         finally:
@@ -113,33 +123,37 @@ def _count(limit: str | None) -> int | None:
         raise ValueError(f"--limit takes a number of images or all, got {limit!r}") from None
 
 
-def _reporting(out: Path, force: bool, quiet: bool, what: str, maps: int):
+def _reporting(out: Path, force: bool, quiet: bool, what: tuple[str, str], maps: int):
     """-> (ready, progress, stop) for the library: ``ready`` refuses an existing --out (every input
     has been read and checked by then) and says how many images will be scored; ``progress``
-    drives the bar and, at its first report, says about how long the whole run takes."""
+    drives the bar and, at its second report, says about how long the whole run takes: timed from
+    the first report, since the first maps pay the warm-up (allocations, kernels chosen)."""
     bar, stop = progress_bar("scoring maps", quiet)
-    run = {}  # images to score and available, when scoring started, whether the estimate was given
-
+    run = {}  # images to score and available, when scoring started, the first report (time, maps), estimated
     def say(line: str):
         if not quiet:
             typer.echo(line, err=True)
 
     def ready(count: int, available: int):
         refuse_existing([out], force)
-        run.update(count=count, available=available, started=time.perf_counter(), estimated=False)
+        run.update(count=count, available=available, started=time.perf_counter(), first=None, estimated=False)
         rest = f" (--limit all scores all {available:,})" if count < available else ""
-        say(f"scoring {count:,} {what}{rest}, {maps} map{'s' if maps > 1 else ''} each")
+        say(f"scoring {plural(count, what[0])}{what[1]}{rest}, {plural(maps, 'map')} each")
 
     def progress(done: int, total: int):
         if bar is not None:
             bar(done, total)
-        if not run["estimated"] and done < total:
+        now = time.perf_counter()
+        if run["first"] is None:
+            run["first"] = (now, done)
+        elif not run["estimated"] and done < total:
             run["estimated"] = True
-            per_map = (time.perf_counter() - run["started"]) / done
+            per_map = (now - run["first"][0]) / (done - run["first"][1])  # warm maps only
+            elapsed = now - run["started"]
             also = f"; all {run['available']:,} would take about {duration(run['available'] * maps * per_map)}" \
                 if run["count"] < run["available"] else ""
-            say(f"scored {done} of {total} maps in {duration(per_map * done)}: about {duration(per_map * total)} "
-                f"in all on this machine{also}")
+            say(f"scored {done} of {total} maps in {duration(elapsed)}: about "
+                f"{duration(elapsed + per_map * (total - done))} in all on this machine{also}")
 
     return ready, progress, stop
 
@@ -150,7 +164,7 @@ def _report(rows: list[dict], result, loaded, out: Path) -> dict:
     return {
         "model": loaded.name, "weights": loaded.source, "images": result.source, "selection": result.selection,
         "baseline": result.baseline, "steps": result.steps, "seed": result.seed, "precision": result.precision,
-        "cam_layer": result.cam_layer, "seconds": round(result.seconds, 2), "table": rows,
+        "cam_layer": result.cam_layer, "settings": result.settings, "seconds": round(result.seconds, 2), "table": rows,
         "fractions": {metric: result.positions(metric) for metric in _COLUMNS},
         "mean_curves": {m: {k: c.mean(0).tolist() for k, c in curves.items()} for m, curves in result.curves.items()},
         "per_image": {"names": result.names, "classes": result.classes.tolist(),

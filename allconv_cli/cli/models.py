@@ -7,13 +7,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from allconv_cli.cli.common import make_console, user_errors
+from allconv_cli.cli.common import AsJson, make_console, user_errors
 
 
 def models(
     name: Annotated[Optional[str], typer.Argument(help="Show one model's layers (e.g. all-cnn-c) instead of the registry table.", show_default=False)] = None,
     num_classes: Annotated[Optional[int], typer.Option("--num-classes", "-k", help="Classes K for the counts. Default: the model's own, 10 or 1000.", show_default=False)] = None,
-    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print JSON instead of a table.")] = False,
+    as_json: AsJson = False,
 ):
     """List the registry: exact parameter counts beside the paper's, the paper's error, input size and layer names; or, given a NAME, that model's layers with their output shapes. Writes no file.
 

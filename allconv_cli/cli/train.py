@@ -10,15 +10,19 @@ from typing import Annotated, Optional
 import typer
 
 from allconv_cli.cli.common import (
+    AsJson,
     EXIT_FAILED,
     EXIT_SIGNAL,
+    Force,
     Threads,
     duration,
     make_console,
+    out_option,
     parse_duration,
     user_errors,
 )
 from allconv_cli.cli.options import given_settings, takes_settings
+from allconv_cli.util import plural
 
 
 class _TrainProgress:
@@ -43,9 +47,9 @@ class _TrainProgress:
     def __call__(self, event, **fields):
         if event == "start":
             config = fields["config"]
-            self.console.print(f"[bold]{config.model}[/bold] on {config.dataset}: {fields['examples']:,} "
-                               f"training images, {fields['steps']} steps an epoch, {fields['device']}"
-                               f"{_processes(fields)}, {fields['threads']}, {config.precision} "
+            self.console.print(f"[bold]{config.model}[/bold] on {config.dataset}: "
+                               f"{plural(fields['examples'], 'training image')}, {plural(fields['steps'], 'step')} "
+                               f"an epoch, {fields['device']}{_processes(fields)}, {fields['threads']}, {config.precision} "
                                f"-> {fields['run_dir']}")
             self.console.print(_deviations_line(config), markup=False)
             self.bars.start()
@@ -76,25 +80,25 @@ def _processes(fields: dict) -> str:
     if fields["world"] == 1:
         return ""
     synced = ", SyncBatchNorm" if fields["sync_batch_norm"] else ""
-    return f" x {fields['world']} ({fields['batch_per_process']} images a process{synced})"
+    return f" x {fields['world']} ({plural(fields['batch_per_process'], 'image')} a process{synced})"
 
 
 @takes_settings()
 def train(
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder. Default: runs/MODEL-DATASET-TIME.", show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", metavar="", help="Replace the run that --out already holds (otherwise refused).")] = False,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder exactly where it stopped; only --device, --workers, --save-every, --save-minutes and --threads may change.", show_default=False)] = None,
+    out: Annotated[Optional[Path], out_option("Run folder. Default: runs/MODEL-DATASET-TIME.")] = None,
+    force: Force = False,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder where it stopped.", show_default=False)] = None,
     stop_after: Annotated[Optional[int], typer.Option("--stop-after", help="Stop, resumably, after this many epochs of this call.", show_default=False)] = None,
-    time_limit: Annotated[Optional[str], typer.Option("--time-limit", metavar="DURATION", help="Stop, resumably, before this much wall-clock time has passed (e.g. 3h50m, 90min, 1:30:00): a batch job's or a notebook's limit. The run checkpoints, says how to continue and exits with 124.", show_default=False)] = None,
-    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the summary as JSON on stdout; progress goes to stderr.")] = False,
+    time_limit: Annotated[Optional[str], typer.Option("--time-limit", metavar="DURATION", help="Stop, resumably, within this time (e.g. 3h50m, 90min, 1:30:00); exit 124.", show_default=False)] = None,
+    as_json: AsJson = False,
     threads: Threads = None,
     **settings,
 ):
-    """Train a model of the paper. The defaults are the fast recipe (BatchNorm, Muon, one-cycle, airbench's whitened first conv: deviations from the paper, each named in the run's second line), which learns on data the paper's recipe leaves at chance in short runs; the presets paper-* follow the paper's protocol, faithful trains its network and optimizer on any data, fast-cifar10 is the default recipe on CIFAR-10 for ten epochs. Writes a run folder with safetensors weights, the resolved settings, per-epoch metrics, learning curves and a resumable state, and holds a lock on it while it runs. Ctrl-C stops with a resumable checkpoint (exit 130; SIGTERM 143, SIGHUP 129).
+    """Train a model of the paper, by the fast recipe (its deviations from the paper named in the run's second line) or a preset. Writes a run folder: weights, settings, metrics, curves and a resumable state. Every setting, in detail: docs/training.md.
 
-    Examples: [bold]allconv train --model all-cnn-c --dataset cifar100[/bold] ·
+    Examples: [bold]allconv train --epochs 3 --out runs/first[/bold] (offline, on the bundled sample) ·
     [bold]allconv train --preset paper-cifar10 --data-dir data[/bold] ·
-    [bold]allconv train --resume runs/all-cnn-c-cifar10-20261123-101500[/bold] ·
+    [bold]allconv train --resume runs/first[/bold] ·
     [bold]torchrun --nproc-per-node 2 --no-python allconv train --preset fast-cifar10[/bold]
     """
     with user_errors():
@@ -103,8 +107,8 @@ def train(
 
         given = given_settings(settings)
         seconds = parse_duration(time_limit) if time_limit is not None else None
-        console = make_console(as_json)
-        progress = _TrainProgress(console)
+        # stdout carries the results alone (the table, or --json), so that a pipe gets them clean
+        progress = _TrainProgress(make_console(to_stderr=True))
         try:
             if resume is not None:  # the run's own settings; the trainer refuses any other change
                 unused = {k: True for k, v in (("out", out), ("force", force)) if v}
@@ -128,7 +132,7 @@ def train(
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
-    _print_summary(console, summary)
+    _print_summary(summary)
 
 
 
@@ -145,13 +149,14 @@ def _deviations_line(config) -> str:
             "optimizer on any data: --preset faithful.")
 
 
-def _print_summary(console, summary: dict):
+def _print_summary(summary: dict):
+    """The table and the run folder on stdout; a note that the run has not begun to learn on stderr."""
     from rich import box
     from rich.table import Table
 
     last = summary["last"]
     table = Table(title=f"{summary['model']} on {summary['dataset']}: "
-                  f"{summary['epochs_done']}/{summary['epochs']} epochs in {summary['seconds']:.0f} s",
+                  f"{summary['epochs_done']}/{plural(summary['epochs'], 'epoch')} in {summary['seconds']:.0f} s",
                   box=box.SIMPLE_HEAD)
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -175,8 +180,9 @@ def _print_summary(console, summary: dict):
                       f"({duration(reached['wall_seconds'])})")
     if summary["paper_error"] is not None:
         table.add_row("paper's error %", f"{summary['paper_error']:.2f}")
+    console = make_console()
     console.print(table)
     if "not_learning" in summary:
-        console.print(f"Note: {summary['not_learning']}", markup=False)
+        make_console(to_stderr=True).print(f"Note: {summary['not_learning']}", markup=False)
     state = "finished" if summary["finished"] else f"stopped; continue with: allconv train --resume {summary['run_dir']}"
     console.print(f"run folder: {summary['run_dir']} ({state})")

@@ -6,7 +6,6 @@ draws the mean curves.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,14 +13,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.fx.experimental.optimization import fuse
-from torch.fx.proxy import TraceError
 
 from allconv_cli.data.batches import Batches
 from allconv_cli.data.datasets import load_split
 from allconv_cli.data.splits import limit
 from allconv_cli.device import resolve_precision, tune_cpu_allocator
-from allconv_cli.explain.methods import MODEL_FREE, SALIENCY_METHODS
+from allconv_cli.explain.methods import MODEL_FREE, SALIENCY_METHODS, check_methods, check_settings
 from allconv_cli.explain.perturbation import (
     METRICS,
     ROAD_FRACTIONS,
@@ -33,7 +30,8 @@ from allconv_cli.explain.perturbation import (
     perturbation_curves,
     relevance,
 )
-from allconv_cli.explain.saliency import saliency_maps
+from allconv_cli.explain.rules import fold_batchnorm
+from allconv_cli.explain.saliency import black_input, saliency_maps
 from allconv_cli.explain.targets import (
     class_index,
     class_label,
@@ -42,9 +40,8 @@ from allconv_cli.explain.targets import (
     select_targets,
 )
 from allconv_cli.files.loading import LoadedModel
-from allconv_cli.util import did_you_mean
 
-__all__ = ["FaithfulnessResult", "check_methods", "faithfulness"]
+__all__ = ["FaithfulnessResult", "faithfulness"]
 
 BATCH = 250  # images per batch, and perturbed images per forward pass, unless given (or fewer are scored)
 
@@ -65,6 +62,7 @@ class FaithfulnessResult:
     seed: int
     precision: str
     cam_layer: str | None
+    settings: dict[str, dict] = field(default_factory=dict)  # method -> its settings as used
     seconds: float = 0.0
     fractions: list[float] = field(default_factory=list)  # deletion / insertion x axis, 0 to 1
 
@@ -90,27 +88,9 @@ class FaithfulnessResult:
 
 def _scoring_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` for the forward passes that score perturbed images: each BatchNorm
-    folded into the conv before it (torch.fx; 1.85x in bf16 on the CPU for the bundled All-CNN-C,
-    measured), channels_last. A model that torch.fx cannot trace is copied unfused. The maps use
-    ``model`` itself, untouched."""
-    plain = copy.deepcopy(model).eval()
-    try:
-        scorer = fuse(plain)
-    except (TraceError, TypeError, RuntimeError, NotImplementedError, AttributeError):  # how fx tracing fails
-        scorer = plain
-    return scorer.to(memory_format=torch.channels_last)
-
-
-def check_methods(methods: Sequence[str] | None) -> list[str]:
-    """Validate method names; default: every saliency method and every model-free map."""
-    known = (*SALIENCY_METHODS, *MODEL_FREE)
-    chosen = list(dict.fromkeys(m.strip() for m in (methods or known) if m.strip()))
-    for method in chosen:
-        if method not in known:
-            raise ValueError(f"unknown method {method!r}{did_you_mean(method, known)}; choose from {', '.join(known)}")
-    if not chosen:
-        raise ValueError(f"no method given; choose from {', '.join(known)}")
-    return chosen
+    folded into the conv before it (``rules.fold_batchnorm``; 1.85x in bf16 on the CPU for the
+    bundled All-CNN-C, measured), channels_last. The maps use ``model`` itself, untouched."""
+    return fold_batchnorm(model).to(memory_format=torch.channels_last)
 
 
 def _batch_size(batch_size: int | None, images: int) -> int:
@@ -167,6 +147,7 @@ def faithfulness(
     data_dir: str | Path | None = None,
     count: int | None = None,
     methods: Sequence[str] | None = None,
+    settings: dict[str, dict] | None = None,
     target_class: int | str = "predicted",
     cam_layer: str | None = None,
     baseline: str = "blur",
@@ -179,54 +160,83 @@ def faithfulness(
 ) -> FaithfulnessResult:
     """Score every method's maps on image files ``paths``, or on ``split`` of ``dataset`` (at most
     ``count`` images, a seeded random subset), for each image's predicted class or ``target_class``
-    (name or index). Maps in fp32; perturbed images scored under ``precision`` (auto: bf16 where
+    (name or index). ``settings``: the methods' own (method -> setting -> value; the rest by
+    default). Maps in fp32; perturbed images scored under ``precision`` (auto: bf16 where
     the device has it natively), ``batch_size`` images per batch and perturbed images per forward
     pass (1 to the images scored; default BATCH or fewer). ``cam_layer``: the layer Grad-CAM
     weighs (default: the last conv). Once every input is read and checked, before any scoring,
     ``ready(images to score, images available)`` is called (a caller may still refuse there);
     ``progress(maps scored, maps)`` after each method of each batch (a map: one image, one method)."""
     started = time.perf_counter()
-    methods = check_methods(methods)
+    methods = check_methods(methods, model_free=True)
+    settings = check_settings(methods, settings)
     check_baseline(baseline)
     check_steps(steps, *loaded.input_size[1:])
     for option, value in (("--limit", count), ("--batch-size", batch_size)):
         if value is not None and value < 1:
             raise ValueError(f"{option} {value}: give at least 1")
-    model = loaded.model
-    cam_layer = _cam_layer(model, methods, cam_layer)
+    cam_layer = _cam_layer(loaded.model, methods, cam_layer)
     target_class = class_index(loaded.classes, target_class)
-    device = next(model.parameters()).device
-    precision = resolve_precision(precision, device)
+    precision = resolve_precision(precision, next(loaded.model.parameters()).device)
     names, labels, available, batch_size, batches = _batches(loaded, paths, dataset, split, data_dir, count,
                                                              batch_size, seed)
     if ready is not None:
         ready(len(names), available)
-    scorer = _scoring_copy(model)
-    if device.type == "cpu":
-        tune_cpu_allocator()  # the imputation's 16 MiB tensors would otherwise be mapped afresh each time
-    generator = torch.Generator().manual_seed(seed)
-    curves, classes, done = {m: [] for m in methods}, [], 0
-    for images, inputs in batches:
-        targets = select_targets(model, inputs, None, target_class=target_class)
-        explained = torch.tensor([t.channel for t in targets], device=inputs.device)
-        # The model-free maps draw from the generator before any curve does, so a seed's draws do not
-        # depend on when the saliency maps are computed: each just before its curves, so that the
-        # first progress report times one method's whole work.
-        free = {m: relevance(model_free_map(m, images, generator)) for m in methods if m in MODEL_FREE}
-        for method in methods:
-            scores = free[method] if method in free else \
-                relevance(saliency_maps(model, inputs, targets, method, cam_layer=cam_layer))  # fp32, as explain's
-            curves[method].append(perturbation_curves(scorer, inputs, explained, scores, baseline=baseline, steps=steps,
-                                                      generator=generator, precision=precision, batch_size=batch_size))
-            done += len(inputs)
-            if progress is not None:
-                progress(done, len(names) * len(methods))
-        classes.append(explained.cpu())
-    joined = {m: {metric: torch.cat([c[metric] for c in parts]) for metric in METRICS} for m, parts in curves.items()}
+    score = _Scoring(loaded, methods, settings, cam_layer, target_class, baseline, steps, seed, precision, batch_size)
+
+    def report(done: int):
+        if progress is not None:
+            progress(done, len(names) * len(methods))
+
+    classes = [score.batch(images, inputs, report) for images, inputs in batches]
     selection = "each image's predicted class" if target_class == "predicted" else \
         f"the class {class_label(loaded.classes, target_class)}"
     source = f"{len(names)} image files" if paths else f"{len(names)} images of {dataset} {split}" + (
         f" (a random subset of {available:,}, seed {seed})" if len(names) < available else "")
-    return FaithfulnessResult(methods, joined, torch.cat(classes), labels, names, source, selection, baseline, steps,
-                              seed, precision, cam_layer, time.perf_counter() - started,
+    return FaithfulnessResult(list(methods), score.joined(), torch.cat(classes), labels, names, source, selection,
+                              baseline, steps, seed, precision, cam_layer, settings, time.perf_counter() - started,
                               [k / steps for k in range(steps + 1)])
+
+
+class _Scoring:
+    """The curves of every method, batch by batch, with one random generator for the whole run
+    and one per method that draws noise."""
+
+    def __init__(self, loaded, methods, settings, cam_layer, target_class, baseline, steps, seed, precision,
+                 batch_size):
+        self.model, self.methods, self.settings, self.cam_layer = loaded.model, methods, settings, cam_layer
+        self.target_class, self.precision, self.batch_size = target_class, precision, batch_size
+        self.curve_options = {"baseline": baseline, "steps": steps}
+        device = next(self.model.parameters()).device
+        self.scorer = _scoring_copy(self.model)
+        if device.type == "cpu":
+            tune_cpu_allocator()  # the imputation's 16 MiB tensors would otherwise be mapped afresh each time
+        self.black = black_input(loaded)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.noise = {m: torch.Generator(device).manual_seed(settings[m]["seed"])
+                      for m in methods if "seed" in settings.get(m, {})}
+        self.curves, self.done = {m: [] for m in methods}, 0
+
+    def batch(self, images: torch.Tensor, inputs: torch.Tensor, progress: Callable[[int], None]) -> torch.Tensor:
+        """Score one batch with every method; -> (B,) the explained classes, on the CPU."""
+        targets = select_targets(self.model, inputs, None, target_class=self.target_class)
+        explained = torch.tensor([t.channel for t in targets], device=inputs.device)
+        # The model-free maps draw from the generator before any curve does, so a seed's draws do not
+        # depend on when the saliency maps are computed: each just before its curves, so that the
+        # first progress report times one method's whole work.
+        free = {m: relevance(model_free_map(m, images, self.generator)) for m in self.methods if m in MODEL_FREE}
+        for method in self.methods:
+            scores = free[method] if method in free else relevance(saliency_maps(  # fp32, as explain's
+                self.model, inputs, targets, method, cam_layer=self.cam_layer, settings=self.settings[method],
+                generator=self.noise.get(method), black=self.black))
+            self.curves[method].append(perturbation_curves(
+                self.scorer, inputs, explained, scores, generator=self.generator, precision=self.precision,
+                batch_size=self.batch_size, **self.curve_options))
+            self.done += len(inputs)
+            progress(self.done)
+        return explained.cpu()
+
+    def joined(self) -> dict[str, dict[str, torch.Tensor]]:
+        """method -> metric -> (N, K): every batch's curves, in order."""
+        return {m: {metric: torch.cat([c[metric] for c in parts]) for metric in METRICS}
+                for m, parts in self.curves.items()}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from allconv_cli.device import autocast, resolve_precision
-from allconv_cli.explain.methods import SALIENCY_METHODS, fitting
-from allconv_cli.explain.saliency import check_methods, saliency_maps
+from allconv_cli.explain.methods import SALIENCY_METHODS, check_methods, check_settings, fitting
+from allconv_cli.explain.saliency import black_input, saliency_maps
 from allconv_cli.explain.targets import (
     Target,
     class_index,
@@ -166,6 +166,7 @@ class SanityResult:
     scores: dict[str, dict[str, torch.Tensor]]  # method -> metric -> (stages, N)
     seed: int
     precision: str
+    settings: dict[str, dict] = field(default_factory=dict)  # method -> its settings as used
 
     def table(self) -> list[dict]:
         """One row per method and stage: the mean over images of each score (NaNs left out),
@@ -186,6 +187,7 @@ class SanityResult:
         (an undefined score, a NaN, as null)."""
         return {
             "mode": self.mode, "seed": self.seed, "precision": self.precision, "layer": self.layer,
+            "settings": self.settings,
             "selection": self.selection,
             "targets": [{"path": self.paths[t.image], "layer": t.layer, "channel": t.channel, "y": t.y, "x": t.x,
                          "value": t.value} for t in self.targets],
@@ -193,6 +195,23 @@ class SanityResult:
             "table": self.table(),
             "per_image": {m: {k: [[None if v != v else v for v in stage] for stage in values.tolist()]
                               for k, values in metrics.items()} for m, metrics in self.scores.items()}}
+
+
+def _check_against(loaded: LoadedModel, against: LoadedModel, layer: str):
+    """Refuse a data-randomization model that cannot be compared with ``loaded``'s."""
+    model = loaded.model
+    if not isinstance(against.model, AllConvNet) or against.input_size != loaded.input_size \
+            or against.model.num_classes != model.num_classes:
+        raise ValueError(f"--against {against.source} is not comparable: it must be an allconv net with "
+                         f"input {loaded.input_size} and {model.num_classes} classes, like {loaded.source}")
+    get_layer(against.model, layer)
+
+
+def _similarities(stacked: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One method's maps (1 + stages, N, C, H, W) -> metric -> (stages, N) similarity to stage 0's."""
+    per = [[similarity(stacked[0, i], stacked[s, i]) for i in range(stacked.shape[1])]
+           for s in range(1, len(stacked))]
+    return {metric: torch.tensor([[row[metric] for row in stage] for stage in per]) for metric in METRICS}
 
 
 def sanity_check(
@@ -206,12 +225,15 @@ def sanity_check(
     against: LoadedModel | None = None,
     seed: int = 0,
     precision: str = "fp32",
+    settings: dict[str, dict] | None = None,
 ) -> SanityResult:
     """Run the model-randomization test on ``paths`` (or, with ``against``, compare with that
     model), leaving ``loaded.model`` unchanged. Targets: with a class (``target_class``: name, index or ``predicted``) or by default, each
     image's class predicted by the trained model, and ``layer`` is Grad-CAM's (default: the
     last conv); with ``layer`` and no class, the most active neuron of ``layer`` on the trained
     model. Default methods: all that fit the target (those that explain a neuron, for a neuron).
+    ``settings``: the methods' own (method -> setting -> value; the rest by default); a method
+    that draws noise draws the same at every stage.
     """
     model = loaded.model
     if not isinstance(model, AllConvNet):
@@ -222,6 +244,7 @@ def sanity_check(
     by_class = target_class is not None or layer is None
     target_class = "predicted" if target_class is None and by_class else target_class
     methods = check_methods(methods or fitting(by_class))
+    settings = check_settings(methods, settings)
     if not by_class and any(SALIENCY_METHODS[m].needs_class for m in methods):
         raise ValueError(f"{', '.join(m for m in methods if SALIENCY_METHODS[m].needs_class)} explain a class "
                          "score: add --class NAME, INDEX or predicted, or drop --layer")
@@ -230,19 +253,18 @@ def sanity_check(
     if by_class:
         target_class = class_index(loaded.classes, target_class)
     if against is not None:
-        if not isinstance(against.model, AllConvNet) or against.input_size != loaded.input_size \
-                or against.model.num_classes != model.num_classes:
-            raise ValueError(f"--against {against.source} is not comparable: it must be an allconv net with "
-                             f"input {loaded.input_size} and {model.num_classes} classes, like {loaded.source}")
-        get_layer(against.model, layer)
+        _check_against(loaded, against, layer)
     device = next(model.parameters()).device
     precision = resolve_precision(precision, device)
     images, inputs = loaded.read_images(paths)
     with autocast(device, precision):
         targets = select_targets(model, inputs, None if by_class else layer, target_class=target_class)
 
+        black = black_input(loaded)
+
         def maps_of(net: nn.Module) -> dict[str, torch.Tensor]:
-            return {m: saliency_maps(net, inputs, targets, m, cam_layer=layer).float().cpu() for m in methods}
+            return {m: saliency_maps(net, inputs, targets, m, cam_layer=layer, settings=settings[m],
+                                     black=black).float().cpu() for m in methods}
 
         if against is None:
             plan = stages(model, model.layer_names[-1] if by_class else layer, mode)
@@ -253,16 +275,11 @@ def sanity_check(
             plan, names = [[]], [f"against {Path(against.source).name}"]
             computed = [maps_of(model), maps_of(against.model)]
     maps = {m: torch.stack([c[m] for c in computed]) for m in methods}
-    scores = {}
-    for method, stacked in maps.items():
-        per = [[similarity(stacked[0, i], stacked[s, i]) for i in range(len(targets))]
-               for s in range(1, len(stacked))]
-        scores[method] = {metric: torch.tensor([[row[metric] for row in stage] for stage in per])
-                          for metric in METRICS}
+    scores = {method: _similarities(stacked) for method, stacked in maps.items()}
     if by_class:
         selection = "each image's class predicted by the trained model" if target_class == "predicted" \
             else f"the logit of {class_label(loaded.classes, target_class)}"
     else:
         selection = f"the trained model's most active neuron of {layer}"
     return SanityResult([str(p) for p in paths], images.cpu(), targets, layer, selection,
-                        "against" if against is not None else mode, names, plan, maps, scores, seed, precision)
+                        "against" if against is not None else mode, names, plan, maps, scores, seed, precision, settings)

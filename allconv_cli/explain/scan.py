@@ -14,8 +14,8 @@ from torch import nn
 
 from allconv_cli.data import datasets
 from allconv_cli.data.batches import Batches
-from allconv_cli.explain.methods import SALIENCY_METHODS
-from allconv_cli.explain.saliency import check_methods, saliency_maps
+from allconv_cli.explain.methods import SALIENCY_METHODS, check_methods, check_settings
+from allconv_cli.explain.saliency import saliency_maps
 from allconv_cli.explain.targets import (
     Target,
     check_range,
@@ -110,19 +110,19 @@ def top_patches(
     top: int = 10,
     methods: Sequence[str] = ("guided",),
     progress: Callable[[int], None] | None = None,
+    settings: dict[str, dict] | None = None,
 ) -> TopPatches:
     """The paper's Fig. 3: scan ``batches`` of (uint8 images (B, C, H, W), labels (B,)) for
     the ``top`` images whose best neuron of each filter in ``channels`` (default: the layer's
     first 8) fires most, then reconstruct that neuron on its image with each method, both
     cropped to its receptive field. Memory: the top images only, not the data set.
-    ``progress(images_scanned)`` is called after each batch."""
+    ``progress(images_scanned)`` is called after each batch; ``settings``: the methods' own."""
     methods = check_methods(methods)
+    settings = check_settings(methods, settings)
     if top < 1:
         raise ValueError(f"--top {top}: give at least 1 patch per filter")
-    bad = [m for m in methods if SALIENCY_METHODS[m].needs_class]
-    if bad:
-        raise ValueError(f"{', '.join(bad)} explain class scores, not filters; "
-                         "use backprop, deconvnet or guided")
+    if bad := [m for m in methods if SALIENCY_METHODS[m].needs_class]:
+        raise ValueError(f"{', '.join(bad)} explain class scores, not filters; use backprop, deconvnet or guided")
     rf = receptive_field(model, layer)
     device = next(model.parameters()).device
     best = None  # (values, stream indices, flat positions), each (k, S): running top-k per filter
@@ -159,7 +159,7 @@ def top_patches(
     n_filters, k = values.shape
     images01 = torch.stack([kept[i][0] for i in ids.flatten().tolist()]).float() / 255  # (S*k, C, H, W)
     with torch.no_grad():
-        inputs = preprocess(images01.to(device))
+        inputs, black = preprocess(images01.to(device)), preprocess(torch.zeros_like(images01[:1], device=device))
     targets = [Target(row, layer, channels[row // k], ys.flatten()[row].item(), xs.flatten()[row].item(),
                       values.flatten()[row].item()) for row in range(n_filters * k)]
     windows = [rf.window(t.y, t.x) for t in targets]
@@ -168,8 +168,8 @@ def top_patches(
         labels=torch.tensor([kept[i][1] for i in ids.flatten().tolist()]).view(n_filters, k),
         positions=torch.stack([ys, xs], -1),
         patches=_crop(images01, windows, rf.size, 0.5).unflatten(0, (n_filters, k)),
-        maps={m: _crop(saliency_maps(model, inputs, targets, m, cam_layer=layer).cpu(), windows, rf.size, 0.0)
-              .unflatten(0, (n_filters, k)) for m in methods},
+        maps={m: _crop(saliency_maps(model, inputs, targets, m, cam_layer=layer, settings=settings[m], black=black)
+                       .cpu(), windows, rf.size, 0.0).unflatten(0, (n_filters, k)) for m in methods},
     )
 
 
@@ -183,13 +183,16 @@ def _crop(batch: torch.Tensor, windows, size: tuple[int, int], fill: float) -> t
 
 def scan_dataset(loaded: LoadedModel, dataset: str, split: str, data_dir: str | None, layer: str | None,
                  channels: list[int] | None, top: int, methods: Sequence[str], device: torch.device,
-                 progress: Callable[[int, int], None] | None = None) -> TopPatches:
+                 progress: Callable[[int, int], None] | None = None,
+                 settings: dict[str, dict] | None = None) -> TopPatches:
     """``top_patches`` over a data set's split, fitted to ``loaded``'s input as it was trained;
-    ``layer`` defaults to the last conv layer; ``progress(images scanned, images)``."""
+    ``layer`` defaults to the last conv layer; ``progress(images scanned, images)``; ``settings``:
+    the methods' own."""
     data = datasets.load_split(dataset, split, data_dir, loaded.input_size, fit=(loaded.interpolation, loaded.crop_pct))
     if not 1 <= top <= len(data):
         raise ValueError(f"--top {top}: {dataset} {split} has {len(data):,} images; give 1 to {len(data)} patches "
                          "per filter")
     count = None if progress is None else (lambda seen: progress(seen, len(data)))
     return top_patches(loaded.model, loaded.preprocess, Batches(data, 256, shuffle=False, device=device).epoch(0),
-                       layer or default_layer(loaded.model), channels, top, methods, count)
+                       layer or default_layer(loaded.model), channels, top, methods, count,
+                       settings=settings)

@@ -29,7 +29,19 @@ from allconv_cli.choices import (
     WEIGHT_INITS,
     WHITEN,
 )
-from allconv_cli.train.fields import ABOVE_0, AT_LEAST_1, DROPOUT, UNIT, setting
+from allconv_cli.train.fields import (
+    ABOVE_0,
+    AT_LEAST_1,
+    AUGMENTATION,
+    DATA,
+    DROPOUT,
+    NETWORK,
+    OPTIMIZER,
+    RUN,
+    SCHEDULE,
+    UNIT,
+    setting,
+)
 from allconv_cli.train.optimizers import OPTIMIZERS, optimizer_settings
 
 # The network options of the recipe where neither the settings nor the model's registry row give
@@ -62,152 +74,129 @@ class TrainConfig:
     split held out of CIFAR-10's training set (docs/RESULTS.md, issue #23)."""
 
     # what to train
-    model: str = setting("all-cnn-c", "Registry name, e.g. all-cnn-c (see 'allconv models').",
+    model: str = setting("all-cnn-c", "Registry name (see 'allconv models').", panel=NETWORK,
                          flags=("--model", "-m"))
     # The model's options: None is the one its registry row states (a variant's, such as
     # all-cnn-c-bn's, or all-cnn-imagenet's single dropout), else the recipe's (RECIPE_NETWORK),
     # else AllConvNet's; a value given overrides them, as timm.create_model's keywords do.
-    batch_norm: bool | None = setting(None, "Deviation: BatchNorm after every conv (the paper has none).",
+    batch_norm: bool | None = setting(None, "BatchNorm after every conv (a deviation).", panel=NETWORK,
                                       default_text="on (a variant's row may set its own: 'allconv models NAME')")
-    class_relu: bool | None = setting(None, "The paper's ReLU after the class conv.",
+    class_relu: bool | None = setting(None, "The paper's ReLU after the class conv.", panel=NETWORK,
                                       default_text="the model's own, on")
-    drop_input: float | None = setting(None, "Dropout on the input (the paper's 0.2).", check=DROPOUT,
+    drop_input: float | None = setting(None, "Dropout on the input (the paper's 0.2).", panel=NETWORK, check=DROPOUT,
                                        default_text="0 (a variant's row may set its own)")
-    drop_rate: float | None = setting(None, "Dropout after each pool or the conv replacing it (the paper's 0.5).",
+    drop_rate: float | None = setting(None, "Dropout after each pool or its conv (the paper's 0.5).", panel=NETWORK,
                                       check=DROPOUT, default_text="0 (all-cnn-c-bn: 0.25)")
     # data
-    dataset: str = setting("sample", "The data set: sample is bundled (4,000 + 1,000 CIFAR-10 images); cifar10 and "
-                           "cifar100 read torchvision's layout; imagefolder reads train/ and val/ or test/.",
+    dataset: str = setting("sample", "The data set; sample is bundled.", panel=DATA,
                            choices=DATASETS, flags=("--dataset", "-d"))
-    data_dir: str | None = setting(None, "Folder of the data set (CIFAR: torchvision's layout, downloaded there if "
-                                         "missing; imagefolder: train/ and val/ or test/).",
+    data_dir: str | None = setting(None, "Folder of the data set.", panel=DATA,
                                    default_text="data for CIFAR")
-    preprocess: str = setting("standardize", "standardize (per-channel mean and std) or zca (the paper's GCN + ZCA).",
+    preprocess: str = setting("standardize", "Per-channel standardization, or the paper's GCN + ZCA.", panel=DATA,
                               choices=PREPROCESSING, paper="zca")
-    augment: str = setting("paper", "none, paper (flips and translations of up to --shift px) or strong (adds "
-                                    "CutMix/Mixup).", choices=AUGMENTATIONS, paper=("none", "paper"))
+    augment: str = setting("paper", "Flips and shifts (paper), also CutMix/Mixup (strong), or none.",
+                           panel=AUGMENTATION, choices=AUGMENTATIONS, paper=("none", "paper"))
     # 2 px, not the paper's 5: short runs underfit, and 2 px measured 1.3 points better
-    shift: int = setting(2, "How far (px) the paper's translations reach each way (the paper's 5).",
+    shift: int = setting(2, "How far (px) translations reach (the paper's 5).", panel=AUGMENTATION,
                          check=(lambda v: v >= 0, "of at least 0 (px; 0 turns translations off)"), paper=5)
-    crop: int = setting(0, "Train on random crops of this side (px) in the first --crop-epochs epochs: cheaper "
-                           "steps, e.g. 24 of 32 px costs half.",
+    crop: int = setting(0, "Side (px) of random crops in the first --crop-epochs.", panel=AUGMENTATION,
                         check=(lambda v: v >= 0, "of at least 0 (px; 0 turns crops off)"), paper=0)
-    crop_epochs: int = setting(0, "How many of the first epochs train on --crop windows; the rest train at full "
-                                  "size, so BatchNorm's statistics match the test images.",
+    crop_epochs: int = setting(0, "How many first epochs train on --crop windows.", panel=AUGMENTATION,
                                check=(lambda v: v >= 0, "of at least 0"))
-    flips: str = setting("alternate", "random (a coin per image and step) or alternate (each image mirrored in every "
-                                   "other epoch, from a random start; airbench's).", choices=FLIPS, paper="random")
-    val_fraction: float = setting(0.0, "Hold out this share of train for evaluation; test is then scored once at the "
-                                       "end.", check=UNIT)
-    train_limit: int | None = setting(None, "Use at most this many training images.",
+    flips: str = setting("alternate", "A coin per image and step, or every other epoch.", panel=AUGMENTATION,
+                         choices=FLIPS, paper="random")
+    val_fraction: float = setting(0.0, "Share of train held out for evaluation.", panel=DATA, check=UNIT)
+    train_limit: int | None = setting(None, "Use at most this many training images.", panel=DATA,
                                       check=(lambda v: v >= 1, "of at least 1 (leave it out to use every image)"),
                                       default_text="every image")
-    test_limit: int | None = setting(None, "Use at most this many test images.",
+    test_limit: int | None = setting(None, "Use at most this many test images.", panel=DATA,
                                      check=(lambda v: v >= 1, "of at least 1 (leave it out to use every image)"),
                                      default_text="every image")
-    shuffle_labels: bool = setting(False, "Permute the training labels once, with the seed: a model for the "
-                                          "data-randomization test of 'allconv sanity --against'.")
+    shuffle_labels: bool = setting(False, "Permute the training labels once (sanity --against).", panel=DATA)
     # optimization (the paper's, Section 3.2: SGD, momentum 0.9, weight decay 0.001, lr from a grid)
-    epochs: int = setting(30, "Epochs.", check=AT_LEAST_1)
+    epochs: int = setting(30, "Epochs to train.", panel=SCHEDULE, check=AT_LEAST_1)
     # twice the steps of 256 in the same epochs: 2.0 and 2.6 points better (two seeds), and no
     # slower on a CPU; 512 measured worse
-    batch_size: int = setting(128, "Global batch size, split over DDP processes.", check=AT_LEAST_1,
+    batch_size: int = setting(128, "Global batch size, split over DDP processes.", panel=OPTIMIZER, check=AT_LEAST_1,
                               flags=("--batch-size", "-b"))
     # BatchNorm lets the 9-layer net take 0.2; with --optimizer muon it is the BatchNorm parameters' rate
-    lr: float = setting(0.2, "Peak learning rate (the paper's grid: 0.25, 0.1, 0.05, 0.01).", check=ABOVE_0,
+    lr: float = setting(0.2, "Peak learning rate (the paper's grid: 0.25, 0.1, 0.05, 0.01).", panel=OPTIMIZER,
+                        check=ABOVE_0,
                         paper=(0.25, 0.1, 0.05, 0.01))
-    momentum: float = setting(0.9, "SGD momentum (the paper's 0.9).", check=UNIT, paper=0.9)
-    nesterov: bool = setting(True, "Nesterov momentum.", paper=False)
+    momentum: float = setting(0.9, "SGD momentum (the paper's 0.9).", panel=OPTIMIZER, check=UNIT, paper=0.9)
+    nesterov: bool = setting(True, "Nesterov momentum.", panel=OPTIMIZER, paper=False)
     # Muon holds each conv's weight norm fixed, so decay has nothing to do there; before Muon, SGD's
     # 5e-4 on conv weights only measured best
-    weight_decay: float = setting(0.0, "Weight decay (the paper's 0.001). With --optimizer muon it acts on the SGD "
-                                         "parameters only (with --decay-all): Muon holds the conv weights' norm fixed.",
+    weight_decay: float = setting(0.0, "Weight decay (the paper's 0.001).", panel=OPTIMIZER,
                                   check=(lambda v: v >= 0, "of at least 0"), paper=0.001)
-    schedule: str = setting("onecycle", "paper (x --gamma at --milestones), cosine, onecycle (warm-up, then a linear "
-                                      "decay to lr / 1000) or constant.", choices=SCHEDULES, paper="paper")
-    milestones: list[int] = setting([200, 250, 300], "Comma-separated epochs for the paper schedule.",
+    schedule: str = setting("onecycle", "The learning rate's schedule.", panel=SCHEDULE, choices=SCHEDULES,
+                            paper="paper")
+    milestones: list[int] = setting([200, 250, 300], "Epochs of the paper schedule's steps, comma-separated.",
+                                    panel=SCHEDULE,
                                     check=(lambda v: all(m >= 1 for m in v) and v == sorted(set(v)),
                                            "of increasing epochs of at least 1, e.g. [200, 250, 300]"),
                                     paper=[200, 250, 300])
-    gamma: float = setting(0.1, "The paper schedule's factor at each milestone.", check=ABOVE_0, paper=0.1)
-    warmup_epochs: float = setting(1.5, "Linear warm-up from lr / 10, in epochs (a fraction is allowed; 0 for none).",
+    gamma: float = setting(0.1, "The paper schedule's factor at each milestone.", panel=SCHEDULE, check=ABOVE_0,
+                           paper=0.1)
+    warmup_epochs: float = setting(1.5, "Linear warm-up from lr / 10, in epochs.", panel=SCHEDULE,
                                    check=(lambda v: v >= 0, "of at least 0 (epochs)"), paper=0.0)
-    label_smoothing: float = setting(0.2, "Label smoothing.", check=UNIT, paper=0.0)
-    weight_init: str = setting("xavier-open", "How the convs start: xavier-open (Xavier-uniform, biases 0.1, the class "
-                                              "conv's 1.0 so that its ReLU starts open), xavier (biases 0.1 "
-                                              "everywhere), caffe-xavier (Caffe's xavier filler: uniform with "
-                                              "variance 1 / fan-in, biases 0, as the Caffe reproduction of the paper "
-                                              "used), kaiming (He normal, biases 0) or lsuv (orthogonal, then each "
-                                              "conv scaled to unit output variance on training images).",
+    label_smoothing: float = setting(0.2, "Label smoothing.", panel=OPTIMIZER, check=UNIT, paper=0.0)
+    weight_init: str = setting("xavier-open", "How the convs start.", panel=NETWORK,
                                choices=WEIGHT_INITS)
     # airbench's five ideas (whiten, dirac, flips, bias_lr_scale, lookahead_decay), taken together:
     # each alone ended within noise at full scale, but together they ended 0.6 and 1.3 points ahead
     # on two seeds, and the frozen first conv makes steps about 5 % faster (no gradient for it)
-    whiten: str = setting("frozen", "off, init (the first conv starts as the whitening of the training images' patches) "
-                                 "or frozen (and is never trained).", choices=WHITEN, paper="off")
-    dirac: bool = setting(True, "Start the convs after the first (not the class conv) with identity filters.",
+    whiten: str = setting("frozen", "The first conv as the whitening of image patches.", panel=NETWORK,
+                          choices=WHITEN, paper="off")
+    dirac: bool = setting(True, "Identity filters to start the convs after the first.", panel=NETWORK,
                           paper=False)
-    decay_all: bool = setting(False, "Weight decay on every parameter, or on conv weights only (not biases and "
-                                    "BatchNorm).", flags=("--decay-all/--decay-weights-only",), paper=True)
-    bn_momentum: float = setting(0.1, "Weight of each batch in BatchNorm's running statistics (torch's momentum; "
-                                      "airbench's 0.4).",
+    decay_all: bool = setting(False, "Weight decay on every parameter, or on conv weights only.", panel=OPTIMIZER,
+                              flags=("--decay-all/--decay-weights-only",), paper=True)
+    bn_momentum: float = setting(0.1, "Weight of each batch in BatchNorm's statistics.", panel=NETWORK,
                                  check=(lambda v: 0 < v <= 1, "in (0, 1] (the weight of each batch in the running "
                                                               "statistics)"))
     # Muon: 9.92 % validation error against Nesterov SGD's 11.78 (All-CNN-C, ten CIFAR-10 epochs)
-    optimizer: str = setting("muon", "The optimizer; its own settings follow the others.", choices=OPTIMIZERS,
+    optimizer: str = setting("muon", "The optimizer.", panel=OPTIMIZER, choices=OPTIMIZERS,
                              paper="sgd")
-    bias_lr_scale: float = setting(64.0, "Learning rate of the biases (BatchNorm shifts, conv biases) as a multiple of "
-                                        "--lr; their weight decay per step stays the same (airbench's 64).",
+    bias_lr_scale: float = setting(64.0, "The biases' learning rate as a multiple of --lr.", panel=OPTIMIZER,
                                    check=(lambda v: v > 0, "above 0 (1 gives biases the weights' learning rate)"),
                                    paper=1.0)
-    init: str | None = setting(None, "Start from these weights (a run folder or allconv .safetensors) and their "
-                                     "preprocessing, with a fresh optimizer and schedule: fine-tuning, or a further "
-                                     "cycle.", default_text="a fresh initialization")
-    ema_decay: float = setting(0.0, "Per-step weight EMA decay (timm's ModelEmaV3), e.g. 0.999.",
+    init: str | None = setting(None, "Start from these weights (a run folder or .safetensors).", panel=NETWORK,
+                               default_text="a fresh initialization")
+    ema_decay: float = setting(0.0, "Per-step decay of an EMA of the weights.", panel=OPTIMIZER,
                                check=(lambda v: 0 <= v < 1, "in [0, 1) (0 turns EMA off)"), paper=0.0)
-    lookahead_decay: float = setting(0.95, "Lookahead (airbench's): every 5 steps the weights and BatchNorm statistics "
-                                          "are pulled toward a slow copy of themselves, training goes on from that "
-                                          "copy, and the pull grows as the cube of the run's progress to this per-step "
-                                          "decay at its end, e.g. 0.95.",
+    lookahead_decay: float = setting(0.95, "Lookahead's per-step decay at the run's end.", panel=OPTIMIZER,
                                      check=(lambda v: 0 <= v < 1, "in [0, 1) (0 turns lookahead off)"), paper=0.0)
-    tta: str = setting("flip-shift", "Test-time augmentation of the last epoch's evaluation and the final test, reported "
-                               "beside the plain figures (see allconv eval --tta).", choices=TTA, paper="none")
-    target: float | None = setting(None, "Stop once the evaluated top-1 accuracy (%, validation split if held out, "
-                                         "else test) reaches this; every epoch is then evaluated, and the epoch and "
-                                         "time are reported.",
+    tta: str = setting("flip-shift", "Test-time augmentation of the final evaluations.", panel=AUGMENTATION,
+                       choices=TTA, paper="none")
+    target: float | None = setting(None, "Stop once the top-1 accuracy (%) reaches this.", panel=SCHEDULE,
                                    check=(lambda v: 0 < v <= 100, "in (0, 100] (top-1 accuracy, %)"),
                                    default_text="every epoch runs")
     # machinery
-    seed: int = setting(0, "Seed of initialization, order, augmentation and dropout.",
+    seed: int = setting(0, "Seed of initialization, order, augmentation and dropout.", panel=RUN,
                         # torch's generators take 64 bits; the per-epoch and per-step seeds made from it stay below 2^63
                         check=(lambda v: 0 <= v < 2**63, "in [0, 2^63)"))
-    deterministic: bool = setting(False, "Deterministic kernels (slower on CUDA) and, without --threads, one CPU "
-                                         "thread per core whatever the load: the thread count changes the rounding.")
-    device: str = setting("auto", "auto (the first GPU, else the CPU), cpu, cuda or cuda:N.")
-    precision: str = setting("auto", "auto (bf16 autocast where the CPU or GPU computes bf16 natively, else fp32), "
-                                     "fp32, bf16 or fp16 (CUDA only, with a gradient scaler). Weights, optimizer "
-                                     "state, BatchNorm statistics and the loss stay fp32.", choices=PRECISIONS)
-    channels_last: bool = setting(True, "channels_last memory format.")
-    compile: bool = setting(False, "torch.compile the training step.")
+    deterministic: bool = setting(False, "Deterministic kernels (slower on CUDA); one CPU thread per core, whatever "
+                                         "the load (the thread count changes the rounding).", panel=RUN)
+    device: str = setting("auto", "auto (the first GPU, else the CPU), cpu, cuda or cuda:N.", panel=RUN)
+    precision: str = setting("auto", "Autocast of the forward and backward passes.", panel=RUN, choices=PRECISIONS)
+    channels_last: bool = setting(True, "channels_last memory format.", panel=RUN)
+    compile: bool = setting(False, "torch.compile the training step.", panel=RUN)
     # Decoding is CPU-bound: past the cores another worker only adds a process (and a decode thread),
     # and a count in the thousands would start that many.
-    workers: int = setting(4, "DataLoader workers for image folders too large to hold in memory.",
+    workers: int = setting(4, "DataLoader workers for folders too large for memory.", panel=DATA,
                            check=(lambda v: 0 <= v <= MAX_WORKERS, f"from 0 to {MAX_WORKERS}"))
-    eval_every: int = setting(1, "Evaluate every N epochs; the last is always evaluated.",
+    eval_every: int = setting(1, "Evaluate every N epochs (and always the last).", panel=RUN,
                               check=(lambda v: v >= 1, "of at least 1 (epochs)"))
     # A checkpoint of All-CNN-C with ZCA writes 54 MB (the weights with the 36 MiB matrix, then weights and
     # momentum): at every epoch of a GPU run, whose epochs take seconds, mostly needless. A kill loses at
     # most the epochs since the last checkpoint, which these two bound.
-    save_every: int = setting(10, "Checkpoint (model.safetensors, state.pt) every N epochs, or sooner after "
-                                  "--save-minutes; always at the run's end, at --stop-after, at --target and on "
-                                  "Ctrl-C / SIGTERM. A kill loses at most the epochs since the last checkpoint; "
-                                  "metrics.jsonl is written every epoch. --resume may change it.",
+    save_every: int = setting(10, "Checkpoint every N epochs (and at every stop).", panel=RUN,
                               check=(lambda v: v >= 1, "of at least 1 (epochs; 1 checkpoints every epoch)"))
-    save_minutes: float = setting(5.0, "Checkpoint at the end of the first epoch ending this many minutes after "
-                                       "the last checkpoint, even before --save-every epochs. --resume may change "
-                                       "it.",
+    save_minutes: float = setting(5.0, "Checkpoint sooner once this many minutes have passed.", panel=RUN,
                                   check=(lambda v: v >= 0, "of at least 0 (minutes; 0 checkpoints every epoch)"))
-    preset: str | None = setting(None, "A bundled preset or a .toml path; the options override its keys.", flags=("--preset", "-p"), default_text="none")
+    preset: str | None = setting(None, "A bundled preset or a .toml file; options override it.", panel=RUN,
+                                 flags=("--preset", "-p"), default_text="none")
 
     def to_json(self, **records) -> str:
         """The settings as JSON, with ``records`` (e.g. ``environment``) beside them: keys that are

@@ -14,13 +14,20 @@ ABOVE_0: Check = (lambda v: v > 0, "above 0")
 DROPOUT: Check = (lambda v: 0 <= v < 1, "in [0, 1) (0 turns that dropout off)")
 
 
+# The panels of `allconv train --help`, in the order shown: each setting declares its own
+DATA, NETWORK, OPTIMIZER, SCHEDULE, AUGMENTATION, RUN = (
+    "Data", "Network", "Optimizer", "Schedule", "Augmentation", "Run and output")
+PANELS = (DATA, NETWORK, OPTIMIZER, SCHEDULE, AUGMENTATION, RUN)
+
 NOT_STATED = object()  # a setting the paper leaves open (batch size, initialization) or does not have
 
 
-def setting(default, help: str, *, choices=None, check: Check | None = None, flags: tuple[str, ...] = (),
-            default_text: str | None = None, paper=NOT_STATED):
-    """A field of TrainConfig with what its option shows: ``help`` (the default, the choices and the
-    range are added from the other arguments), ``choices`` (names, or a dict name -> what it does),
+def setting(default, help: str, *, panel: str | None = None, choices=None, check: Check | None = None,
+            flags: tuple[str, ...] = (), default_text: str | None = None, paper=NOT_STATED):
+    """A field of TrainConfig with what its option shows: ``help`` (one short sentence; the default
+    and the choices are added from the other arguments; details go to docs/training.md), ``panel``
+    (one of ``PANELS``: where the option is listed; tests/test_settings.py checks that each has
+    one), ``choices`` (names, or a dict name -> what it does),
     ``check`` (range), ``flags`` (the option's names, e.g. ("--model", "-m"); default: --name, and
     --name/--no-name for a bool), ``default_text`` (how to show a None default), ``paper`` (the
     paper's value, or a tuple of the values it allows: any other is a deviation that a run names)."""
@@ -28,7 +35,7 @@ def setting(default, help: str, *, choices=None, check: Check | None = None, fla
     metadata = {"help": help, "choices": choices.keys() if isinstance(choices, dict) else
                 tuple(choices) if choices is not None else None,
                 "choice_help": choices if isinstance(choices, dict) else None, "check": check, "flags": flags,
-                "default_text": default_text, "paper": paper}
+                "default_text": default_text, "paper": paper, "panel": panel}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

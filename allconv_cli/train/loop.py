@@ -71,6 +71,9 @@ SHUT_TOLERANCE = 1e-6
 # to learn: the default recipe on glyphs-100 ends 10 epochs at 4.601 against ln 100 = 4.605 (0.1 %),
 # while runs that learn are 5 % or more below ln K by their third epoch (docs/RESULTS.md).
 CHANCE_TOLERANCE = 0.01
+# Fewer epochs say nothing of learning (a one-epoch smoke run on 256 images takes 4 steps), so
+# the note waits for the third epoch, by which runs that learn are below ln K by 5 % or more.
+CHANCE_MIN_EPOCHS = 3
 
 
 @dataclasses.dataclass
@@ -189,10 +192,13 @@ def _refuse_a_shut_class_relu(model, metrics: dict, run_dir: Path | None):
 
 
 def not_learning(metrics: dict, classes: int, batch_norm: bool) -> str | None:
-    """A line for a run whose last epoch's training loss is still that of a uniform guess, else None;
+    """A line for a run whose last epoch's training loss is still that of a uniform guess after
+    ``CHANCE_MIN_EPOCHS`` epochs or more, else None;
     what to try depends on whether the network has BatchNorm (the default recipe's) or not."""
     chance = math.log(classes) if classes >= 2 else 0.0
-    if not chance or abs(metrics["train_loss"] - chance) >= CHANCE_TOLERANCE * chance:
+    if not chance or metrics["epoch"] < CHANCE_MIN_EPOCHS:
+        return None
+    if abs(metrics["train_loss"] - chance) >= CHANCE_TOLERANCE * chance:
         return None
     advice = ("try more --epochs or another --lr" if batch_norm else
               "the paper's network without BatchNorm starts slowly with many classes or few steps, and may not start "

@@ -13,7 +13,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from allconv_cli.train.fields import ABOVE_0, UNIT, setting
+from allconv_cli.train.fields import ABOVE_0, OPTIMIZER, UNIT, setting
 
 
 @dataclass(frozen=True)
@@ -47,20 +47,17 @@ class OptimizerInfo:
 OPTIMIZERS: dict[str, OptimizerInfo] = {
     "sgd": OptimizerInfo(
         "allconv_cli.train.optim:sgd",
-        "SGD with --lr, --momentum and --nesterov on every parameter (Section 3.2's optimizer)"),
+        "SGD on every parameter (the paper's)"),
     "muon": OptimizerInfo(
         "allconv_cli.train.optim:muon",
-        "the conv weights step by Muon's orthogonalized momentum at --muon-lr, the rest by SGD as for sgd; needs "
-        "--batch-norm",
+        "Muon for the conv weights, SGD for the rest; needs --batch-norm",
         own_weight_rule=True,
         needs_batch_norm="it rescales every conv's weights, which only a BatchNorm after the conv makes harmless",
         settings={
-            "muon_lr": (float, setting(0.05, "The conv weights' peak learning rate, the share of each conv's weight "
-                                             "norm that one step moves (the schedule applies); 0.05 was the best of "
-                                             "0.03, 0.05 and 0.07 for All-CNN-C in ten CIFAR-10 epochs.",
-                                       check=ABOVE_0)),
-            "muon_momentum": (float, setting(0.6, "The conv weights' Nesterov momentum (airbench's 0.6).",
-                                             check=UNIT)),
+            # the share of each conv's weight norm that one step moves (the schedule applies); 0.05
+            # was the best of 0.03, 0.05 and 0.07 for All-CNN-C in ten CIFAR-10 epochs
+            "muon_lr": (float, setting(0.05, "the conv weights' peak learning rate.", check=ABOVE_0)),
+            "muon_momentum": (float, setting(0.6, "the conv weights' Nesterov momentum.", check=UNIT)),
         }),
 }
 
@@ -70,6 +67,7 @@ def optimizer_settings() -> list[tuple[str, type, object]]:
     fields = []
     for name, info in OPTIMIZERS.items():
         for key, (kind, declared) in info.settings.items():
-            metadata = {**declared.metadata, "help": f"With --optimizer {name}: {declared.metadata['help']}"}
+            metadata = {**declared.metadata, "help": f"With --optimizer {name}: {declared.metadata['help']}",
+                        "panel": OPTIMIZER}
             fields.append((key, kind, dataclasses.field(default=declared.default, metadata=metadata)))
     return fields

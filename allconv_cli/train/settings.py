@@ -74,12 +74,18 @@ def read_preset(name_or_path: str) -> dict:
     return settings
 
 
+SETTINGS = [key for key in FIELDS if key != "preset"]  # what a preset, an option or --grid may set
+
+
 def check_keys(settings: dict, where: str):
 
     for key in settings:
-        if key not in FIELDS or key == "preset":
-            raise ValueError(f"unknown key {show_value(key)} in {where}{did_you_mean(str(key), FIELDS)}; "
-                             f"valid keys: {', '.join(k for k in FIELDS if k != 'preset')}")
+        if key == "preset":  # a setting of the command line only: a preset is one layer, not a chain
+            raise ValueError(f"{where} names a preset (preset = {show_value(settings[key])}): a preset cannot name "
+                             "another: copy that preset's keys into this file")
+        if key not in FIELDS:
+            raise ValueError(f"unknown key {show_value(key)} in {where}{did_you_mean(str(key), SETTINGS)}; "
+                             f"valid keys: {', '.join(SETTINGS)}")
 
 
 def resolve(preset: str | None = None, **overrides) -> TrainConfig:
@@ -100,16 +106,28 @@ def resolve(preset: str | None = None, **overrides) -> TrainConfig:
     if config.init is not None:  # a new run only: a resumed one restores its own weights, not these
 
         check_weights_file(config.init)
-    # Milestones act only in the paper schedule: given in a layer at or after the one that set
-    # another schedule (or with the default one), they would be ignored without a word.
-    if "milestones" in origin and config.schedule != "paper":
-        rank = {where: i for i, (where, _) in enumerate(layers)}
-        if rank[origin["milestones"]] >= rank.get(origin.get("schedule"), -1):
-            where = origin["milestones"]
-            raise ValueError(f"{where}: {_show('milestones', config.milestones, where)} is given, but only "
-                             f"schedule \"paper\" uses milestones and this run's is {config.schedule!r}: "
-                             "drop the milestones or choose the paper schedule")
+    check_in_effect(config, origin, [where for where, _ in layers])
     return config
+
+
+# Settings that act only under another's value: setting -> (that setting, the value it needs).
+IN_EFFECT_ONLY = {"milestones": ("schedule", "paper"),
+                  **{key: ("optimizer", name) for name, info in OPTIMIZERS.items() for key in info.settings}}
+
+
+def check_in_effect(config: TrainConfig, origin: dict[str, str], layers: list[str]):
+    """Refuse a given setting that would be ignored without a word (Muon's own settings with
+    optimizer sgd, milestones with another schedule): one given in a layer at or after the one
+    that chose otherwise (or with the default). ``layers``: the wheres of ``origin``, later wins."""
+    rank = {where: i for i, where in enumerate(layers)}
+    for key, (ruler, needed) in IN_EFFECT_ONLY.items():
+        if key not in origin or getattr(config, ruler) == needed:
+            continue
+        if rank.get(origin[key], -1) >= rank.get(origin.get(ruler), -1):
+            where = origin[key]
+            raise ValueError(f"{where}: {_show(key, getattr(config, key), where)} is given, but only {ruler} "
+                             f"\"{needed}\" uses {key} and this run's is {getattr(config, ruler)!r}: drop {key} "
+                             f"or give {_show(ruler, needed, where)}")
 
 
 def from_json(text: str, where: str = "config.json") -> TrainConfig:
@@ -178,7 +196,7 @@ def parse_setting(key: str, text: str, where: str):
     """A setting's value written as text (``--grid``'s values) -> the value, checked as an option's:
     a bool as true/false (on/off), a list of whole numbers as 200:250:300."""
     if key not in FIELDS or key == "preset":
-        raise ValueError(f"unknown setting {show_value(key)} in {where}{did_you_mean(key, FIELDS)}")
+        raise ValueError(f"unknown setting {show_value(key)} in {where}{did_you_mean(key, SETTINGS)}")
     hint = TYPES[key]
     inner = next(a for a in typing.get_args(hint) if a is not type(None)) if isinstance(hint, types.UnionType) else hint
     value: object = text
