@@ -144,9 +144,7 @@ PRECISION_HELP = ("Autocast of the forward and backward passes: fp32, bf16, fp16
 # --threads, one declaration for every command that computes on the CPU
 Threads = Annotated[Optional[int], typer.Option(
     "--threads", show_default=False,
-    help="CPU threads torch computes with (and decodes images with). Default: one per core that other processes "
-         "leave free when the command starts (sampled for 0.25 s; training looks again every 10 s), so that a busy "
-         "core does not hold every step back; torch's own default is one per core, busy or not.")]
+    help="CPU threads. Default: one per core other processes leave free (training looks again every 10 s).")]
 
 
 def refuse_existing(paths, force: bool):

@@ -176,8 +176,8 @@ class TrainConfig:
     seed: int = setting(0, "Seed of initialization, order, augmentation and dropout.", panel=RUN,
                         # torch's generators take 64 bits; the per-epoch and per-step seeds made from it stay below 2^63
                         check=(lambda v: 0 <= v < 2**63, "in [0, 2^63)"))
-    deterministic: bool = setting(False, "Deterministic kernels (slower on CUDA); one CPU thread per core, whatever "
-                                         "the load (the thread count changes the rounding).", panel=RUN)
+    deterministic: bool = setting(False, "Deterministic kernels (slower on CUDA), a CPU thread per core.",
+                                  panel=RUN)
     device: str = setting("auto", "auto (the first GPU, else the CPU), cpu, cuda or cuda:N.", panel=RUN)
     precision: str = setting("auto", "Autocast of the forward and backward passes.", panel=RUN, choices=PRECISIONS)
     channels_last: bool = setting(True, "channels_last memory format.", panel=RUN)
