@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from allconv_cli.cpu_threads import BUSY_MARGIN, OthersUse, usable_cores, use_threads
 from allconv_cli.data import splits
 from allconv_cli.data.batches import Batches
 from allconv_cli.data.preprocess import Standardize
@@ -244,13 +245,29 @@ def timed(step: Callable[[], None], warmup: int, steps: int, device: torch.devic
     return time.perf_counter() - start
 
 
+def busy_cores(free: float | None, cores: int, results: dict) -> float | None:
+    """The most cores other processes kept busy: just before the run (``free`` of ``cores``
+    sampled for the thread choice) or while a mode was timed; None where not measured."""
+    seen = [row["others_cores"] for row in results.values() if row["others_cores"] is not None]
+    if free is not None:
+        seen.append(cores - free)
+    return max(seen, default=None)
+
+
+def is_idle(busy: float | None) -> bool | None:
+    """Whether others' use of the cores stayed under ``BUSY_MARGIN`` of one; None: unknown."""
+    return None if busy is None else busy < BUSY_MARGIN
+
+
 def run(config: TrainConfig, mode: str = "all", steps: int | None = None, warmup: int | None = None,
-        speed_only: bool = False) -> dict:
+        threads: int | None = None, speed_only: bool = False) -> dict:
     """Benchmark ``mode`` (train | infer | data | all) of the recipe ``config`` (its model, batch
     size, device, precision, memory format, compile and, in train mode, its whole step: optimizer,
-    lookahead, EMA, augmentation) -> settings and one result per mode: images/s, step time (ms),
-    GFLOP per image, achieved TFLOP/s, share of the device's peak (None where unknown), peak
-    memory and, in train mode, the aten ops one step dispatches (``speed_only``: the timed steps alone)."""
+    lookahead, EMA, augmentation) with ``threads`` CPU threads (None: one per free core, as the
+    trainer picks them) -> settings and one result per mode: images/s, step time (ms), GFLOP per
+    image, achieved TFLOP/s, share of the device's peak (None where unknown), peak memory, the
+    cores other processes kept busy while it was timed and, in train mode, the aten ops one step
+    dispatches (``speed_only``: the timed steps alone)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
     for name, value, least in (("--steps", steps, 1), ("--warmup", warmup, 0)):
@@ -259,6 +276,7 @@ def run(config: TrainConfig, mode: str = "all", steps: int | None = None, warmup
     name = resolve_name(config.model)
     dev = resolve_device(config.device)
     steps, warmup = resolve_steps(dev, steps, warmup)
+    choice = use_threads(threads)
     net = place_model(make_model(config, default_config(name)["num_classes"]), config, dev)
     input_size = tuple(net.pretrained_cfg["input_size"])
     flops = count_flops(net, input_size)
@@ -272,18 +290,9 @@ def run(config: TrainConfig, mode: str = "all", steps: int | None = None, warmup
     matmul = None if speed_only else matmul_tflops(dev, arithmetic(dev, config.precision))
     step_model = torch.compile(net) if config.compile else net
     bench = _Bench(dev, config.batch_size, steps, warmup, peak, matmul)
-    data = None
-    results = {}
-    for each in ("data", "infer", "train") if mode == "all" else (mode,):
-        if each != "infer" and data is None:
-            data = synthetic_data(input_size, net.num_classes, config.batch_size, dev)
-        if each == "data":
-            results[each] = bench.data(config, data, prep)
-        elif each == "infer":
-            results[each] = bench.infer(step_model, net, input_size, prep, memory_format(config), config.precision,
-                                        flops["forward"])
-        else:
-            results[each] = bench.train(config, net, data, prep, flops["train"], count_ops=not speed_only)
+    results = bench.modes(("data", "infer", "train") if mode == "all" else (mode,), config, net, step_model, prep,
+                          flops, count_ops=not speed_only)
+    busy = busy_cores(choice.free, choice.cores, results)
     return {
         "model": name.replace("_", "-"),
         "preset": config.preset,
@@ -291,6 +300,9 @@ def run(config: TrainConfig, mode: str = "all", steps: int | None = None, warmup
         "device_name": device_name(dev),
         "cpus": cpu_count(),
         "threads": torch.get_num_threads(),
+        "thread_choice": choice.record(),
+        "busy_cores": busy,
+        "machine_idle": is_idle(busy),
         "torch": torch.__version__,
         "precision": arithmetic(dev, config.precision),
         "kernels": kernel_path(dev, config.precision),
@@ -333,6 +345,24 @@ class _Bench:
                  matmul: float | None):
         self.device, self.batch_size, self.steps, self.warmup = device, batch_size, steps, warmup
         self.peak, self.matmul = peak, matmul
+
+    def modes(self, modes: tuple[str, ...], config: TrainConfig, net: nn.Module, step_model: nn.Module,
+              prep: nn.Module, flops: dict[str, int], count_ops: bool = True) -> dict:
+        """Each of ``modes`` measured in turn -> {mode: result}; the synthetic data made once."""
+        input_size = tuple(net.pretrained_cfg["input_size"])
+        data = None
+        results = {}
+        for each in modes:
+            if each != "infer" and data is None:
+                data = synthetic_data(input_size, net.num_classes, config.batch_size, self.device)
+            if each == "data":
+                results[each] = self.data(config, data, prep)
+            elif each == "infer":
+                results[each] = self.infer(step_model, net, input_size, prep, memory_format(config),
+                                           config.precision, flops["forward"])
+            else:
+                results[each] = self.train(config, net, data, prep, flops["train"], count_ops)
+        return results
 
     def data(self, config: TrainConfig, data: splits.ImageData, prep: nn.Module) -> dict:
 
@@ -388,12 +418,15 @@ class _Bench:
 
     def _measure(self, step: Callable[[], None], flops: int | None) -> dict:
         rss_reset = reset_peak_rss()
+        others = []
 
         def begin():  # the timed steps' peak, not cuDNN's trials of workspaces in the warm-up
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
+            others.append(OthersUse(usable_cores()))
 
         seconds = timed(step, self.warmup, self.steps, self.device, begin)
+        others_cores = others[0].cores_used()
         images_per_s = self.steps * self.batch_size / seconds
         tflop_per_s = None if flops is None else images_per_s * flops / 1e12
         return {
@@ -407,6 +440,7 @@ class _Bench:
             "peak_rss_since": "mode start" if rss_reset else "process start",
             "peak_cuda_mb": (torch.cuda.max_memory_allocated(self.device) / 2**20
                              if self.device.type == "cuda" else None),
+            "others_cores": others_cores,  # cores other processes kept busy while the steps were timed
         }
 
 

@@ -15,8 +15,8 @@ training loop; inference under ``torch.no_grad``.
 
 Both sides get the same synthetic images (``allconv_cli.benchmark.synthetic_data``: 50,000
 random uint8 images at 32x32), the same network and the faithful preset's SGD settings, the same
-timer (warm-up steps, then timed steps between device synchronizations) and torch's default
-thread count. Each side runs in a fresh process, so that neither's memory or thread pools
+timer (warm-up steps, then timed steps between device synchronizations) and, on an idle
+machine, the same thread count (torch's default, one per core; allconv's, one per free core). Each side runs in a fresh process, so that neither's memory or thread pools
 count against the other. Peak memory is the resident set size of the process that trains,
 from the start of its warm-up; the baseline's DataLoader workers are separate processes and
 are not counted. Each side also measures a large matmul in its own precision, the limit its
@@ -258,13 +258,20 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as err:
         print(f"Error: {err}", file=sys.stderr)
         return 2
-    command = shlex.join(["python", "benchmarks/bench_train.py", *(sys.argv[1:] if argv is None else argv)])
-    section = report(options, allconv, baseline, command, datetime.date.today().isoformat())
-    print(section)
-    if options.out is not None:
-        write_section(options.out, section)
-        print(f"wrote {options.out}")
+    publish(lambda command, date: report(options, allconv, baseline, command, date), "bench_train.py", argv,
+            options.out)
     return 0
+
+
+def publish(section, script: str, argv, out: Path | None):
+    """Print ``section(command, date)`` for this run of ``benchmarks/script``, and append it to
+    ``out`` where given."""
+    command = shlex.join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])
+    text = section(command, datetime.date.today().isoformat())
+    print(text)
+    if out is not None:
+        write_section(out, text)
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

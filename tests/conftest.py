@@ -13,6 +13,11 @@ import pytest
 # the environment pytest was started with, CUDA included, and are skipped where there is none.
 STARTED_WITH = dict(os.environ)
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# One thread per core, as torch starts, and not one per core free of other work (allconv's own
+# choice): tests compare runs bit for bit, and the thread count changes the rounding. Their
+# subprocesses inherit it; tests of the choice itself remove it.
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                             else os.cpu_count() or 1))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

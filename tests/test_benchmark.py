@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 TINY = ["--steps", "1", "--warmup", "1", "--batch-size", "2", "--device", "cpu"]
 RESULT_KEYS = {"images_per_s", "step_ms", "gflop_per_image", "tflop_per_s", "peak_share", "matmul_share",
-               "peak_rss_mb", "peak_rss_since", "peak_cuda_mb"}
+               "peak_rss_mb", "peak_rss_since", "peak_cuda_mb", "others_cores"}
 TRAIN_KEYS = RESULT_KEYS | {"ops_per_step", "ops_per_step_max", "view_ops_per_step"}  # ops: tests/test_step_ops.py
 # All-CNN-C on 32x32, multiply-adds per conv: out C x H x W x (in C x kernel area).
 ALL_CNN_C_MACS = [

@@ -237,7 +237,7 @@ def test_a_streamed_folder_is_not_cached(tmp_path, cache_dir, monkeypatch):
     assert entries(cache_dir) == []
 
 
-def test_a_miss_decodes_with_every_core(tmp_path, cache_dir, monkeypatch):
+def test_a_miss_decodes_with_the_threads_torch_computes_with(tmp_path, cache_dir, monkeypatch):
     root = image_folder(tmp_path / "data")
     threads = []
 
@@ -247,6 +247,6 @@ def test_a_miss_decodes_with_every_core(tmp_path, cache_dir, monkeypatch):
             super().__init__(max_workers)
 
     monkeypatch.setattr(folders, "ThreadPoolExecutor", Recording)
-    monkeypatch.setattr(os, "cpu_count", lambda: 5)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 5)  # one per free core, or --threads
     load(root)
     assert threads == [5]

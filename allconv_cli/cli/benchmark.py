@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from allconv_cli.cli.common import AsJson, make_console, user_errors
+from allconv_cli.cli.common import AsJson, Threads, make_console, user_errors
 from allconv_cli.cli.options import given_settings, takes_settings
 
 
@@ -17,6 +17,7 @@ def benchmark(
     steps: Annotated[Optional[int], typer.Option(help="Timed steps. Default: 20 on the CPU, 200 on CUDA.", show_default=False)] = None,
     warmup: Annotated[Optional[int], typer.Option(help="Untimed steps before them. Default: 5 on the CPU, 50 on CUDA.", show_default=False)] = None,
     as_json: AsJson = False,
+    threads: Threads = None,
     **settings,
 ):
     """Measure speed on synthetic data (random uint8 images of the model's input size, so it runs offline) with any recipe: a preset and any training setting (model, batch size, optimizer, lookahead, EMA, augmentation, precision, compile...). Reports images/s and step time of the trainer's own training step, of inference and of the data path alone, with GFLOP per image (convolutions, counted from the layer shapes), achieved TFLOP/s, its share of a large matmul's rate measured in the same process and precision, the share of the GPU's peak where it is known, and peak memory.
@@ -32,7 +33,7 @@ def benchmark(
 
         given = given_settings(settings)
         config = resolve(given.pop("preset", None), **given)
-        result = run_benchmark(config, mode, steps, warmup)
+        result = run_benchmark(config, mode, steps, warmup, threads)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -63,3 +64,17 @@ def benchmark(
                   "step is forward + backward. % of matmul: against a 4096x4096 (CPU) or 8192x8192 (CUDA) "
                   "matmul in the same precision, measured just before. ops/step: aten ops one training step "
                   "dispatches (mean of 5 in a row). Data: synthetic uint8 images held in memory on the device.")
+    console.print(_load_line(result), markup=False)
+
+
+def _load_line(result: dict) -> str:
+    """What else ran: a warning where other processes kept part of a core or more busy."""
+    from allconv_cli.cpu_threads import ThreadChoice
+
+    busy, choice = result["busy_cores"], ThreadChoice(**result["thread_choice"])
+    if busy is None:
+        return f"Load: unknown on this system; {choice.describe()}."
+    if result["machine_idle"]:
+        return f"Load: idle (other processes kept at most {busy:.2f} of {choice.cores} cores busy); {choice.describe()}."
+    return (f"Warning: other processes kept up to {busy:.1f} of {choice.cores} cores busy while this ran "
+            f"({choice.describe()}): these figures are this machine's speed under that load, not idle.")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -140,6 +140,12 @@ def parse_numbers(text: str, option: str, kind, paper=None):
 PRECISION_HELP = ("Autocast of the forward and backward passes: fp32, bf16, fp16 (CUDA only) or auto (bf16 where "
                   "the device computes it natively). A map is the gradient of one neuron, and bf16's 8-bit "
                   "mantissa changes it, so keep fp32 unless speed matters more than the exact map.")
+
+
+# --threads, one declaration for every command that computes on the CPU
+Threads = Annotated[Optional[int], typer.Option(
+    "--threads", show_default=False,
+    help="CPU threads. Default: one per core other processes leave free (training looks again every 10 s).")]
 
 
 def refuse_existing(paths, force: bool):

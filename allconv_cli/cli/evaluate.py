@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from allconv_cli.cli.common import AsJson, Device, Quiet, make_console, out_option, progress_bar, user_errors
+from allconv_cli.cli.common import AsJson, Device, Quiet, Threads, make_console, out_option, progress_bar, user_errors
 from allconv_cli.util import plural
 
 
@@ -25,6 +25,7 @@ def evaluate(
     out: Annotated[Optional[Path], out_option("The confusion-matrix PNG. Default: confusion-DATASET-SPLIT.png in the run folder, or in the current directory for a checkpoint outside one (the bundled weights, a loose .safetensors file).")] = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
+    threads: Threads = None,
 ):
     """Evaluate a trained model: top-1 and top-5 error, loss, per-class accuracy, a confusion-matrix PNG, and the paper's error for that model and data set where it has one. Writes only the PNG (see --out).
 
@@ -32,9 +33,11 @@ def evaluate(
     """
     with user_errors():
         from allconv_cli.charts import confusion_matrix
+        from allconv_cli.cpu_threads import use_threads
         from allconv_cli.evaluate import evaluate_checkpoint
         from allconv_cli.export import output_folder
 
+        choice = use_threads(threads)
         progress, stop = progress_bar("evaluating", quiet)
         try:
             result = evaluate_checkpoint(checkpoint, dataset, data_dir, split, tta, batch_size, device, limit,
@@ -46,6 +49,7 @@ def evaluate(
                          title=f"{result['network']} on {result['dataset']} {split}: "
                                f"{result['top1_error']:.2f} % top-1 error")
         result["confusion_png"] = str(png)
+        result["cpu_threads"] = choice.record()
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return

@@ -13,6 +13,7 @@ from allconv_cli.cli.common import (
     Device,
     Force,
     PRECISION_HELP,
+    Threads,
     make_console,
     out_option,
     progress_bar,
@@ -151,6 +152,7 @@ def sanity(
     precision: Annotated[str, typer.Option("--precision", help=PRECISION_HELP)] = "fp32",
     device: Device = "auto",
     as_json: AsJson = False,
+    threads: Threads = None,
     method_settings: dict | None = None,
 ):
     """Sanity checks for saliency maps (Adebayo et al., 2018): re-initialize the model's weights layer by layer with its own initializer and see how much each method's map changes. Similarity to the trained model's map, per stage: Spearman rank correlation of |map| and of the signed map, and SSIM. A map that barely changes when the weights are random does not explain the model. Writes a grid per method (rows: images; columns: trained, then each stage) and a chart.
@@ -160,6 +162,7 @@ def sanity(
     [bold]allconv sanity cat.png --against runs/shuffled-labels[/bold]
     """
     with user_errors():
+        from allconv_cli.cpu_threads import use_threads
         from allconv_cli.device import resolve_device
         from allconv_cli.explain import figures
         from allconv_cli.explain.methods import check_methods
@@ -173,6 +176,7 @@ def sanity(
         method_list = check_methods(methods.split(",") if methods else fitting(by_class))
         figures.check_display(norm, 99.5, "nearest")
         dev = resolve_device(device)
+        use_threads(threads)
         loaded = load_checkpoint(checkpoint, None, dev)
         other = load_checkpoint(against, None, dev) if against is not None else None
         result = sanity_check(loaded, images, layer, method_list, mode=mode, target_class=target_class,

@@ -14,6 +14,7 @@ from allconv_cli.cli.common import (
     Device,
     Force,
     Quiet,
+    Threads,
     duration,
     make_console,
     out_option,
@@ -60,6 +61,7 @@ def faithfulness(
     force: Force = False,
     quiet: Quiet = False,
     as_json: AsJson = False,
+    threads: Threads = None,
     method_settings: dict | None = None,
 ):
     """Which saliency map points at what the model uses? Scores each map by deletion and insertion AUC and by ROAD, and writes a chart of the mean curves.
@@ -77,6 +79,7 @@ def faithfulness(
         if images and (limit is not None or data_dir is not None):
             raise ValueError("--limit and --data-dir choose images of a data split: drop them, or drop the IMAGES")
         count = _count(limit)
+        from allconv_cli.cpu_threads import use_threads
         from allconv_cli.device import resolve_device
         from allconv_cli.explain import faithfulness as faith
         from allconv_cli.explain import figures, perturbation
@@ -86,6 +89,7 @@ def faithfulness(
         method_list = check_methods(methods.split(",") if methods else None, model_free=True)
         perturbation.check_baseline(baseline)
         dev = resolve_device(device)
+        use_threads(threads)
         loaded = load_checkpoint(checkpoint, model, dev)
         what = ("image file", "") if images else ("image", f" of {dataset} {split}")  # (noun, where from)
         ready, progress, stop = _reporting(out, force, quiet, what, len(method_list))

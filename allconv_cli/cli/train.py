@@ -14,6 +14,7 @@ from allconv_cli.cli.common import (
     EXIT_FAILED,
     EXIT_SIGNAL,
     Force,
+    Threads,
     duration,
     make_console,
     out_option,
@@ -48,7 +49,7 @@ class _TrainProgress:
             config = fields["config"]
             self.console.print(f"[bold]{fields['network']}[/bold] on {config.dataset}: "
                                f"{plural(fields['examples'], 'training image')}, {plural(fields['steps'], 'step')} "
-                               f"an epoch, {fields['device']}{_processes(fields)}, {config.precision} "
+                               f"an epoch, {fields['device']}{_processes(fields)}, {fields['threads']}, {config.precision} "
                                f"-> {fields['run_dir']}")
             self.console.print(_deviations_line(config), markup=False)
             self.bars.start()
@@ -90,6 +91,7 @@ def train(
     stop_after: Annotated[Optional[int], typer.Option("--stop-after", help="Stop, resumably, after this many epochs of this call.", show_default=False)] = None,
     time_limit: Annotated[Optional[str], typer.Option("--time-limit", metavar="DURATION", help="Stop, resumably, within this time (e.g. 3h50m, 90min, 1:30:00); exit 124.", show_default=False)] = None,
     as_json: AsJson = False,
+    threads: Threads = None,
     **settings,
 ):
     """Train a model of the paper, by the fast recipe (its deviations from the paper named in the run's second line) or a preset. Writes a run folder: weights, settings, metrics, curves and a resumable state. Every setting, in detail: docs/training.md.
@@ -110,11 +112,11 @@ def train(
         try:
             if resume is not None:  # the run's own settings; the trainer refuses any other change
                 unused = {k: True for k, v in (("out", out), ("force", force)) if v}
-                summary = trainer.resume(resume, progress, stop_after, seconds, **given, **unused)
+                summary = trainer.resume(resume, progress, stop_after, seconds, threads, **given, **unused)
             else:
                 config = resolve(given.pop("preset", None), **given)
                 summary = trainer.train(config, out or trainer.default_run_dir(config), progress=progress,
-                                        stop_after=stop_after, replace=force, time_limit=seconds)
+                                        stop_after=stop_after, replace=force, time_limit=seconds, threads=threads)
         except trainer.TrainingStopped as stop:
             progress.stop()
             typer.echo(str(stop), err=True)

@@ -5,7 +5,6 @@ when too large to hold."""
 from __future__ import annotations
 
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -110,9 +109,10 @@ def load_folder(dataset: str, split: str, data_dir, input_size, workers: int, fi
 
 def decode_files(folder: FolderData, workers: int) -> torch.Tensor:
     """Every file of ``folder`` decoded and fitted, uint8 (N, C, H, W). Threads, not processes:
-    PIL decodes without the GIL, and a bad file raises right here. Every core, not just
-    ``workers``: nothing else runs while a split loads."""
-    with ThreadPoolExecutor(max(1, workers, os.cpu_count() or 1)) as pool:
+    PIL decodes without the GIL, and a bad file raises right here. As many threads as torch
+    computes with (one per free core, or --threads), not just ``workers``: nothing else of the
+    run goes on while a split loads."""
+    with ThreadPoolExecutor(max(1, workers, torch.get_num_threads())) as pool:
         images = list(pool.map(lambda path: fit_file(open_image(path, folder.input_size[0]), folder.input_size, folder.fit),
                                folder.files))
     return torch.stack(images)

@@ -168,7 +168,8 @@ class TrainConfig:
     seed: int = setting(0, "Seed of initialization, order, augmentation and dropout.", panel=RUN,
                         # torch's generators take 64 bits; the per-epoch and per-step seeds made from it stay below 2^63
                         check=(lambda v: 0 <= v < 2**63, "in [0, 2^63)"))
-    deterministic: bool = setting(False, "Deterministic kernels (slower on CUDA).", panel=RUN)
+    deterministic: bool = setting(False, "Deterministic kernels (slower on CUDA), a CPU thread per core.",
+                                  panel=RUN)
     device: str = setting("auto", "auto (the first GPU, else the CPU), cpu, cuda or cuda:N.", panel=RUN)
     precision: str = setting("auto", "Autocast of the forward and backward passes.", panel=RUN, choices=PRECISIONS)
     channels_last: bool = setting(True, "channels_last memory format.", panel=RUN)
@@ -189,9 +190,11 @@ class TrainConfig:
     preset: str | None = setting(None, "A bundled preset or a .toml file; options override it.", panel=RUN,
                                  flags=("--preset", "-p"), default_text="none")
 
-    def to_json(self) -> str:
-        return json.dumps({**dataclasses.asdict(self), DEFAULTS_KEY: DEFAULTS_VERSION, WRITER_KEY: __version__},
-                          indent=2)
+    def to_json(self, **records) -> str:
+        """The settings as JSON, with ``records`` (e.g. ``environment``) beside them: keys that are
+        no setting, which reading them back drops."""
+        return json.dumps({**dataclasses.asdict(self), DEFAULTS_KEY: DEFAULTS_VERSION, WRITER_KEY: __version__,
+                           **records}, indent=2)
 
 
 # Then the settings that an optimizer brings (train/optimizers.py), declared in its entry.

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from allconv_cli.cpu_threads import ThreadWatch
 from allconv_cli.data.batches import Batches
 from allconv_cli.processes import TIME_LIMIT
 from allconv_cli.train.learner import Learner
@@ -110,10 +111,10 @@ def fit(learner: Learner, batches: Batches, position: Position, epochs: int, *,
         evaluate_epoch: Callable[[int], dict] | None = None, save: Callable[[Position], None] | None = None,
         record: Callable[[list[dict]], None] | None = None, progress: Progress | None = None,
         stop: list[int] | None = None, stop_after: int | None = None, world: int = 1,
-        run_dir: Path | None = None) -> Position:
+        run_dir: Path | None = None, threads: ThreadWatch | None = None) -> Position:
     """Train from ``position`` to ``epochs`` on ``batches`` -> the position reached (see above)."""
     progress, save, record = progress or _ignore, save or _ignore, record or _ignore
-    loop = _Loop(learner, batches, position, stop if stop is not None else [], world, run_dir)
+    loop = _Loop(learner, batches, position, stop if stop is not None else [], world, run_dir, threads)
     end = min(epochs, position.epoch + (stop_after or epochs))  # epochs done when this call ends
     for epoch in range(position.epoch, end):
         lr = loop.train_epoch(epoch, progress, save)  # a stop within the epoch checkpoints and raises
@@ -139,9 +140,9 @@ class _Loop:
     epoch's steps, the host check among them, a stop all ranks agree on, an epoch's metrics."""
 
     def __init__(self, learner: Learner, batches: Batches, position: Position, stop: list[int], world: int,
-                 run_dir: Path | None):
+                 run_dir: Path | None, threads: ThreadWatch | None):
         self.learner, self.batches, self.position, self.stop = learner, batches, position, stop
-        self.world, self.run_dir = world, run_dir
+        self.world, self.run_dir, self.threads = world, run_dir, threads
         self.cadence = Cadence(learner.config.save_every, learner.config.save_minutes, position)
         self.device = next(learner.model.parameters()).device
         self.generator = torch.Generator(device=self.device)
@@ -179,6 +180,8 @@ class _Loop:
 
     def check(self, losses: list[torch.Tensor], epoch: int, step: int, lr: float, progress: Progress):
         """The loop's one host sync: the window's losses finite, then progress (ranks check at the same steps)."""
+        if self.threads is not None:  # the CPU threads follow the free cores from here (it looks every few seconds)
+            self.threads.check()
         seen = _check(losses, self.position.sums, epoch, step, self.cadence.epoch, self.run_dir)
         progress("step", epoch=epoch, step=step, steps=len(self.batches), loss=seen[0] / seen[2],
                  accuracy=100 * seen[1] / seen[2], lr=lr,

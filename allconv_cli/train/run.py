@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from allconv_cli.cpu_threads import ThreadWatch, use_threads
 from allconv_cli.data import datasets
 from allconv_cli.data.batches import Batches
 from allconv_cli.data.images import fit_options
@@ -80,14 +81,15 @@ def build(config: TrainConfig, device: torch.device, rank: int = 0, world: int =
 
 def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = None, from_checkpoint: bool = False,
           stop_after: int | None = None, replace: bool = False, finished_ok: bool = False,
-          time_limit: float | None = None) -> dict:
+          time_limit: float | None = None, threads: int | None = None) -> dict:
     """Train ``config`` into ``run_dir``, or continue it there ``from_checkpoint`` -> summary.
 
     A new run refuses a folder holding one unless ``replace``. ``stop_after`` ends this call,
     resumably, after that many epochs; ``time_limit`` (seconds from now) ends it before then, with
     the checkpoint written (TrainingStopped with signum TIME_LIMIT). SIGINT / SIGTERM / SIGHUP
     write a resumable checkpoint and raise TrainingStopped. ``finished_ok`` lets continuing a
-    finished run just summarize it.
+    finished run just summarize it. ``threads``: the CPU threads (None: one per free core,
+    followed as the run goes; ``cpu_threads``).
     """
     if stop_after is not None and not 1 <= stop_after <= config.epochs:
         raise ValueError(f"--stop-after {stop_after} is not allowed: it takes 1 to the run's {config.epochs} epochs")
@@ -97,6 +99,8 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
     check_batch(config, world)
     progress = progress if progress is not None and rank == 0 else None
     device = _start(config, world, local_rank)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # of this run on this machine
+    choice = use_threads(threads, processes, fixed=config.deterministic)
     config = dataclasses.replace(config, precision=resolve_precision(config.precision, device))
     try:
         with run.lock() if rank == 0 else contextlib.nullcontext():
@@ -111,7 +115,7 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
             if rank:  # every rank built the same model; dropout now draws per process (rank 0 goes on as one process)
                 torch.manual_seed(config.seed + rank)
             if state is None and rank == 0:  # after build: a run whose data fails to load writes nothing
-                run.begin(config, replace or from_checkpoint)  # a resume without state.pt restarts from scratch
+                run.begin(config, replace or from_checkpoint, environment={"cpu_threads": choice.record()})  # a resume without state.pt restarts from scratch
             learner = make_learner(config, setup.model, setup.preprocess, len(setup.classes), len(setup.train),
                                    rank, world)
             position = run.restore(learner, state, rank, world) if state else Position()
@@ -119,6 +123,7 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
                 progress("start", config=config, run_dir=run.path, classes=setup.classes, steps=len(setup.train),
                          network=network_name(config.model, model_kwargs(config, len(setup.classes)))[0],
                          start_epoch=position.epoch, examples=len(setup.train.data), device=str(device), world=world,
+                         threads=choice.describe(),
                          batch_per_process=setup.train.batch_size, sync_batch_norm=world > 1 and config.batch_norm)
             started = time.perf_counter()
             with _catch_signals(stop_at) as caught:
@@ -126,7 +131,7 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
                                evaluate_epoch=_evaluator(learner, setup, config), stop=caught, stop_after=stop_after,
                                save=lambda at: run.save(learner, at, setup, world), progress=progress,
                                record=run.write_metrics if rank == 0 else None,
-                               world=world, run_dir=run.path)
+                               world=world, run_dir=run.path, threads=ThreadWatch(choice, processes))
             return _summary(learner, setup, config, run, position, time.perf_counter() - started)
     finally:
         if world > 1 and torch.distributed.is_initialized():
@@ -134,7 +139,7 @@ def train(config: TrainConfig, run_dir: str | Path, progress: Progress | None = 
 
 
 def resume(run_dir: str | Path, progress: Progress | None = None, stop_after: int | None = None,
-           time_limit: float | None = None, **changes) -> dict:
+           time_limit: float | None = None, threads: int | None = None, **changes) -> dict:
     """Continue the run in ``run_dir`` with its saved settings: ``changes`` may name only
     RESUME_MAY_CHANGE, checked as the options are (any other key, a setting or not, is refused
     with its option's name)."""
@@ -145,7 +150,8 @@ def resume(run_dir: str | Path, progress: Progress | None = None, stop_after: in
     config = RunFolder(run_dir).read_config()
     for key, value in check_values(changes, dict.fromkeys(changes, OPTIONS)).items():
         setattr(config, key, value)
-    return train(config, run_dir, progress=progress, from_checkpoint=True, stop_after=stop_after, time_limit=time_limit)
+    return train(config, run_dir, progress=progress, from_checkpoint=True, stop_after=stop_after, time_limit=time_limit,
+                 threads=threads)
 
 
 def check_batch(config: TrainConfig, world: int):

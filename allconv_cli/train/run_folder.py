@@ -132,13 +132,14 @@ class RunFolder:
             raise ValueError(f"{self.path} holds a run already: continue it with allconv train --resume "
                              f"{self.path}, give another --out, or replace it with --force")
 
-    def begin(self, config: TrainConfig, replace: bool):
-        """Start a new run here: refuse a folder that holds one unless ``replace``."""
+    def begin(self, config: TrainConfig, replace: bool, environment: dict | None = None):
+        """Start a new run here: refuse a folder that holds one unless ``replace``; ``environment``
+        (what the run started on: its CPU threads) is recorded beside the settings."""
         self.refuse_a_run(replace)
         if self.holds_run():
             for name in RUN_FILES:
                 (self.path / name).unlink(missing_ok=True)
-        atomic_write_text(self.path / CONFIG_NAME, config.to_json())
+        atomic_write_text(self.path / CONFIG_NAME, config.to_json(environment=environment or {}))
 
     def read_config(self) -> TrainConfig:
         path = self.path / CONFIG_NAME
