@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from allconv_cli import ablate
-from allconv_cli.ablate import pool
+from allconv_cli.ablate import grid, pool
 from allconv_cli.cli import app
 from allconv_cli.train import TIME_LIMIT, TrainingStopped, resume, train
 from allconv_cli.train.run_folder import RunFolder
@@ -173,3 +173,25 @@ def test_train_stops_resumably_before_its_time_limit(tmp_path):
     assert RunFolder(tmp_path / "run").holds_run()  # a checkpoint, whatever the cadence
     summary = resume(tmp_path / "run", stop_after=1)
     assert summary["epochs_done"] >= 1 and not summary["finished"]
+
+
+def test_each_model_builds_its_own_network_under_a_preset():
+    """--models takes a model as --model does: a variant's row beats the preset's network keys, an
+    option given beats the row, and the table names each network as built, with the paper's error
+    beside the paper's network only."""
+    from allconv_cli.models.registry import NETWORKS, network_name
+    from allconv_cli.train import settings
+
+    names = ["all-cnn-c-bn", "all-cnn-c"]
+    base = settings.resolve("faithful")
+    for given, bn_row in (({}, NETWORKS["all_cnn_c_bn"].options), ({"batch_norm": False}, {"batch_norm": False})):
+        networks = {name: settings.model_network("faithful", given, name) for name in names}
+        variant, paper = grid.check_plan(base, names, [0.05], [0], [()], networks)
+        assert {key: getattr(variant, key) for key in bn_row} == bn_row
+        assert not paper.batch_norm and paper.drop_rate == base.drop_rate  # the preset's own network
+    networks = {name: settings.model_network("paper-cifar10", {}, name) for name in names}
+    results = {ablate.Run(name, 0.05, 0, ()): {"test_error": 20.0} for name in names}
+    rows = ablate.table_rows([(name, ()) for name in names], {(name, ()): 0.05 for name in names}, [0], results,
+                             settings.resolve("paper-cifar10"), networks)
+    assert [row["network"] for row in rows] == ["all-cnn-c-bn", network_name("all-cnn-c")[0]]
+    assert rows[0]["paper_table3"] is None and rows[1]["paper_table3"] == NETWORKS["all_cnn_c"].paper_error["cifar10"]

@@ -19,14 +19,14 @@ from allconv_cli.util import atomic_write_text
 def ablate(base: TrainConfig, models: list[str], grid: list[float], seeds: list[int], out: str | Path,
            jobs: int | None = None, progress: Callable[..., None] | None = None,
            settings_grid: dict[str, list] | None = None, share: Share = Share(),
-           warn: Callable[[str], None] | None = None) -> list[dict] | None:
+           warn: Callable[[str], None] | None = None, networks: dict[str, dict] | None = None) -> list[dict] | None:
     """Run (or continue) the ablation in ``out``, ``jobs`` runs at once (None: ``slots.default_jobs``),
     each model under each combination of ``settings_grid`` -> one row per model and combination
     (see ``paper.table_rows``), or None where runs of other shares are not finished yet. ``warn``
     gets the line of a --jobs above what the machine runs at once."""
     out = Path(out)
     progress = progress or (lambda event, **fields: None)
-    prepared = prepare(base, models, grid, seeds, out, jobs, settings_grid)
+    prepared = prepare(base, models, grid, seeds, out, jobs, settings_grid, networks)
     if prepared["warning"] and warn is not None:
         warn(prepared["warning"])
     out.mkdir(parents=True, exist_ok=True)
@@ -39,12 +39,12 @@ def ablate(base: TrainConfig, models: list[str], grid: list[float], seeds: list[
     left = len(units) * (len(grid) + len(seeds) - 1) - len(queue.results)  # a worker for each run at most
     try:
         execute(base, queue.take, queue.release, out, max(1, min(prepared["jobs"], left)), queue.results, progress,
-                share.time_left)
+                share.time_left, networks)
     finally:
         queue.close()
     if not queue.complete():
         return None  # runs of another share are not finished: the last process to finish writes the table
-    rows = table_rows(units, queue.chosen(), seeds, queue.results, base)
+    rows = table_rows(units, queue.chosen(), seeds, queue.results, base, networks)
     write_tables(rows, out)
     return rows
 

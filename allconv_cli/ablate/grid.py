@@ -139,12 +139,17 @@ def planned_runs(models: list[str], grid: list[float], seeds: list[int], combos:
             for m, v, lr, seed in runs]
 
 
-def run_config(base: TrainConfig, run: Run) -> TrainConfig:
-    return dataclasses.replace(base, model=run.model, lr=run.lr, seed=run.seed, **settings_of(run.variant))
+def run_config(base: TrainConfig, run: Run, networks: dict[str, dict] | None = None) -> TrainConfig:
+    """A run's settings: ``base`` with its model, rate, seed and combination, and the network
+    options its model builds under the preset and the options given (``networks``, by model, from
+    ``settings.model_network``; None: ``base``'s own)."""
+    network = (networks or {}).get(run.model, {})
+    return dataclasses.replace(base, model=run.model, lr=run.lr, seed=run.seed,
+                               **{**network, **settings_of(run.variant)})
 
 
 def check_plan(base: TrainConfig, models: list[str], rates: list[float], seeds: list[int],
-               combos: list[Variant]) -> list[TrainConfig]:
+               combos: list[Variant], networks: dict[str, dict] | None = None) -> list[TrainConfig]:
     """Every model under every combination checked whole, as ``allconv train`` checks a run, and
     the rate grid's need of a validation split -> the first run's settings of each, in plan order.
     The first problem raises, naming the model and combination."""
@@ -152,7 +157,7 @@ def check_plan(base: TrainConfig, models: list[str], rates: list[float], seeds: 
         check_values({"lr": rate}, {"lr": "--lr-grid"})
     configs = []
     for model, variant in ((m, v) for m in models for v in combos):
-        config = run_config(base, Run(model, rates[0], seeds[0], variant))
+        config = run_config(base, Run(model, rates[0], seeds[0], variant), networks)
         try:
             _check_run(config, dict.fromkeys(dict(variant), GRID), len(rates))
         except (ValueError, FileNotFoundError) as err:
@@ -175,13 +180,14 @@ def _check_run(config: TrainConfig, origin: dict[str, str], rates: int):
 
 
 def prepare(base: TrainConfig, models: list[str], grid: list[float], seeds: list[int], out: str | Path,
-            jobs: int | None = None, settings_grid: dict[str, list] | None = None) -> dict:
+            jobs: int | None = None, settings_grid: dict[str, list] | None = None,
+            networks: dict[str, dict] | None = None) -> dict:
     """Every check of an ablation, before any run starts (the dry run makes the same): each
     model under each combination as ``grid.check_plan`` checks it, --jobs, and a folder that holds
     another ablation -> {"plan": what ablation.json holds, "configs": each unit's first run's
     settings, "jobs": runs at once, "warning": a line to show, or None}."""
     settings_grid = settings_grid or {}
-    configs = check_plan(base, models, grid, seeds, variants(settings_grid))
+    configs = check_plan(base, models, grid, seeds, variants(settings_grid), networks)
     warning = check_jobs(jobs, base.device)
     plan = {"config": json.loads(base.to_json()), "models": models, "grid": grid, "seeds": seeds,
             **({"settings_grid": settings_grid} if settings_grid else {})}

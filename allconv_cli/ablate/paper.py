@@ -5,10 +5,10 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from allconv_cli.ablate.grid import Run, Variant, settings_of
+from allconv_cli.ablate.grid import Run, Variant, run_config, settings_of
 from allconv_cli.data import folders
 from allconv_cli.evaluate import paper_setting
-from allconv_cli.models.registry import NETWORKS, create_model, resolve_name
+from allconv_cli.models.registry import MODEL_OPTIONS, NETWORKS, create_model, network_name, resolve_name
 from allconv_cli.train.config import TrainConfig
 
 # The paper's figure for a run's protocol, by the key ``evaluate.paper_setting`` returns: the setting it was measured in
@@ -27,16 +27,19 @@ def paper_key(base: TrainConfig) -> str | None:
 
 
 def table_rows(units: list[tuple[str, Variant]], chosen: dict, seeds: list[int], results: dict,
-               base: TrainConfig) -> list[dict]:
-    """One row per model and --grid combination (its settings as columns): test error's mean and
-    spread (None for one seed: one run has no spread), the paper's Table 3 figure on CIFAR-10 and
-    its figure for the run's protocol, if any."""
+               base: TrainConfig, networks: dict[str, dict] | None = None) -> list[dict]:
+    """One row per model and --grid combination (its settings as columns): the network as built
+    (``registry.network_name``), test error's mean and spread (None for one seed: one run has no
+    spread), and, only beside a network that is the paper's, the paper's Table 3 figure on
+    CIFAR-10 and its figure for the run's protocol, if any."""
     key = paper_key(base)
     rows = []
     for model, variant in units:
         errors = [results[Run(model, chosen[(model, variant)], s, variant)]["test_error"] for s in seeds]
         python_name = resolve_name(model)
-        paper = NETWORKS[python_name].paper_error
+        config = run_config(base, Run(model, chosen[(model, variant)], seeds[0], variant), networks)
+        network, papers = network_name(model, {key: getattr(config, key) for key in MODEL_OPTIONS})
+        paper = NETWORKS[python_name].paper_error if papers else {}
         table3 = paper.get("cifar10") if key in ("cifar10", "cifar10-aug") else None
         mean = statistics.fmean(errors)
         reference = table3 if table3 is not None else paper.get(key)
@@ -45,6 +48,7 @@ def table_rows(units: list[tuple[str, Variant]], chosen: dict, seeds: list[int],
             **settings_of(variant),
             "params": sum(p.numel() for p in create_model(python_name).parameters()),
             "paper_params": NETWORKS[python_name].paper_params,
+            "network": network,
             "lr": chosen[(model, variant)],
             "test_error_mean": mean,
             "test_error_std": statistics.stdev(errors) if len(errors) > 1 else None,

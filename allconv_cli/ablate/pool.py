@@ -26,9 +26,10 @@ from allconv_cli.util import atomic_write_text, read_text
 RESULT_NAME = "result.json"  # in a run's folder once it finished
 
 
-def train_one(config_json: str, folder: str, device: str | None, time_limit: float | None = None) -> dict:
-    """Train (or resume) one run to the end, or to ``time_limit`` seconds from now, and record
-    its result; a worker process's job."""
+def train_one(config_json: str, folder: str, device: str | None, time_limit: float | None = None,
+              threads: int | None = None) -> dict:
+    """Train (or resume) one run to the end, or to ``time_limit`` seconds from now, on ``threads``
+    CPU threads (None: one per free core), and record its result; a worker process's job."""
 
     config = from_json(config_json)
     if device is not None:
@@ -38,7 +39,7 @@ def train_one(config_json: str, folder: str, device: str | None, time_limit: flo
     # result was written is only summarized (its final test evaluation runs again).
     try:
         summary = train(config, folder, from_checkpoint=RunFolder(folder).holds_run(), finished_ok=True,
-                        time_limit=time_limit)
+                        time_limit=time_limit, threads=threads)
     except ClassReluShut as shut:  # a result all the same: a recipe whose runs die is what a grid can show
         last = json.loads(read_text(folder / METRICS_NAME).splitlines()[-1])
         summary = {"last": last, "seconds": last["wall_seconds"], "epochs_done": last["epoch"], "shut": str(shut)}
@@ -87,17 +88,19 @@ def run_in_slots(tasks: list | Callable[[], object | None], slots: list,
 
 
 def execute(base: TrainConfig, take: Callable[[], Run | None], release: Callable[[Run], None], out: Path,
-            jobs: int, results: dict, progress, time_left: Callable[[], float | None]):
+            jobs: int, results: dict, progress, time_left: Callable[[], float | None],
+            networks: dict[str, dict] | None = None):
     """Train the runs that ``take`` gives until it gives None, ``jobs`` at once, each handed back
     to ``release`` when it ends; results into ``results``."""
     if jobs > 1:
-        _execute_in_workers(base, take, release, out, jobs, results, progress, time_left)
+        _execute_in_workers(base, take, release, out, jobs, results, progress, time_left, networks)
         return
     with catch_signals() as caught:  # train() takes this list: a stop during a run ends it at a checkpoint
         while not caught and (run := take()) is not None:
             progress("run", run=run)
             try:
-                results[run] = train_one(run_config(base, run).to_json(), str(run.folder(out)), None, time_left())
+                results[run] = train_one(run_config(base, run, networks).to_json(), str(run.folder(out)), None,
+                                         time_left())
             finally:
                 release(run)
             progress("done", run=run, result=results[run])
@@ -106,7 +109,7 @@ def execute(base: TrainConfig, take: Callable[[], Run | None], release: Callable
 
 
 def _execute_in_workers(base: TrainConfig, take, release, out: Path, workers: int, results: dict, progress,
-                        time_left):
+                        time_left, networks: dict[str, dict] | None):
     """The runs in ``workers`` processes. A signal here is forwarded to every worker (each stops
     its run at a checkpoint) and starts no other run; so does a run that fails or is stopped (a
     signal sent to its worker alone). Every running run is waited for, then the stop (TrainingStopped)
@@ -120,7 +123,8 @@ def _execute_in_workers(base: TrainConfig, take, release, out: Path, workers: in
 
         def start(run: Run, device: str | None) -> Future:
             progress("run", run=run)
-            return pool.submit(train_one, run_config(base, run).to_json(), str(run.folder(out)), device, time_left())
+            return pool.submit(train_one, run_config(base, run, networks).to_json(), str(run.folder(out)), device,
+                               time_left(), threads)
 
         for run, future in run_in_slots(next_run, device_slots(base.device, workers), start):
             release(run)

@@ -20,21 +20,21 @@ def grid_columns(rows: list[dict]) -> list[str]:
 
 
 def row_label(row: dict) -> str:
-    """'all-cnn-c', or 'all-cnn-c, batch_size=256' for a row of a --grid combination."""
-    return ", ".join([row["model"], *(f"{key}={shown(row[key])}" for key in grid_columns([row]))])
+    """The network as built, 'all-cnn-c', or 'all-cnn-c, batch_size=256' for a row of a --grid combination."""
+    return ", ".join([row["network"], *(f"{key}={shown(row[key])}" for key in grid_columns([row]))])
 
 
 def markdown_table(rows: list[dict]) -> str:
     columns = paper_columns(rows)
     settings = grid_columns(rows)
     table3 = any(r["paper_table3"] is not None for r in rows)
-    header = ["model", *settings, "params", "paper's params", "lr", "test error %",
+    header = ["network", *settings, "params", "paper's params", "lr", "test error %",
               *(f"{label} %" for _, label in columns), f"difference from {'Table 3' if table3 else 'the paper'}"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---|" * len(settings) + "---:|" * (len(header) - 1 - len(settings))]
     for r in rows:
         error = (f"{r['test_error_mean']:.2f} (1 seed)" if r["test_error_std"] is None
                  else f"{r['test_error_mean']:.2f} ± {r['test_error_std']:.2f} ({r['seeds']} seeds)")
-        cells = [r["model"], *(shown(r[key]) for key in settings), f"{r['params']:,}", r["paper_params"] or "",
+        cells = [r["network"], *(shown(r[key]) for key in settings), f"{r['params']:,}", r["paper_params"] or "",
                  f"{r['lr']:g}", error]
         cells += ["" if r[key] is None else f"{r[key]:.2f}" for key, _ in columns]
         cells += ["" if r["difference"] is None else f"{r['difference']:+.2f}"]

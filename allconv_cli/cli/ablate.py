@@ -61,17 +61,19 @@ def ablate(
         given = given_settings(settings)
         if rates is not None and len(rates) > 1:
             given.setdefault("val_fraction", 0.1)
-        base = configuration.resolve(given.pop("preset", None), **given)
+        preset = given.pop("preset", None)
+        base = configuration.resolve(preset, **given)
+        networks = {name: configuration.model_network(preset, given, name) for name in names}
         rates = rates or [base.lr]
         errors = make_console(True)
         show = not quiet and errors.is_terminal
         if dry_run:
-            _print_plan(base, names, rates, seed_list, settings_grid, out, jobs, as_json, errors, show)
+            _print_plan(base, names, rates, seed_list, settings_grid, out, jobs, as_json, errors, show, networks)
             return
         progress = _printed_progress(errors) if show else None
         try:
             rows = ablation.ablate(base, names, rates, seed_list, out, jobs, progress, settings_grid,
-                                   ablation.Share(index, count, deadline), warn=errors.print)
+                                   ablation.Share(index, count, deadline), warn=errors.print, networks=networks)
         except (KeyboardInterrupt, TrainingStopped) as stop:  # a stopped run keeps its checkpoint
             signum = getattr(stop, "signum", 2)
             cause = "time limit reached" if signum == TIME_LIMIT else "interrupted"
@@ -100,12 +102,12 @@ def ablate(
 
 
 def _print_plan(base, names: list[str], grid: list[float], seeds: list[int], settings_grid: dict, out: Path,
-                jobs: int | None, as_json: bool, errors, show: bool):
+                jobs: int | None, as_json: bool, errors, show: bool, networks: dict[str, dict]):
     """--dry-run: the checks of a real run, then the runs, the images they train on and the time
     one measured step per combination gives; ``errors`` (shown if ``show``) says a step is timed."""
     from allconv_cli import ablate as ablation
 
-    prepared = ablation.prepare(base, names, grid, seeds, out, jobs, settings_grid)
+    prepared = ablation.prepare(base, names, grid, seeds, out, jobs, settings_grid, networks)
     if prepared["warning"]:
         errors.print(prepared["warning"])
     configs = prepared["configs"]

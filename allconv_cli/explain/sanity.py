@@ -214,6 +214,23 @@ def _similarities(stacked: torch.Tensor) -> dict[str, torch.Tensor]:
     return {metric: torch.tensor([[row[metric] for row in stage] for stage in per]) for metric in METRICS}
 
 
+def _check_model(model: nn.Module, mode: str):
+    if not isinstance(model, AllConvNet):
+        raise ValueError(f"sanity re-initializes allconv nets layer by layer (conv1..convN), not "
+                         f"{type(model).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"unknown --mode {mode!r}; choose from {', '.join(MODES)}")
+
+
+def _selection(loaded: LoadedModel, by_class: bool, target_class, layer: str) -> str:
+    """The targets in words, for the result's heading."""
+    if not by_class:
+        return f"the trained model's most active neuron of {layer}"
+    if target_class == "predicted":
+        return "each image's class predicted by the trained model"
+    return f"the logit of {class_label(loaded.classes, target_class)}"
+
+
 def sanity_check(
     loaded: LoadedModel,
     paths: Sequence[str | Path],
@@ -236,11 +253,7 @@ def sanity_check(
     that draws noise draws the same at every stage.
     """
     model = loaded.model
-    if not isinstance(model, AllConvNet):
-        raise ValueError(f"sanity re-initializes allconv nets layer by layer (conv1..convN), not "
-                         f"{type(model).__name__}")
-    if mode not in MODES:
-        raise ValueError(f"unknown --mode {mode!r}; choose from {', '.join(MODES)}")
+    _check_model(model, mode)
     by_class = target_class is not None or layer is None
     target_class = "predicted" if target_class is None and by_class else target_class
     methods = check_methods(methods or fitting(by_class))
@@ -259,7 +272,6 @@ def sanity_check(
     images, inputs = loaded.read_images(paths)
     with autocast(device, precision):
         targets = select_targets(model, inputs, None if by_class else layer, target_class=target_class)
-
         black = black_input(loaded)
 
         def maps_of(net: nn.Module) -> dict[str, torch.Tensor]:
@@ -276,10 +288,6 @@ def sanity_check(
             computed = [maps_of(model), maps_of(against.model)]
     maps = {m: torch.stack([c[m] for c in computed]) for m in methods}
     scores = {method: _similarities(stacked) for method, stacked in maps.items()}
-    if by_class:
-        selection = "each image's class predicted by the trained model" if target_class == "predicted" \
-            else f"the logit of {class_label(loaded.classes, target_class)}"
-    else:
-        selection = f"the trained model's most active neuron of {layer}"
-    return SanityResult([str(p) for p in paths], images.cpu(), targets, layer, selection,
+    return SanityResult([str(p) for p in paths], images.cpu(), targets, layer,
+                        _selection(loaded, by_class, target_class, layer),
                         "against" if against is not None else mode, names, plan, maps, scores, seed, precision, settings)

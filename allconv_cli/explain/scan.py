@@ -117,21 +117,14 @@ def top_patches(
     first 8) fires most, then reconstruct that neuron on its image with each method, both
     cropped to its receptive field. Memory: the top images only, not the data set.
     ``progress(images_scanned)`` is called after each batch; ``settings``: the methods' own."""
-    methods = check_methods(methods)
-    settings = check_settings(methods, settings)
-    if top < 1:
-        raise ValueError(f"--top {top}: give at least 1 patch per filter")
-    if bad := [m for m in methods if SALIENCY_METHODS[m].needs_class]:
-        raise ValueError(f"{', '.join(bad)} explain class scores, not filters; use backprop, deconvnet or guided")
+    methods, settings = _checked_methods(methods, settings, top)
     rf = receptive_field(model, layer)
     device = next(model.parameters()).device
     best = None  # (values, stream indices, flat positions), each (k, S): running top-k per filter
     kept: dict[int, tuple[torch.Tensor, int]] = {}  # stream index -> (uint8 image, label)
     seen = 0
     for images, labels in batches:
-        if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"scan batches must be uint8 (B, C, H, W) images, got {images.dtype} "
-                             f"{tuple(images.shape)}")
+        _check_batch(images)
         with torch.no_grad(), eval_mode(model):
             act, _ = run_to(model, preprocess(images.to(device).float() / 255), layer, through=False)
         if best is None:  # act: (B, C, h, w)
@@ -144,11 +137,7 @@ def top_patches(
             tuple(torch.cat(pair) for pair in zip(best, (values, ids, where)))
         order = candidates[0].topk(min(top, len(candidates[0])), dim=0).indices  # (k, S)
         best = tuple(t.gather(0, order) for t in candidates)
-        needed = set(best[1].flatten().tolist())
-        for i, (image, label) in enumerate(zip(images, labels.tolist())):
-            if seen + i in needed:
-                kept[seen + i] = (image.clone(), label)  # a clone frees the rest of the batch
-        kept = {i: v for i, v in kept.items() if i in needed}
+        kept = _keep(kept, images, labels, seen, set(best[1].flatten().tolist()))
         seen += len(images)
         if progress is not None:
             progress(seen)
@@ -171,6 +160,30 @@ def top_patches(
         maps={m: _crop(saliency_maps(model, inputs, targets, m, cam_layer=layer, settings=settings[m], black=black)
                        .cpu(), windows, rf.size, 0.0).unflatten(0, (n_filters, k)) for m in methods},
     )
+
+
+def _checked_methods(methods: Sequence[str], settings: dict[str, dict] | None, top: int):
+    """The scan's methods and their settings, checked: each explains a filter, and ``top`` >= 1."""
+    methods = check_methods(methods)
+    settings = check_settings(methods, settings)
+    if top < 1:
+        raise ValueError(f"--top {top}: give at least 1 patch per filter")
+    if bad := [m for m in methods if SALIENCY_METHODS[m].needs_class]:
+        raise ValueError(f"{', '.join(bad)} explain class scores, not filters; use backprop, deconvnet or guided")
+    return methods, settings
+
+
+def _check_batch(images: torch.Tensor):
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"scan batches must be uint8 (B, C, H, W) images, got {images.dtype} {tuple(images.shape)}")
+
+
+def _keep(kept: dict, images: torch.Tensor, labels: torch.Tensor, seen: int, needed: set[int]) -> dict:
+    """The images the running top-k still needs (stream index -> (uint8 image, label)), this batch's added."""
+    for i, (image, label) in enumerate(zip(images, labels.tolist())):
+        if seen + i in needed:
+            kept[seen + i] = (image.clone(), label)  # a clone frees the rest of the batch
+    return {i: v for i, v in kept.items() if i in needed}
 
 
 def _crop(batch: torch.Tensor, windows, size: tuple[int, int], fill: float) -> torch.Tensor:

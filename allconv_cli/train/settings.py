@@ -318,6 +318,13 @@ def network_options(layers: list[dict]) -> dict:
     return options
 
 
+def model_network(preset: str | None, given: dict, model: str) -> dict:
+    """The network options ``model`` builds under ``preset`` and the options ``given`` (one of an
+    ablation's models, given as if by --model), in ``network_options``' order."""
+    layers = [read_preset(preset)] if preset else []
+    return network_options([*layers, {**given, "model": model}])
+
+
 def deviations(config: TrainConfig) -> list[str]:
     """Where ``config``'s recipe departs from the paper's (Section 3.2 and the network's own
     options), each as the option that sets it and the paper's value: ["--preprocess standardize
