@@ -13,6 +13,7 @@ from allconv_cli.device import resolve_device
 from allconv_cli.models.registry import default_config, resolve_name
 from allconv_cli.train.config import TrainConfig
 from allconv_cli.train.learner import make_model
+from allconv_cli.util import plural
 
 # Images of the timed step on the CPU, whose speed per image does not depend on the batch: 25.6 and
 # 26.9 img/s at 16 and 64 (all-cnn-c, smoke's recipe, 2-core AMD EPYC, 2026-12-07); a GPU's does.
@@ -89,5 +90,5 @@ def estimate_seconds(configs: list[TrainConfig], grid: list[float], seeds: list[
         total += seconds
     return {"seconds": total, "per_model": per_model, "device": report["device"],
             "device_name": report["device_name"], "precision": report["precision"],
-            "measured": f"{len(measured)} training step{'s' if len(measured) != 1 else ''} after a warm-up step, "
+            "measured": f"{plural(len(measured), 'training step')} after a warm-up step, "
                         "synthetic data; other networks scaled by their FLOPs"}
