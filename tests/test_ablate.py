@@ -47,7 +47,7 @@ def test_two_models_two_seeds_survive_a_kill(tmp_path):
     assert rows[0]["params"] == 1_369_738 and rows[0]["paper_params"] == "~1.4 M"
     for name in ("table.md", "table.csv", "table.json", "chart.png"):
         assert (out / name).stat().st_size > 0
-    assert "| all-cnn-c | 1,369,738 |" in (out / "table.md").read_text()
+    assert "| all-cnn-c (BatchNorm) | 1,369,738 |" in (out / "table.md").read_text()  # the network as built
     assert (out / "table.csv").read_text().splitlines()[0].startswith("model,params,paper_params,lr")
 
 
@@ -175,7 +175,7 @@ def test_table_piped_reads_as_markdown(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert result.stderr == ""  # no progress lines when stderr is not a terminal
     # the bundled sample is not comparable with the paper: no paper column, and one seed no spread
-    assert "| all-cnn-c | 1,369,738 | ~1.4 M | 0.05 | 12.50 (1 seed) |  |" in result.stdout.splitlines()
+    assert "| all-cnn-c (BatchNorm) | 1,369,738 | ~1.4 M | 0.05 | 12.50 (1 seed) |  |" in result.stdout.splitlines()
     assert f"tables and chart: {out}/table.md, table.csv, table.json, chart.png\n" in result.stdout
 
 
@@ -197,14 +197,14 @@ def test_sigterm_stops_an_ablation_with_one_line(tmp_path):
 
 
 def test_table_3_column_beside_the_protocols_own(tmp_path, monkeypatch):
-    """fast-cifar10 augments: Table 3's figure for every network, and Table 4's where it has one."""
+    """paper-cifar10-aug augments: Table 3's figure for every network, and Table 4's where it has one."""
     monkeypatch.setattr(pool, "train_one", fake_train_one)
     out = tmp_path / "fast"
-    result = CliRunner().invoke(app, ["ablate", "--models", "model-a,all-cnn-c", "--preset", "fast-cifar10",
+    result = CliRunner().invoke(app, ["ablate", "--models", "model-a,all-cnn-c", "--preset", "paper-cifar10-aug",
                                       "--out", str(out)])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0] == ("| model | params | paper's params | lr | test error % | paper, Table 3: 350 epochs, no "
+    assert lines[0] == ("| network | params | paper's params | lr | test error % | paper, Table 3: 350 epochs, no "
                         "augmentation % | paper, with flips and translations % | difference from Table 3 |")
     assert lines[2].startswith("| model-a |") and lines[2].endswith("| 12.50 (1 seed) | 12.47 |  | +0.03 |")
     assert lines[3].endswith("| 12.50 (1 seed) | 9.08 | 7.25 | +3.42 |")
@@ -250,7 +250,9 @@ def test_fast_protocol_runs_on_families_a_and_c(cifar10_test_folder, tmp_path):
                                       "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     table = (tmp_path / "out" / "table.md").read_text()
-    assert "| 12.47 |" in table and "| 9.08 | 7.25 |" in table and "± 0.00" not in table
+    # the fast recipe's networks (BatchNorm, no dropout) are not the paper's: named as built, no paper column
+    assert table.splitlines()[2].startswith("| model-a (BatchNorm, input dropout 0 %, dropout 0 %) |")
+    assert "paper," not in table and "| 12.47 |" not in table and "± 0.00" not in table
 
 
 # --- parallel runs: how many, and on which GPU --------------------------------------------------

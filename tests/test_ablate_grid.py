@@ -44,10 +44,10 @@ def test_grid_trains_every_combination_as_its_own_rows(tmp_path, monkeypatch):
     folder = out / "all-cnn-c" / "batch_size=32,weight_init=caffe-xavier" / "lr0.05-seed1"
     assert json.loads((folder / ablate.RESULT_NAME).read_text())["weight_init"] == "caffe-xavier"
     table = (out / "table.md").read_text().splitlines()
-    assert table[0].startswith("| model | batch_size | weight_init | params |")
-    assert "| all-cnn-c | 32 | caffe-xavier | 1,369,738 |" in table[5]
+    assert table[0].startswith("| network | batch_size | weight_init | params |")
+    assert "| all-cnn-c (BatchNorm) | 32 | caffe-xavier | 1,369,738 |" in table[5]
     assert (out / "table.csv").read_text().splitlines()[0].startswith("model,batch_size,weight_init,params,")
-    assert ablate.row_label(rows[3]) == "all-cnn-c, batch_size=32, weight_init=caffe-xavier"
+    assert ablate.row_label(rows[3]) == "all-cnn-c (BatchNorm), batch_size=32, weight_init=caffe-xavier"
     # the same command continues; another grid in the same folder is refused
     again = CliRunner().invoke(app, ["ablate", "--models", "all-cnn-c", "--preset", "smoke", "--seeds", "2",
                                      "--grid", "batch_size=16,32", "--out", str(out)])

@@ -77,7 +77,7 @@ def test_a_list_setting_is_an_axis(tmp_path, monkeypatch):
     rows = json.loads(result.stdout)
     assert [(r["milestones"], r["test_error_mean"]) for r in rows] == [([2, 4], 2.0), ([3, 6], 3.0)]
     assert (out / "all-cnn-c" / "milestones=3:6" / "lr0.05-seed0" / ablate.RESULT_NAME).is_file()
-    assert "| all-cnn-c | 3:6 |" in (out / "table.md").read_text()
+    assert "| all-cnn-c (BatchNorm) | 3:6 |" in (out / "table.md").read_text()
     again = CliRunner().invoke(app, args)  # the same command continues: nothing to train
     assert again.exit_code == 0, again.output
 

@@ -216,7 +216,7 @@ def test_dataloader_workers_leave_the_stop_to_their_trainer(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 143 and stderr == f"stopped by SIGTERM; resume with: allconv train --resume {run}\n", stderr
+    assert proc.returncode == 143 and stderr.endswith(f"\nstopped by SIGTERM; resume with: allconv train --resume {run}\n"), stderr
     assert (run / "state.pt").exists() and not processes_of(proc.pid)
 
 

@@ -15,10 +15,10 @@ from allconv_cli.train.settings import CHOICES, RANGES
 
 # Each command that takes the training settings: its own options, and the settings it varies itself
 COMMAND_OPTIONS = {
-    "train": ({"out", "force", "resume", "stop_after", "time_limit", "as_json"}, set()),
+    "train": ({"out", "force", "resume", "stop_after", "time_limit", "threads", "as_json"}, set()),
     "ablate": ({"family", "models", "lr_grid", "grid", "seeds", "jobs", "shard", "time_limit", "out", "dry_run",
                 "quiet", "as_json"}, {"model", "seed"}),
-    "benchmark": ({"mode", "steps", "warmup", "as_json"}, set()),
+    "benchmark": ({"mode", "steps", "warmup", "threads", "as_json"}, set()),
 }
 
 

@@ -48,7 +48,6 @@ def table_rows(units: list[tuple[str, Variant]], chosen: dict, seeds: list[int],
             **settings_of(variant),
             "params": sum(p.numel() for p in create_model(python_name).parameters()),
             "paper_params": NETWORKS[python_name].paper_params,
-            "network": network,
             "lr": chosen[(model, variant)],
             "test_error_mean": mean,
             "test_error_std": statistics.stdev(errors) if len(errors) > 1 else None,
@@ -57,6 +56,7 @@ def table_rows(units: list[tuple[str, Variant]], chosen: dict, seeds: list[int],
             "paper_error": paper.get(key) if key is not None else None,
             "paper_protocol": PROTOCOLS.get(key),
             "difference": None if reference is None else mean - reference,
+            "network": network,
         })
     return rows
 
