@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from allconv_cli.util import plural
+
 RECHECK_SECONDS = 10.0  # between a run's re-checks of the free cores: a load that comes or goes costs at most this
 SAMPLE_SECONDS = 0.25  # how long the idle time of the cores is watched before the choice: 25 jiffies at 100 Hz
 BUSY_MARGIN = 0.25  # of a core: what others may use of a core that still counts as free (a shell, a monitor)
@@ -36,7 +38,7 @@ class ThreadChoice:
 
     def describe(self) -> str:
         """'1 CPU thread (1.0 of 2 cores free)'; '4 CPU threads (--threads)'."""
-        count = f"{self.threads} CPU thread{'s' if self.threads != 1 else ''}"
+        count = plural(self.threads, "CPU thread")
         if self.given_by is not None:
             return f"{count} ({self.given_by})"
         if self.free is None:
